@@ -1,0 +1,249 @@
+//! The server and client roles: `up` (everything in one process), `meta`, `data` and `mount`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use cairn_client::{Client, ClientOptions};
+use cairn_data::{DataService, Volume};
+use cairn_meta::{MetaConfig, MetaNode, MetaService};
+use cairn_mount::MountOptions;
+use cairn_proto as pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+
+use crate::layout::{self, Marker};
+
+/// Streams each client connection may have open at once.
+const STREAMS_PER_CONNECTION_MAX: usize = 256;
+/// How often a data server reports to meta.
+const REGISTER_PERIOD: Duration = Duration::from_secs(5);
+
+async fn bind(listen: &str) -> Result<TcpListener> {
+    let address: SocketAddr = listen.parse().with_context(|| format!("--listen {listen} is not an IP:port address"))?;
+    TcpListener::bind(address).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow!("port {} on {} is in use (is another cairn running?): pass --listen with a free port", address.port(), address.ip())
+        } else {
+            anyhow!("cannot listen on {address}: {e}")
+        }
+    })
+}
+
+fn advertised(listener: &TcpListener) -> Result<String> {
+    Ok(listener.local_addr()?.to_string())
+}
+
+/// Serves the given services until `shutdown` flips.
+async fn serve(
+    listener: TcpListener,
+    meta: Option<MetaService>,
+    data: Option<DataService>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX)
+        .add_optional_service(meta.map(MetaService::into_server))
+        .add_optional_service(data.map(DataService::into_server))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.changed().await;
+        })
+        .await
+        .context("serving")
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Tells meta about this data server every few seconds (its address and free space).
+async fn register_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, address: String, volume: Arc<Volume>) {
+    let mut leader = meta.first().cloned().unwrap_or_default();
+    let mut attempt = 0usize;
+    loop {
+        let usage = volume.usage();
+        let request = pb::RegisterDataServerRequest {
+            id: marker.data_server_id,
+            address: address.clone(),
+            capacity_bytes: usage.capacity_bytes,
+            used_bytes: usage.capacity_bytes.saturating_sub(usage.free_bytes),
+            fs_id: marker.fs_id.clone(),
+        };
+        let result = async {
+            let mut client = pb::meta_client::MetaClient::connect(format!("http://{leader}")).await?;
+            let mut call = tonic::Request::new(request);
+            call.set_timeout(Duration::from_secs(5));
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client.register_data_server(call).await)
+        }
+        .await;
+        let period = match result {
+            Ok(Ok(reply)) => {
+                let fs_id = reply.into_inner().fs_id;
+                if marker.fs_id.is_empty() && !fs_id.is_empty() {
+                    marker.fs_id = fs_id;
+                    if let Err(e) = layout::update(&dir, &marker) {
+                        tracing::error!(error = %e, "could not record the file system id");
+                    }
+                }
+                REGISTER_PERIOD
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
+                tracing::error!(%status, "meta refused this data server");
+                REGISTER_PERIOD
+            }
+            Ok(Err(status)) => {
+                match status.metadata().get(cairn_meta::service::LEADER_HEADER).and_then(|v| v.to_str().ok()) {
+                    Some(next) => leader = next.to_string(),
+                    None => {
+                        attempt += 1;
+                        leader = meta[attempt % meta.len()].clone();
+                    }
+                }
+                Duration::from_millis(200)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, meta = %leader, "meta unreachable");
+                attempt += 1;
+                leader = meta[attempt % meta.len()].clone();
+                Duration::from_millis(500)
+            }
+        };
+        tokio::time::sleep(period).await;
+    }
+}
+
+fn check_mount_point(path: &std::path::Path) -> Result<()> {
+    if !path.exists() {
+        bail!("mount point {} does not exist: create it with `mkdir -p {}`", path.display(), path.display());
+    }
+    if !path.is_dir() {
+        bail!("mount point {} is not a directory", path.display());
+    }
+    if cairn_mount::mount::is_mount_point(path) {
+        bail!("{} is already a mount point: unmount it first (`umount {}`) or pick another directory", path.display(), path.display());
+    }
+    if !std::path::Path::new("/dev/fuse").exists() {
+        bail!("FUSE is not available: /dev/fuse is missing (load the module with `modprobe fuse` or install the fuse3 package)");
+    }
+    Ok(())
+}
+
+fn client_name(role: &str) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    format!("{role}@{host}:{}", std::process::id())
+}
+
+pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf, listen: String) -> Result<()> {
+    check_mount_point(&mount_path)?;
+    let (marker, fresh) = layout::open_or_create(&data, &layout::new_fs_id(), None, true)?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (node, client, address) = runtime.block_on(async {
+        let listener = bind(&listen).await?;
+        let address = advertised(&listener)?;
+        let config = MetaConfig::new(1, address.clone(), layout::meta_dir(&data));
+        let node = MetaNode::start(config, Some(marker.fs_id.clone())).await.context("starting meta")?;
+        node.wait_for_leader(Duration::from_secs(30)).await?;
+        let volume = Arc::new(Volume::open(&layout::blocks_dir(&data)).context("opening the block volume")?);
+        let meta_service = MetaService::new(node.clone());
+        let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+        tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone()));
+        tokio::spawn(node.clone().run_background(shutdown.clone()));
+        tokio::spawn(register_loop(vec![address.clone()], data.clone(), marker.clone(), address.clone(), volume));
+        let client = Client::connect(vec![address.clone()], client_name("up"), ClientOptions::default())
+            .await
+            .context("connecting to meta")?;
+        client.spawn_heartbeat();
+        Ok::<_, anyhow::Error>((node, client, address))
+    })?;
+    let mounted = cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions::default())?;
+    println!(
+        "Cairn file system {} {} and mounted at {}",
+        marker.fs_id,
+        if fresh { "created" } else { "started" },
+        mounted.path().display()
+    );
+    println!("  meta and data served at {address}");
+    println!("  mount it elsewhere:  cairn mount --meta {address} --mount DIR");
+    println!("  status:              cairn status --meta {address}");
+    println!("Press Ctrl-C to unmount and stop.");
+    runtime.block_on(wait_for_signal())?;
+    eprintln!("cairn: unmounting {}", mounted.path().display());
+    let unmounted = mounted.unmount();
+    let _ = shutdown_tx.send(true);
+    runtime.block_on(node.shutdown());
+    unmounted.context("unmounting")?;
+    Ok(())
+}
+
+pub async fn meta(dir: PathBuf, listen: String, init: bool, id: u64) -> Result<()> {
+    let (marker, fresh) = layout::open_or_create(&dir, &layout::new_fs_id(), None, false)?;
+    if fresh && !init {
+        std::fs::remove_file(dir.join("cairn.json")).ok();
+        bail!("{} holds no file system: pass --init to create one there", dir.display());
+    }
+    let listener = bind(&listen).await?;
+    let address = advertised(&listener)?;
+    let config = MetaConfig::new(id, address.clone(), layout::meta_dir(&dir));
+    let node = MetaNode::start(config, init.then(|| marker.fs_id.clone())).await.context("starting meta")?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let server = tokio::spawn(serve(listener, Some(MetaService::new(node.clone())), None, shutdown.clone()));
+    tokio::spawn(node.clone().run_background(shutdown));
+    println!("cairn meta {id} serving file system {} at {address}", marker.fs_id);
+    wait_for_signal().await?;
+    let _ = shutdown_tx.send(true);
+    node.shutdown().await;
+    server.await??;
+    Ok(())
+}
+
+pub async fn data(dir: PathBuf, listen: String, meta: Vec<String>) -> Result<()> {
+    if meta.is_empty() {
+        bail!("--meta needs at least one meta server address");
+    }
+    let (marker, _) = layout::open_or_create(&dir, "", None, true)?;
+    let listener = bind(&listen).await?;
+    let address = advertised(&listener)?;
+    let volume = Arc::new(Volume::open(&layout::blocks_dir(&dir)).context("opening the block volume")?);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+    let server = tokio::spawn(serve(listener, None, Some(service), shutdown));
+    tokio::spawn(register_loop(meta, dir.clone(), marker.clone(), address.clone(), volume));
+    println!("cairn data server {} serving {} at {address}", marker.data_server_id, dir.display());
+    wait_for_signal().await?;
+    let _ = shutdown_tx.send(true);
+    server.await??;
+    Ok(())
+}
+
+pub fn mount(runtime: &tokio::runtime::Runtime, meta: Vec<String>, mount_path: PathBuf) -> Result<()> {
+    if meta.is_empty() {
+        bail!("--meta needs at least one meta server address");
+    }
+    check_mount_point(&mount_path)?;
+    let client = runtime.block_on(async {
+        let client = Client::connect(meta.clone(), client_name("mount"), ClientOptions::default())
+            .await
+            .with_context(|| format!("connecting to meta at {}", meta.join(",")))?;
+        client.spawn_heartbeat();
+        Ok::<_, anyhow::Error>(client)
+    })?;
+    let mounted = cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions::default())?;
+    println!("Cairn mounted at {} (meta {})", mounted.path().display(), meta.join(","));
+    runtime.block_on(wait_for_signal())?;
+    eprintln!("cairn: unmounting {}", mounted.path().display());
+    mounted.unmount().context("unmounting")?;
+    Ok(())
+}

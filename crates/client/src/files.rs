@@ -1,0 +1,345 @@
+//! Open files: writes are buffered and cut into blocks that upload as they fill; `flush`
+//! (close) and `fsync` commit the new extents to meta in one mutation (close-to-open). Reads
+//! fetch the file's data map in windows and read blocks through the verified piece cache.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use bytes::Bytes;
+use cairn_proto::{self as pb, BLOCK_BYTES_MAX, mutate_request::Op};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::blocks::BlockStore;
+use crate::error::{ClientError, ClientResult};
+use crate::meta::MetaConnection;
+
+/// Data map fetched per request for reads (a window of the file).
+const EXTENT_WINDOW_BYTES: u64 = 256 * 1024 * 1024;
+/// A small file's data goes into the metadata instead of a block.
+const INLINE_BYTES_MAX: usize = 64 * 1024;
+const INLINE_FILE_BYTES_MAX: u64 = 1024 * 1024;
+/// Sealed blocks kept before a commit is forced, bounding the size of one commit.
+const PENDING_BLOCKS_MAX: usize = 1024;
+
+struct Building {
+    offset: u64,
+    data: Vec<u8>,
+}
+
+impl Building {
+    fn end(&self) -> u64 {
+        self.offset + self.data.len() as u64
+    }
+}
+
+struct ExtentWindow {
+    start: u64,
+    end: u64,
+    size: u64,
+    extents: Arc<Vec<pb::Extent>>,
+    servers: Arc<HashMap<u64, String>>,
+}
+
+#[derive(Default)]
+struct FileInner {
+    building: Option<Building>,
+    uploads: Vec<JoinHandle<ClientResult<pb::Extent>>>,
+    /// Largest end offset written since the last commit.
+    dirty_end: u64,
+    dirty: bool,
+    kill_suid: bool,
+    writer: pb::Caller,
+    window: Option<ExtentWindow>,
+    last_read_end: u64,
+    /// Size as of the last commit or attribute fetch.
+    known_size: u64,
+}
+
+/// The client's state for one inode while any handle to it is open.
+pub struct OpenFile {
+    pub handle: pb::FileHandle,
+    opens: AtomicU32,
+    inner: Mutex<FileInner>,
+}
+
+pub struct Files {
+    meta: Arc<MetaConnection>,
+    blocks: Arc<BlockStore>,
+    open: std::sync::Mutex<HashMap<u64, Arc<OpenFile>>>,
+    uploads: Arc<Semaphore>,
+}
+
+impl Files {
+    /// `uploads_in_flight` bounds blocks being uploaded at once (and so their memory).
+    pub fn new(meta: Arc<MetaConnection>, blocks: Arc<BlockStore>, uploads_in_flight: usize) -> Self {
+        Files { meta, blocks, open: std::sync::Mutex::new(HashMap::new()), uploads: Arc::new(Semaphore::new(uploads_in_flight)) }
+    }
+
+    /// Registers one more open handle of `handle`'s inode.
+    pub fn open(&self, handle: pb::FileHandle, size: u64) -> Arc<OpenFile> {
+        let mut open = self.open.lock().expect("open files poisoned");
+        let file = open
+            .entry(handle.ino)
+            .or_insert_with(|| {
+                Arc::new(OpenFile {
+                    handle,
+                    opens: AtomicU32::new(0),
+                    inner: Mutex::new(FileInner { known_size: size, ..Default::default() }),
+                })
+            })
+            .clone();
+        file.opens.fetch_add(1, Ordering::SeqCst);
+        file
+    }
+
+    pub fn get(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        self.open.lock().expect("open files poisoned").get(&ino).cloned()
+    }
+
+    pub fn is_open(&self, ino: u64) -> bool {
+        self.open.lock().map(|open| open.contains_key(&ino)).unwrap_or(true)
+    }
+
+    /// Drops one open handle; commits pending data when it was the last. Returns whether the
+    /// inode has no open handle left on this client.
+    pub async fn release(&self, ino: u64) -> ClientResult<bool> {
+        let Some(file) = self.get(ino) else { return Ok(true) };
+        let result = self.flush(&file).await;
+        let last = file.opens.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last {
+            let mut open = self.open.lock().expect("open files poisoned");
+            if open.get(&ino).is_some_and(|f| f.opens.load(Ordering::SeqCst) == 0) {
+                open.remove(&ino);
+            }
+        }
+        result.map(|_| last)
+    }
+
+    /// The size this client sees: committed size, or further if it wrote past it.
+    pub async fn local_size(&self, ino: u64, committed: u64) -> u64 {
+        match self.get(ino) {
+            Some(file) => {
+                let inner = file.inner.lock().await;
+                if inner.dirty { committed.max(inner.dirty_end) } else { committed }
+            }
+            None => committed,
+        }
+    }
+
+    pub async fn is_dirty(&self, ino: u64) -> bool {
+        match self.get(ino) {
+            Some(file) => file.inner.lock().await.dirty,
+            None => false,
+        }
+    }
+
+    pub async fn write(&self, file: &OpenFile, offset: u64, data: &[u8], writer: pb::Caller, kill_suid: bool) -> ClientResult<()> {
+        if offset.checked_add(data.len() as u64).is_none_or(|end| end > 16 * 1024 * 1024 * 1024 * 1024) {
+            return Err(ClientError::Errno(pb::errno::EFBIG));
+        }
+        let mut inner = file.inner.lock().await;
+        inner.window = None;
+        inner.writer = writer;
+        inner.kill_suid |= kill_suid;
+        let mut at = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            // Extend the block being built when the write lands inside or right after it.
+            if let Some(building) = inner.building.as_mut()
+                && at >= building.offset
+                && at <= building.end()
+                && at < building.offset + BLOCK_BYTES_MAX as u64
+            {
+                let start = (at - building.offset) as usize;
+                let take = rest.len().min(BLOCK_BYTES_MAX - start);
+                let end = start + take;
+                if building.data.len() < end {
+                    building.data.resize(end, 0);
+                }
+                building.data[start..end].copy_from_slice(&rest[..take]);
+                at += take as u64;
+                rest = &rest[take..];
+                if building.data.len() == BLOCK_BYTES_MAX {
+                    self.seal(&mut inner).await;
+                }
+                continue;
+            }
+            if inner.building.is_some() {
+                self.seal(&mut inner).await;
+            }
+            inner.building = Some(Building { offset: at, data: Vec::with_capacity(rest.len().min(BLOCK_BYTES_MAX)) });
+        }
+        inner.dirty = true;
+        inner.dirty_end = inner.dirty_end.max(offset + data.len() as u64);
+        let too_many = inner.uploads.len() >= PENDING_BLOCKS_MAX;
+        drop(inner);
+        if too_many {
+            self.flush(file).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts uploading the block being built.
+    async fn seal(&self, inner: &mut FileInner) {
+        let Some(building) = inner.building.take() else { return };
+        if building.data.is_empty() {
+            return;
+        }
+        let permit: OwnedSemaphorePermit = self.uploads.clone().acquire_owned().await.expect("upload semaphore closed");
+        let blocks = self.blocks.clone();
+        let handle = tokio::spawn(async move {
+            let _permit = permit;
+            let len = building.data.len() as u64;
+            let block = blocks.put(Bytes::from(building.data)).await?;
+            Ok(pb::Extent { offset: building.offset, len, block: Some(block), block_offset: 0, inline_data: Vec::new() })
+        });
+        inner.uploads.push(handle);
+    }
+
+    /// Commits everything written so far (close-to-open: called on close and fsync).
+    pub async fn flush(&self, file: &OpenFile) -> ClientResult<()> {
+        let mut inner = file.inner.lock().await;
+        if !inner.dirty {
+            return Ok(());
+        }
+        let mut extents = Vec::with_capacity(inner.uploads.len() + 1);
+        let mut failure = None;
+        for upload in std::mem::take(&mut inner.uploads) {
+            match upload.await {
+                Ok(Ok(extent)) => extents.push(extent),
+                Ok(Err(e)) => failure = Some(e),
+                Err(e) => failure = Some(ClientError::Refused { what: "block upload", status: e.to_string() }),
+            }
+        }
+        if let Some(e) = failure {
+            // The data of the failed block is gone; report it rather than commit a partial file.
+            inner.building = None;
+            inner.dirty = false;
+            return Err(e);
+        }
+        if let Some(building) = inner.building.take()
+            && !building.data.is_empty()
+        {
+            let small = building.data.len() <= INLINE_BYTES_MAX
+                && inner.known_size.max(inner.dirty_end) <= INLINE_FILE_BYTES_MAX;
+            if small {
+                let len = building.data.len() as u64;
+                extents.push(pb::Extent { offset: building.offset, len, block: None, block_offset: 0, inline_data: building.data });
+            } else {
+                let len = building.data.len() as u64;
+                let block = self.blocks.put(Bytes::from(building.data)).await?;
+                extents.push(pb::Extent { offset: building.offset, len, block: Some(block), block_offset: 0, inline_data: Vec::new() });
+            }
+        }
+        let op = Op::Commit(pb::CommitOp {
+            target: Some(file.handle),
+            extents,
+            min_size: inner.dirty_end,
+            update_mtime: true,
+            kill_suid: inner.kill_suid,
+        });
+        let reply = self.meta.mutate(&inner.writer, op).await?;
+        inner.dirty = false;
+        inner.dirty_end = 0;
+        inner.kill_suid = false;
+        inner.window = None;
+        if let Some(attr) = reply.attr {
+            inner.known_size = attr.size;
+        }
+        Ok(())
+    }
+
+    /// Forgets cached data maps (the file changed elsewhere, e.g. a truncate).
+    pub async fn invalidate(&self, ino: u64, size: u64) {
+        if let Some(file) = self.get(ino) {
+            let mut inner = file.inner.lock().await;
+            inner.window = None;
+            inner.known_size = size;
+        }
+    }
+
+    pub async fn read(&self, file: &OpenFile, offset: u64, size: u32) -> ClientResult<Vec<u8>> {
+        self.flush(file).await?;
+        let (window, sequential) = {
+            let mut inner = file.inner.lock().await;
+            let wanted_end = offset.saturating_add(size as u64);
+            let covered = inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
+            if !covered {
+                let reply = self.meta.extents(file.handle, offset, EXTENT_WINDOW_BYTES.max(size as u64)).await?;
+                let size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
+                inner.known_size = size;
+                inner.window = Some(ExtentWindow {
+                    start: offset,
+                    end: offset.saturating_add(EXTENT_WINDOW_BYTES.max(size as u64)),
+                    size,
+                    extents: Arc::new(reply.extents),
+                    servers: Arc::new(reply.servers.into_iter().map(|s| (s.id, s.address)).collect()),
+                });
+            }
+            let sequential = inner.last_read_end == offset;
+            inner.last_read_end = offset + size as u64;
+            let window = inner.window.as_ref().expect("window set above");
+            (
+                ExtentWindow {
+                    start: window.start,
+                    end: window.end,
+                    size: window.size,
+                    extents: window.extents.clone(),
+                    servers: window.servers.clone(),
+                },
+                sequential,
+            )
+        };
+        if offset >= window.size {
+            return Ok(Vec::new());
+        }
+        let end = (offset + size as u64).min(window.size);
+        let mut out = vec![0u8; (end - offset) as usize];
+        let first = window.extents.partition_point(|e| e.offset + e.len <= offset);
+        let mut next_block: Option<pb::Extent> = None;
+        for (i, extent) in window.extents[first..].iter().enumerate() {
+            if extent.offset >= end {
+                break;
+            }
+            let from = extent.offset.max(offset);
+            let to = (extent.offset + extent.len).min(end);
+            let dest = &mut out[(from - offset) as usize..(to - offset) as usize];
+            let skip = (from - extent.offset) as usize;
+            match &extent.block {
+                None => {
+                    let source = extent.inline_data.get(skip..skip + dest.len()).ok_or(ClientError::Errno(pb::errno::EIO))?;
+                    dest.copy_from_slice(source);
+                }
+                Some(block) => {
+                    let block_offset = extent.block_offset + skip as u32;
+                    let data = self.blocks.read(block, &window.servers, block_offset, dest.len() as u32, sequential).await?;
+                    dest.copy_from_slice(&data);
+                    if sequential && to == extent.offset + extent.len {
+                        next_block = window.extents[first + i + 1..].iter().find(|e| e.block.is_some()).cloned();
+                    }
+                }
+            }
+        }
+        if let Some(next) = next_block {
+            self.prefetch(next, window.servers.clone());
+        }
+        Ok(out)
+    }
+
+    /// Starts fetching the next block of a sequential read in the background.
+    fn prefetch(&self, extent: pb::Extent, servers: Arc<HashMap<u64, String>>) {
+        let Some(block) = extent.block else { return };
+        if self.blocks.is_cached(&block, extent.block_offset) {
+            return;
+        }
+        let blocks = self.blocks.clone();
+        tokio::spawn(async move {
+            let len = (extent.len as u32).min(block.len - extent.block_offset);
+            if let Err(e) = blocks.read(&block, &servers, extent.block_offset, len.max(1), true).await {
+                tracing::debug!(error = %e, "prefetch failed");
+            }
+        });
+    }
+}

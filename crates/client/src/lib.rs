@@ -1,0 +1,75 @@
+//! Cairn's client library: everything a mount or a tool needs to use a Cairn file system.
+//! It talks to the meta leader (following redirects, retrying with backoff until a deadline,
+//! every mutation exactly-once through its session), moves blocks to and from data servers
+//! with end-to-end verification, and buffers writes until close or fsync.
+
+pub mod blocks;
+pub mod error;
+pub mod files;
+pub mod meta;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::{ClientError, ClientResult};
+pub use files::{Files, OpenFile};
+pub use meta::{MetaConnection, RetryPolicy};
+
+/// A connected client: the meta connection, the block store and the open files.
+pub struct Client {
+    pub meta: Arc<MetaConnection>,
+    pub blocks: Arc<blocks::BlockStore>,
+    pub files: Files,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub retry: RetryPolicy,
+    pub cache_bytes: usize,
+    pub uploads_in_flight: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions { retry: RetryPolicy::default(), cache_bytes: 256 * 1024 * 1024, uploads_in_flight: 8 }
+    }
+}
+
+impl Client {
+    pub async fn connect(addresses: Vec<String>, client_name: String, options: ClientOptions) -> ClientResult<Arc<Client>> {
+        let meta = MetaConnection::connect(addresses, client_name, options.retry).await?;
+        let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes));
+        let files = Files::new(meta.clone(), blocks.clone(), options.uploads_in_flight);
+        Ok(Arc::new(Client { meta, blocks, files }))
+    }
+
+    /// Keeps the session alive and hands unlinked inodes this client no longer holds back to
+    /// meta, until the returned task is aborted.
+    pub fn spawn_heartbeat(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let client = self.clone();
+        tokio::spawn(async move {
+            let period = (client.meta.lease / 3).max(Duration::from_millis(500));
+            loop {
+                tokio::time::sleep(period).await;
+                match client.meta.heartbeat().await {
+                    Ok(orphans) => {
+                        for handle in orphans {
+                            if !client.files.is_open(handle.ino) {
+                                client.release_orphan(handle).await;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "session heartbeat failed"),
+                }
+            }
+        })
+    }
+
+    /// Tells meta this session no longer holds an unlinked inode.
+    pub async fn release_orphan(&self, handle: cairn_proto::FileHandle) {
+        let op = cairn_proto::mutate_request::Op::Release(cairn_proto::ReleaseOp { target: Some(handle) });
+        if let Err(e) = self.meta.mutate(&cairn_proto::Caller::default(), op).await {
+            tracing::warn!(ino = handle.ino, error = %e, "releasing unlinked inode failed");
+        }
+    }
+}

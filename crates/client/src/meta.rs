@@ -1,0 +1,330 @@
+//! The connection to the meta group: leader discovery, retries with backoff until a deadline,
+//! and the session that makes mutations exactly-once.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use cairn_proto::meta_client::MetaClient;
+use cairn_proto::{self as pb, mutate_request::Op};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::{ClientError, ClientResult, check};
+
+/// gRPC metadata key naming the leader on a "not leader" answer (see cairn-meta).
+const LEADER_HEADER: &str = "cairn-leader";
+const SESSION_EXPIRED_MESSAGE: &str = "session expired";
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// How long one operation keeps trying before it gives up with EIO.
+    pub deadline: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// How long one attempt may take.
+    pub attempt_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            deadline: Duration::from_secs(60),
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Whether a failed call may succeed if sent again (possibly elsewhere).
+fn retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted)
+}
+
+pub fn endpoint(address: &str, policy: &RetryPolicy) -> ClientResult<Endpoint> {
+    let uri = if address.starts_with("http://") { address.to_string() } else { format!("http://{address}") };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| ClientError::Refused { what: "address", status: format!("{address}: {e}") })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(policy.attempt_timeout)
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true))
+}
+
+struct Current {
+    address: String,
+    client: MetaClient<Channel>,
+}
+
+pub struct MetaConnection {
+    addresses: RwLock<Vec<String>>,
+    current: RwLock<Current>,
+    pub policy: RetryPolicy,
+    session: AtomicU64,
+    seq: AtomicU64,
+    root: RwLock<pb::FileHandle>,
+    pub replication: u32,
+    pub lease: Duration,
+    client_name: String,
+}
+
+fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<Channel>> {
+    Ok(MetaClient::new(endpoint(address, policy)?.connect_lazy())
+        .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
+}
+
+impl MetaConnection {
+    /// Connects to any of `addresses` and opens a session.
+    pub async fn connect(addresses: Vec<String>, client_name: String, policy: RetryPolicy) -> ClientResult<Arc<Self>> {
+        let first = addresses.first().cloned().ok_or(ClientError::Refused { what: "connect", status: "no meta address".into() })?;
+        let connection = MetaConnection {
+            current: RwLock::new(Current { client: meta_client(&first, &policy)?, address: first }),
+            addresses: RwLock::new(addresses),
+            policy,
+            session: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            root: RwLock::new(pb::FileHandle::default()),
+            replication: 1,
+            lease: Duration::from_secs(60),
+            client_name,
+        };
+        let reply = connection.open_session_rpc().await?;
+        let connection = MetaConnection {
+            replication: reply.replication.max(1),
+            lease: Duration::from_millis(reply.lease_ms.max(1000)),
+            ..connection
+        };
+        Ok(Arc::new(connection))
+    }
+
+    async fn open_session_rpc(&self) -> ClientResult<pb::OpenSessionReply> {
+        let name = self.client_name.clone();
+        let reply = self
+            .call("open session", move |mut c| {
+                let name = name.clone();
+                async move { c.open_session(pb::OpenSessionRequest { client_name: name }).await }
+            })
+            .await?;
+        self.session.store(reply.session, Ordering::SeqCst);
+        self.seq.store(0, Ordering::SeqCst);
+        if let (Ok(mut root), Some(new_root)) = (self.root.write(), reply.root) {
+            *root = new_root;
+        }
+        Ok(reply)
+    }
+
+    pub fn session(&self) -> u64 {
+        self.session.load(Ordering::SeqCst)
+    }
+
+    pub fn root(&self) -> pb::FileHandle {
+        self.root.read().map(|r| *r).unwrap_or_default()
+    }
+
+    pub fn current_address(&self) -> String {
+        self.current.read().map(|c| c.address.clone()).unwrap_or_default()
+    }
+
+    fn client(&self) -> MetaClient<Channel> {
+        self.current.read().map(|c| c.client.clone()).expect("meta connection lock poisoned")
+    }
+
+    fn switch_to(&self, address: &str) {
+        if self.current_address() == address {
+            return;
+        }
+        if let Ok(client) = meta_client(address, &self.policy)
+            && let Ok(mut current) = self.current.write()
+        {
+            tracing::info!(address, "switching to meta server");
+            *current = Current { address: address.to_string(), client };
+            if let Ok(mut addresses) = self.addresses.write()
+                && !addresses.iter().any(|a| a == address)
+            {
+                addresses.push(address.to_string());
+            }
+        }
+    }
+
+    /// Moves to the next known address (after a transport failure).
+    fn rotate(&self) {
+        let addresses = self.addresses.read().map(|a| a.clone()).unwrap_or_default();
+        if addresses.len() < 2 {
+            return;
+        }
+        let current = self.current_address();
+        let at = addresses.iter().position(|a| *a == current).unwrap_or(0);
+        let next = addresses[(at + 1) % addresses.len()].clone();
+        self.switch_to(&next);
+    }
+
+    /// Calls the meta leader, following redirects and retrying transport failures with
+    /// exponential backoff until the policy's deadline.
+    pub async fn call<T, F, Fut>(&self, what: &'static str, mut f: F) -> ClientResult<T>
+    where
+        F: FnMut(MetaClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let started = Instant::now();
+        let mut backoff = self.policy.backoff_min;
+        loop {
+            let status = match f(self.client()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) => status,
+            };
+            if status.code() == Code::FailedPrecondition && status.message() == SESSION_EXPIRED_MESSAGE {
+                return Err(ClientError::Refused { what, status: SESSION_EXPIRED_MESSAGE.into() });
+            }
+            if !retryable(&status) {
+                return Err(ClientError::Refused { what, status: status.to_string() });
+            }
+            let leader = status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok()).map(str::to_string);
+            match leader {
+                Some(leader) if leader != self.current_address() => {
+                    self.switch_to(&leader);
+                    continue;
+                }
+                Some(_) => {}
+                None => self.rotate(),
+            }
+            if started.elapsed() >= self.policy.deadline {
+                return Err(ClientError::Timeout { what, seconds: self.policy.deadline.as_secs(), last: status.to_string() });
+            }
+            tracing::debug!(what, %status, ?backoff, "meta call failed; retrying");
+            tokio::time::sleep(backoff.min(self.policy.deadline.saturating_sub(started.elapsed()))).await;
+            backoff = (backoff * 2).min(self.policy.backoff_max);
+        }
+    }
+
+    /// Applies a mutation exactly once: retries reuse the same (session, seq).
+    pub async fn mutate(&self, caller: &pb::Caller, op: Op) -> ClientResult<pb::MutateReply> {
+        for _ in 0..3 {
+            let request = pb::MutateRequest {
+                session: self.session(),
+                seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
+                caller: Some(caller.clone()),
+                op: Some(op.clone()),
+            };
+            let result = self
+                .call("mutate", |mut c| {
+                    let request = request.clone();
+                    async move { c.mutate(request).await }
+                })
+                .await;
+            match result {
+                Ok(reply) => {
+                    check(reply.errno)?;
+                    return Ok(reply);
+                }
+                Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {
+                    tracing::warn!("session expired; opening a new one");
+                    self.open_session_rpc().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ClientError::Refused { what: "mutate", status: "session kept expiring".into() })
+    }
+
+    /// Renews the session; returns unlinked inodes this session may still hold open.
+    pub async fn heartbeat(&self) -> ClientResult<Vec<pb::FileHandle>> {
+        let session = self.session();
+        let result = self
+            .call("heartbeat", move |mut c| async move { c.heartbeat(pb::HeartbeatRequest { session }).await })
+            .await;
+        match result {
+            Ok(reply) => Ok(reply.orphans),
+            Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {
+                tracing::warn!("session expired; opening a new one");
+                self.open_session_rpc().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn lookup(&self, parent: pb::FileHandle, name: &[u8]) -> ClientResult<pb::Attr> {
+        let name = name.to_vec();
+        let reply = self
+            .call("lookup", |mut c| {
+                let request = pb::LookupRequest { parent: Some(parent), name: name.clone() };
+                async move { c.lookup(request).await }
+            })
+            .await?;
+        check(reply.errno)?;
+        reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))
+    }
+
+    pub async fn getattr(&self, target: pb::FileHandle) -> ClientResult<pb::Attr> {
+        let reply = self
+            .call("getattr", |mut c| async move { c.get_attr(pb::GetAttrRequest { target: Some(target) }).await })
+            .await?;
+        check(reply.errno)?;
+        reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))
+    }
+
+    pub async fn readdir(&self, dir: pb::FileHandle, after: &[u8], limit: u32) -> ClientResult<(Vec<pb::DirEntry>, bool)> {
+        let after = after.to_vec();
+        let reply = self
+            .call("readdir", |mut c| {
+                let request = pb::ReadDirRequest { dir: Some(dir), after: after.clone(), limit };
+                async move { c.read_dir(request).await }
+            })
+            .await?;
+        check(reply.errno)?;
+        Ok((reply.entries, reply.eof))
+    }
+
+    pub async fn readlink(&self, target: pb::FileHandle) -> ClientResult<Vec<u8>> {
+        let reply = self
+            .call("readlink", |mut c| async move { c.read_link(pb::GetAttrRequest { target: Some(target) }).await })
+            .await?;
+        check(reply.errno)?;
+        Ok(reply.target)
+    }
+
+    pub async fn getxattr(&self, target: pb::FileHandle, name: &[u8]) -> ClientResult<Vec<u8>> {
+        let name = name.to_vec();
+        let reply = self
+            .call("getxattr", |mut c| {
+                let request = pb::GetXattrRequest { target: Some(target), name: name.clone() };
+                async move { c.get_xattr(request).await }
+            })
+            .await?;
+        check(reply.errno)?;
+        Ok(reply.value)
+    }
+
+    pub async fn listxattr(&self, target: pb::FileHandle) -> ClientResult<Vec<Vec<u8>>> {
+        let reply = self
+            .call("listxattr", |mut c| async move { c.list_xattr(pb::GetAttrRequest { target: Some(target) }).await })
+            .await?;
+        check(reply.errno)?;
+        Ok(reply.names)
+    }
+
+    pub async fn statfs(&self) -> ClientResult<pb::StatFsReply> {
+        self.call("statfs", |mut c| async move { c.stat_fs(pb::StatFsRequest {}).await }).await
+    }
+
+    pub async fn extents(&self, target: pb::FileHandle, offset: u64, len: u64) -> ClientResult<pb::GetExtentsReply> {
+        let reply = self
+            .call("extents", |mut c| async move {
+                c.get_extents(pb::GetExtentsRequest { target: Some(target), offset, len }).await
+            })
+            .await?;
+        check(reply.errno)?;
+        Ok(reply)
+    }
+
+    pub async fn place_blocks(&self, count: u32) -> ClientResult<pb::PlaceBlocksReply> {
+        self.call("place blocks", |mut c| async move { c.place_blocks(pb::PlaceBlocksRequest { count }).await }).await
+    }
+
+    pub async fn status(&self) -> ClientResult<pb::StatusReply> {
+        self.call("status", |mut c| async move { c.status(pb::StatusRequest {}).await }).await
+    }
+}

@@ -1,0 +1,483 @@
+//! A log-structured block volume: blocks are appended to segment files, so a small block costs a
+//! record, not a file, and one `fdatasync` covers every block written since the last one.
+//!
+//! Record layout (little endian), repeated until the end of a segment:
+//!
+//! ```text
+//! magic u32 | kind u8 | 0u8 x3 | id u128 | len u32 | pieces u32 | digest [32] | check [8]
+//! piece hashes [32] x pieces | data [len]            (kind = BLOCK)
+//! ```
+//!
+//! `check` is a BLAKE3 of the header fields and piece hashes, so a torn tail is told from a
+//! record. The data itself is covered by the piece hashes and verified on every read. A
+//! tombstone (kind = DELETE) has `len = 0` and no pieces. The in-memory index is rebuilt by
+//! scanning headers at start; the torn tail of the last segment is cut off.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use cairn_proto::{BLOCK_BYTES_MAX, BlockId, PIECE_BYTES, digest_of_pieces, piece_hash};
+
+const MAGIC: u32 = 0x4b4c_4243; // "CBLK"
+const KIND_BLOCK: u8 = 1;
+const KIND_DELETE: u8 = 2;
+const HEADER_BYTES: usize = 4 + 4 + 16 + 4 + 4 + 32 + 8;
+/// A segment is closed and a new one started once it passes this size.
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("block {0} not found")]
+    NotFound(BlockId),
+    #[error("block {id} is corrupt: {what}")]
+    Corrupt { id: BlockId, what: String },
+    #[error("bad request: {0}")]
+    Invalid(String),
+    #[error("volume I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Clone, Debug)]
+struct Location {
+    segment: u32,
+    data_offset: u64,
+    len: u32,
+    digest: [u8; 32],
+    pieces: Arc<Vec<[u8; 32]>>,
+}
+
+/// A verified block ready to be appended.
+pub struct NewBlock {
+    pub id: BlockId,
+    pub digest: [u8; 32],
+    pub pieces: Vec<[u8; 32]>,
+    pub data: Vec<u8>,
+}
+
+impl NewBlock {
+    /// Checks `data` against the digest the writer claims, piece by piece.
+    pub fn verified(id: BlockId, claimed: &[u8], data: Vec<u8>) -> Result<NewBlock, VolumeError> {
+        if data.is_empty() || data.len() > BLOCK_BYTES_MAX {
+            return Err(VolumeError::Invalid(format!("block length {} out of range", data.len())));
+        }
+        let pieces: Vec<[u8; 32]> = data.chunks(PIECE_BYTES).map(piece_hash).collect();
+        let digest = digest_of_pieces(&pieces);
+        if claimed != digest {
+            return Err(VolumeError::Invalid(format!("block {id}: data does not match its digest")));
+        }
+        Ok(NewBlock { id, digest, pieces, data })
+    }
+}
+
+struct Segment {
+    number: u32,
+    file: Arc<File>,
+}
+
+struct Writer {
+    active: Segment,
+    end: u64,
+}
+
+/// What a volume holds, for status and placement.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct VolumeUsage {
+    pub blocks: u64,
+    pub live_bytes: u64,
+    pub capacity_bytes: u64,
+    pub free_bytes: u64,
+}
+
+pub struct Volume {
+    dir: PathBuf,
+    index: RwLock<HashMap<BlockId, Location>>,
+    segments: RwLock<HashMap<u32, Arc<File>>>,
+    writer: Mutex<Writer>,
+    /// How far (segment, offset) the volume is known to be durable.
+    synced: Mutex<(u32, u64)>,
+}
+
+fn segment_path(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("segment-{number:08}.log"))
+}
+
+fn header_check(header_without_check: &[u8], pieces: &[[u8; 32]]) -> [u8; 8] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(header_without_check);
+    for piece in pieces {
+        hasher.update(piece);
+    }
+    let mut check = [0u8; 8];
+    check.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    check
+}
+
+fn encode_record(kind: u8, id: BlockId, len: u32, digest: &[u8; 32], pieces: &[[u8; 32]]) -> Vec<u8> {
+    let mut header = Vec::with_capacity(HEADER_BYTES + pieces.len() * 32);
+    header.extend_from_slice(&MAGIC.to_le_bytes());
+    header.extend_from_slice(&[kind, 0, 0, 0]);
+    header.extend_from_slice(&id.0.to_le_bytes());
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&(pieces.len() as u32).to_le_bytes());
+    header.extend_from_slice(digest);
+    let check = header_check(&header, pieces);
+    header.extend_from_slice(&check);
+    for piece in pieces {
+        header.extend_from_slice(piece);
+    }
+    header
+}
+
+struct ScannedRecord {
+    kind: u8,
+    id: BlockId,
+    len: u32,
+    digest: [u8; 32],
+    pieces: Vec<[u8; 32]>,
+}
+
+/// Reads one record header at the reader's position; `None` at a clean end or a torn tail.
+fn scan_record(reader: &mut impl Read) -> std::io::Result<Option<ScannedRecord>> {
+    let mut header = [0u8; HEADER_BYTES];
+    if let Err(e) = reader.read_exact(&mut header) {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
+    }
+    let u32_at = |at: usize| u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    if u32_at(0) != MAGIC {
+        return Ok(None);
+    }
+    let kind = header[4];
+    let mut id_bytes = [0u8; 16];
+    id_bytes.copy_from_slice(&header[8..24]);
+    let id = BlockId(u128::from_le_bytes(id_bytes));
+    let len = u32_at(24);
+    let piece_count = u32_at(28) as usize;
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(&header[32..64]);
+    if piece_count > BLOCK_BYTES_MAX / PIECE_BYTES + 1 || len as usize > BLOCK_BYTES_MAX {
+        return Ok(None);
+    }
+    let mut pieces = vec![[0u8; 32]; piece_count];
+    for piece in pieces.iter_mut() {
+        if let Err(e) = reader.read_exact(piece) {
+            return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(None) } else { Err(e) };
+        }
+    }
+    if header_check(&header[..64], &pieces) != header[64..72] {
+        return Ok(None);
+    }
+    if !matches!(kind, KIND_BLOCK | KIND_DELETE) {
+        return Ok(None);
+    }
+    Ok(Some(ScannedRecord { kind, id, len, digest, pieces }))
+}
+
+impl Volume {
+    /// Opens (or creates) the volume in `dir`, rebuilding the index from the segments.
+    pub fn open(dir: &Path) -> Result<Volume, VolumeError> {
+        std::fs::create_dir_all(dir)?;
+        let mut numbers: Vec<u32> = std::fs::read_dir(dir)?
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                name.strip_prefix("segment-")?.strip_suffix(".log")?.parse().ok()
+            })
+            .collect();
+        numbers.sort_unstable();
+        let mut index: HashMap<BlockId, Location> = HashMap::new();
+        let mut segments = HashMap::new();
+        let mut last_end = 0u64;
+        for &number in &numbers {
+            let path = segment_path(dir, number);
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let file_len = file.metadata()?.len();
+            let mut reader = std::io::BufReader::with_capacity(1 << 20, file.try_clone()?);
+            let mut offset = 0u64;
+            while let Some(record) = scan_record(&mut reader)? {
+                let data_offset = offset + (HEADER_BYTES + record.pieces.len() * 32) as u64;
+                let record_end = data_offset + record.len as u64;
+                if record_end > file_len {
+                    break;
+                }
+                match record.kind {
+                    KIND_BLOCK => {
+                        index.insert(
+                            record.id,
+                            Location {
+                                segment: number,
+                                data_offset,
+                                len: record.len,
+                                digest: record.digest,
+                                pieces: Arc::new(record.pieces),
+                            },
+                        );
+                    }
+                    _ => {
+                        index.remove(&record.id);
+                    }
+                }
+                reader.seek(SeekFrom::Start(record_end))?;
+                offset = record_end;
+            }
+            if offset < file_len {
+                // Only the last segment can have a torn tail: earlier ones were synced whole
+                // before the next was started.
+                tracing::warn!(segment = number, offset, file_len, "cutting torn tail of segment");
+                file.set_len(offset)?;
+                file.sync_all()?;
+            }
+            last_end = offset;
+            segments.insert(number, Arc::new(file));
+        }
+        let active_number = numbers.last().copied().unwrap_or(1);
+        let active_file = match segments.get(&active_number) {
+            Some(file) => file.clone(),
+            None => {
+                let file = Arc::new(
+                    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(segment_path(dir, active_number))?,
+                );
+                File::open(dir)?.sync_all()?;
+                segments.insert(active_number, file.clone());
+                last_end = 0;
+                file
+            }
+        };
+        Ok(Volume {
+            dir: dir.to_path_buf(),
+            index: RwLock::new(index),
+            segments: RwLock::new(segments),
+            writer: Mutex::new(Writer { active: Segment { number: active_number, file: active_file }, end: last_end }),
+            synced: Mutex::new((active_number, last_end)),
+        })
+    }
+
+    /// Appends blocks and returns once they are durable. Concurrent appends share one
+    /// `fdatasync` (group commit): whoever syncs covers everything written before it.
+    pub fn append(&self, blocks: Vec<NewBlock>) -> Result<(), VolumeError> {
+        let (located, written_to) = self.write_records(blocks)?;
+        self.sync_through(written_to)?;
+        let mut index = self.index.write().map_err(|_| poisoned())?;
+        for (id, location) in located {
+            index.insert(id, location);
+        }
+        Ok(())
+    }
+
+    /// Makes every record up to `position` (segment, end offset) durable.
+    fn sync_through(&self, position: (u32, u64)) -> Result<(), VolumeError> {
+        let mut synced = self.synced.lock().map_err(|_| poisoned())?;
+        if *synced >= position {
+            return Ok(());
+        }
+        let (file, target) = {
+            let writer = self.writer.lock().map_err(|_| poisoned())?;
+            (writer.active.file.clone(), (writer.active.number, writer.end))
+        };
+        // A record in an older segment was synced when that segment was closed.
+        debug_assert!(target >= position);
+        file.sync_data()?;
+        *synced = target;
+        Ok(())
+    }
+
+    fn write_records(&self, blocks: Vec<NewBlock>) -> Result<(Vec<(BlockId, Location)>, (u32, u64)), VolumeError> {
+        let mut writer = self.writer.lock().map_err(|_| poisoned())?;
+        if writer.end >= SEGMENT_BYTES_MAX {
+            self.roll_segment(&mut writer)?;
+        }
+        let mut located = Vec::with_capacity(blocks.len());
+        for block in blocks {
+            debug_assert_eq!(digest_of_pieces(&block.pieces), block.digest);
+            let header = encode_record(KIND_BLOCK, block.id, block.data.len() as u32, &block.digest, &block.pieces);
+            let start = writer.end;
+            writer.active.file.write_all_at(&header, start)?;
+            let data_offset = start + header.len() as u64;
+            writer.active.file.write_all_at(&block.data, data_offset)?;
+            writer.end = data_offset + block.data.len() as u64;
+            located.push((
+                block.id,
+                Location {
+                    segment: writer.active.number,
+                    data_offset,
+                    len: block.data.len() as u32,
+                    digest: block.digest,
+                    pieces: Arc::new(block.pieces),
+                },
+            ));
+        }
+        Ok((located, (writer.active.number, writer.end)))
+    }
+
+    fn roll_segment(&self, writer: &mut Writer) -> Result<(), VolumeError> {
+        writer.active.file.sync_all()?;
+        let number = writer.active.number + 1;
+        let file = Arc::new(
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(segment_path(&self.dir, number))?,
+        );
+        File::open(&self.dir)?.sync_all()?;
+        self.segments.write().map_err(|_| poisoned())?.insert(number, file.clone());
+        writer.active = Segment { number, file };
+        writer.end = 0;
+        Ok(())
+    }
+
+    /// Records deletions durably and drops the blocks from the index. Space is reclaimed when
+    /// a segment is compacted.
+    pub fn delete(&self, ids: &[BlockId]) -> Result<usize, VolumeError> {
+        let mut writer = self.writer.lock().map_err(|_| poisoned())?;
+        let mut deleted = 0;
+        for &id in ids {
+            if !self.index.read().map_err(|_| poisoned())?.contains_key(&id) {
+                continue;
+            }
+            let record = encode_record(KIND_DELETE, id, 0, &[0u8; 32], &[]);
+            let start = writer.end;
+            writer.active.file.write_all_at(&record, start)?;
+            writer.end = start + record.len() as u64;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            writer.active.file.sync_data()?;
+            let mut index = self.index.write().map_err(|_| poisoned())?;
+            for id in ids {
+                index.remove(id);
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Piece hashes and block length of a stored block, checked against the digest the
+    /// reader expects.
+    pub fn piece_hashes(&self, id: BlockId, expected_digest: &[u8]) -> Result<(u32, Arc<Vec<[u8; 32]>>), VolumeError> {
+        let location = self.locate(id)?;
+        if location.digest != expected_digest || digest_of_pieces(location.pieces.iter()) != location.digest {
+            return Err(VolumeError::Corrupt { id, what: "digest does not match".into() });
+        }
+        Ok((location.len, location.pieces))
+    }
+
+    /// Reads whole pieces `first..=last` of a block, verifying each against its hash.
+    pub fn read_pieces(&self, id: BlockId, first: usize, last: usize) -> Result<Vec<u8>, VolumeError> {
+        let location = self.locate(id)?;
+        let piece_count = location.pieces.len();
+        if first > last || last >= piece_count {
+            return Err(VolumeError::Invalid(format!("pieces {first}..={last} outside block {id}")));
+        }
+        let start = first * PIECE_BYTES;
+        let end = ((last + 1) * PIECE_BYTES).min(location.len as usize);
+        let file = self.segments.read().map_err(|_| poisoned())?.get(&location.segment).cloned();
+        let file = file.ok_or_else(|| VolumeError::Corrupt { id, what: "segment missing".into() })?;
+        let mut data = vec![0u8; end - start];
+        file.read_exact_at(&mut data, location.data_offset + start as u64)?;
+        for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+            if piece_hash(piece) != location.pieces[first + i] {
+                tracing::error!(block = %id, piece = first + i, "piece hash mismatch on disk");
+                return Err(VolumeError::Corrupt { id, what: format!("piece {} hash mismatch", first + i) });
+            }
+        }
+        Ok(data)
+    }
+
+    fn locate(&self, id: BlockId) -> Result<Location, VolumeError> {
+        self.index.read().map_err(|_| poisoned())?.get(&id).cloned().ok_or(VolumeError::NotFound(id))
+    }
+
+    pub fn contains(&self, id: BlockId) -> bool {
+        self.index.read().map(|index| index.contains_key(&id)).unwrap_or(false)
+    }
+
+    pub fn usage(&self) -> VolumeUsage {
+        let (blocks, live_bytes) = match self.index.read() {
+            Ok(index) => (index.len() as u64, index.values().map(|l| l.len as u64).sum()),
+            Err(_) => (0, 0),
+        };
+        let (capacity_bytes, free_bytes) = disk_space(&self.dir).unwrap_or((0, 0));
+        VolumeUsage { blocks, live_bytes, capacity_bytes, free_bytes }
+    }
+}
+
+fn poisoned() -> VolumeError {
+    VolumeError::Io(std::io::Error::other("volume lock poisoned"))
+}
+
+/// Capacity and free bytes of the file system holding `dir`.
+pub fn disk_space(dir: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid out-parameter.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let frsize = stat.f_frsize as u64;
+    Ok((stat.f_blocks as u64 * frsize, stat.f_bavail as u64 * frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(id: u64, data: Vec<u8>) -> NewBlock {
+        let (_, digest) = cairn_proto::block_digest(&data);
+        NewBlock::verified(BlockId::new(7, id), &digest, data).expect("valid block")
+    }
+
+    #[test]
+    fn blocks_survive_reopen_and_deletes_stick() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        {
+            let volume = Volume::open(dir.path()).unwrap();
+            volume.append(vec![block(1, data.clone()), block(2, vec![9; 10])]).unwrap();
+            volume.delete(&[BlockId::new(7, 2)]).unwrap();
+        }
+        let volume = Volume::open(dir.path()).unwrap();
+        let read = volume.read_pieces(BlockId::new(7, 1), 0, 3).unwrap();
+        assert_eq!(read, data);
+        assert!(!volume.contains(BlockId::new(7, 2)));
+    }
+
+    #[test]
+    fn torn_tail_is_cut_and_earlier_blocks_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let volume = Volume::open(dir.path()).unwrap();
+            volume.append(vec![block(1, vec![1; 5000])]).unwrap();
+            volume.append(vec![block(2, vec![2; 5000])]).unwrap();
+        }
+        let path = segment_path(dir.path(), 1);
+        let len = std::fs::metadata(&path).unwrap().len();
+        OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 100).unwrap();
+        let volume = Volume::open(dir.path()).unwrap();
+        assert!(volume.contains(BlockId::new(7, 1)));
+        assert!(!volume.contains(BlockId::new(7, 2)));
+        volume.append(vec![block(3, vec![3; 10])]).unwrap();
+        drop(volume);
+        let volume = Volume::open(dir.path()).unwrap();
+        assert!(volume.contains(BlockId::new(7, 3)));
+    }
+
+    #[test]
+    fn flipped_byte_is_reported_as_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open(dir.path()).unwrap();
+        volume.append(vec![block(1, vec![5; 100_000])]).unwrap();
+        let path = segment_path(dir.path(), 1);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let len = file.metadata().unwrap().len();
+        file.write_all_at(&[6], len - 10).unwrap();
+        assert!(volume.read_pieces(BlockId::new(7, 1), 0, 0).is_ok());
+        assert!(matches!(volume.read_pieces(BlockId::new(7, 1), 1, 1), Err(VolumeError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn wrong_digest_is_refused() {
+        let err = NewBlock::verified(BlockId::new(1, 1), &[0u8; 32], vec![1, 2, 3]);
+        assert!(matches!(err, Err(VolumeError::Invalid(_))));
+    }
+}

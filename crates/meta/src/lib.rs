@@ -1,0 +1,17 @@
+//! Cairn's metadata service: the namespace (inodes, directory entries, attributes, xattrs, the
+//! map from files to blocks, sessions and the exactly-once result table) as a replicated state
+//! machine on openraft, stored in redb. A one-node file system is a one-member Raft group: the
+//! same code runs three or five members.
+
+pub mod extents;
+pub mod model;
+pub mod namespace;
+pub mod query;
+pub mod raft_types;
+pub mod store;
+pub mod network;
+pub mod node;
+pub mod service;
+
+pub use node::{MetaConfig, MetaError, MetaNode};
+pub use service::MetaService;

@@ -1,0 +1,197 @@
+//! What the namespace stores: the records, the redb tables they live in and the key encodings.
+//!
+//! Every state-machine table maps bytes to bytes, with big-endian keys so that ranges sort as
+//! numbers, and postcard-encoded values. That keeps snapshots generic: a snapshot is the
+//! contents of these tables.
+
+use cairn_proto as pb;
+use redb::TableDefinition;
+use serde::{Deserialize, Serialize};
+
+pub type Table = TableDefinition<'static, &'static [u8], &'static [u8]>;
+
+/// ino → [`Inode`]
+pub const INODES: Table = TableDefinition::new("inodes");
+/// (parent ino, name) → child ino
+pub const DENTRIES: Table = TableDefinition::new("dentries");
+/// (ino, name) → value
+pub const XATTRS: Table = TableDefinition::new("xattrs");
+/// (ino, chunk index) → `Vec<Extent>`
+pub const EXTENTS: Table = TableDefinition::new("extents");
+/// block id → [`BlockRecord`]
+pub const BLOCKS: Table = TableDefinition::new("blocks");
+/// block id → [`BlockRecord`] of blocks no file references any more, waiting to be deleted
+pub const GARBAGE: Table = TableDefinition::new("garbage");
+/// session id → [`Session`]
+pub const SESSIONS: Table = TableDefinition::new("sessions");
+/// (session id, seq) → encoded `MutateReply`
+pub const RESULTS: Table = TableDefinition::new("results");
+/// ino → [`Orphan`]
+pub const ORPHANS: Table = TableDefinition::new("orphans");
+/// data server id → [`DataServerRecord`]
+pub const DATA_SERVERS: Table = TableDefinition::new("data_servers");
+/// name → value: counters and the applied Raft state
+pub const SM_META: Table = TableDefinition::new("sm_meta");
+
+/// Every state-machine table, in the order a snapshot lists them.
+pub const STATE_TABLES: [Table; 11] =
+    [INODES, DENTRIES, XATTRS, EXTENTS, BLOCKS, GARBAGE, SESSIONS, RESULTS, ORPHANS, DATA_SERVERS, SM_META];
+
+pub const ROOT_INO: u64 = 1;
+/// Links a file may have, as on ext4.
+pub const LINKS_MAX: u32 = 65_000;
+/// Results kept per session for replies to retried requests; a client never has more than
+/// this many mutations outstanding.
+pub const RESULTS_PER_SESSION: u64 = 4096;
+pub const XATTR_NAME_MAX: usize = 255;
+pub const XATTR_VALUE_MAX: usize = 64 * 1024;
+pub const SYMLINK_MAX: usize = 4095;
+/// Largest file offset, as on ext4 with 4 KiB blocks (16 TiB).
+pub const FILE_SIZE_MAX: u64 = 16 * 1024 * 1024 * 1024 * 1024;
+/// Bytes of data a commit may carry inline.
+pub const INLINE_BYTES_MAX: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Time {
+    pub fn to_pb(self) -> pb::Timestamp {
+        pb::Timestamp { sec: self.sec, nsec: self.nsec }
+    }
+    pub fn from_pb(t: &pb::Timestamp) -> Time {
+        Time { sec: t.sec, nsec: t.nsec.min(999_999_999) }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub generation: u64,
+    pub kind: i32,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub size: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    pub btime: Time,
+    pub rdev: u32,
+    /// Bytes covered by extents (what `st_blocks` reports).
+    pub allocated: u64,
+    /// Parent directory (directories only; used to refuse moving a directory into itself).
+    pub parent: u64,
+    pub symlink_target: Vec<u8>,
+}
+
+impl Inode {
+    pub fn is_dir(&self) -> bool {
+        self.kind == pb::FileKind::Directory as i32
+    }
+    pub fn is_regular(&self) -> bool {
+        self.kind == pb::FileKind::Regular as i32
+    }
+    pub fn to_attr(&self, ino: u64) -> pb::Attr {
+        pb::Attr {
+            ino,
+            generation: self.generation,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            nlink: self.nlink,
+            size: self.size,
+            atime: Some(self.atime.to_pb()),
+            mtime: Some(self.mtime.to_pb()),
+            ctime: Some(self.ctime.to_pb()),
+            btime: Some(self.btime.to_pb()),
+            rdev: self.rdev,
+            allocated: self.allocated,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    pub len: u32,
+    pub digest: [u8; 32],
+    pub servers: Vec<u64>,
+    /// Extents that point into this block.
+    pub refs: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Session {
+    pub client_name: String,
+    pub opened_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// An inode with no links left, kept while some session may still hold it open.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    pub generation: u64,
+    pub holders: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataServerRecord {
+    pub address: String,
+}
+
+pub fn key_u64(a: u64) -> [u8; 8] {
+    a.to_be_bytes()
+}
+
+pub fn key_u64_u64(a: u64, b: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&a.to_be_bytes());
+    key[8..].copy_from_slice(&b.to_be_bytes());
+    key
+}
+
+pub fn key_u64_name(a: u64, name: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + name.len());
+    key.extend_from_slice(&a.to_be_bytes());
+    key.extend_from_slice(name);
+    key
+}
+
+pub fn key_u128(a: u128) -> [u8; 16] {
+    a.to_be_bytes()
+}
+
+pub fn u64_of_key(key: &[u8]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&key[..8]);
+    u64::from_be_bytes(bytes)
+}
+
+pub fn u128_of_key(key: &[u8]) -> u128 {
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&key[..16]);
+    u128::from_be_bytes(bytes)
+}
+
+/// The first key after every key that starts with `prefix` (for range scans).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("encoding into memory cannot fail")
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}

@@ -1,0 +1,1002 @@
+//! The namespace state machine: applies one mutation to the tables inside a redb write
+//! transaction, deterministically (the time comes with the command), and answers reads.
+//!
+//! Every operation checks everything before it writes anything, so a request that fails with an
+//! errno leaves the tables as they were and the transaction can still commit the other
+//! requests of the batch.
+
+use std::collections::HashMap;
+
+use cairn_proto::{self as pb, errno, mutate_request::Op};
+use redb::{ReadableTable, TableHandle, WriteTransaction};
+
+use crate::extents::{self, CHUNK_BYTES, Extent, Source};
+use crate::model::*;
+
+/// Why an operation did not apply: a file system error for the caller, or a storage failure
+/// that stops the state machine.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("errno {0}")]
+    Errno(i32),
+    #[error("metadata store: {0}")]
+    Storage(#[from] redb::Error),
+    #[error("corrupt record in {table}: {detail}")]
+    Corrupt { table: String, detail: String },
+}
+
+impl From<redb::StorageError> for ApplyError {
+    fn from(e: redb::StorageError) -> Self {
+        ApplyError::Storage(e.into())
+    }
+}
+impl From<redb::TableError> for ApplyError {
+    fn from(e: redb::TableError) -> Self {
+        ApplyError::Storage(e.into())
+    }
+}
+
+pub type ApplyResult<T> = Result<T, ApplyError>;
+
+fn fail<T>(code: i32) -> ApplyResult<T> {
+    Err(ApplyError::Errno(code))
+}
+
+const S_ISUID: u32 = 0o4000;
+const S_ISGID: u32 = 0o2000;
+const S_IXGRP: u32 = 0o0010;
+
+/// Validates a directory entry name the way Linux does.
+pub fn check_name(name: &[u8]) -> ApplyResult<()> {
+    if name.is_empty() || name.contains(&b'/') || name.contains(&0) || name == b"." || name == b".." {
+        return fail(errno::EINVAL);
+    }
+    if name.len() > pb::NAME_BYTES_MAX {
+        return fail(errno::ENAMETOOLONG);
+    }
+    Ok(())
+}
+
+fn caller_in_group(caller: &pb::Caller, gid: u32) -> bool {
+    caller.gid == gid || caller.groups.contains(&gid)
+}
+
+/// The tables of one write transaction, with typed accessors.
+pub struct Tables<'t> {
+    txn: &'t WriteTransaction,
+}
+
+impl<'t> Tables<'t> {
+    pub fn new(txn: &'t WriteTransaction) -> Self {
+        Tables { txn }
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> ApplyResult<Option<Vec<u8>>> {
+        let table = self.txn.open_table(table)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn put(&self, table: Table, key: &[u8], value: &[u8]) -> ApplyResult<()> {
+        let mut table = self.txn.open_table(table)?;
+        table.insert(key, value)?;
+        Ok(())
+    }
+
+    fn delete(&self, table: Table, key: &[u8]) -> ApplyResult<()> {
+        let mut table = self.txn.open_table(table)?;
+        table.remove(key)?;
+        Ok(())
+    }
+
+    fn decoded<T: for<'de> serde::Deserialize<'de>>(&self, table: Table, key: &[u8]) -> ApplyResult<Option<T>> {
+        match self.get(table, key)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes)
+                .map(Some)
+                .map_err(|e| ApplyError::Corrupt { table: table.name().to_string(), detail: e.to_string() }),
+        }
+    }
+
+    pub fn counter(&self, name: &str) -> ApplyResult<u64> {
+        Ok(self.decoded::<u64>(SM_META, name.as_bytes())?.unwrap_or(0))
+    }
+
+    pub fn set_counter(&self, name: &str, value: u64) -> ApplyResult<()> {
+        self.put(SM_META, name.as_bytes(), &encode(&value))
+    }
+
+    fn next(&self, name: &str) -> ApplyResult<u64> {
+        let value = self.counter(name)? + 1;
+        self.set_counter(name, value)?;
+        Ok(value)
+    }
+
+    pub fn inode(&self, ino: u64) -> ApplyResult<Option<Inode>> {
+        self.decoded(INODES, &key_u64(ino))
+    }
+
+    pub fn put_inode(&self, ino: u64, inode: &Inode) -> ApplyResult<()> {
+        self.put(INODES, &key_u64(ino), &encode(inode))
+    }
+
+    /// The inode a handle names; ESTALE when it is gone or was reused.
+    pub fn by_handle(&self, handle: Option<&pb::FileHandle>) -> ApplyResult<Inode> {
+        let handle = handle.ok_or(ApplyError::Errno(errno::EINVAL))?;
+        match self.inode(handle.ino)? {
+            Some(inode) if inode.generation == handle.generation => Ok(inode),
+            _ => fail(errno::ESTALE),
+        }
+    }
+
+    pub fn dentry(&self, parent: u64, name: &[u8]) -> ApplyResult<Option<u64>> {
+        Ok(self.decoded::<u64>(DENTRIES, &key_u64_name(parent, name))?)
+    }
+
+    fn put_dentry(&self, parent: u64, name: &[u8], child: u64) -> ApplyResult<()> {
+        self.put(DENTRIES, &key_u64_name(parent, name), &encode(&child))
+    }
+
+    fn remove_dentry(&self, parent: u64, name: &[u8]) -> ApplyResult<()> {
+        self.delete(DENTRIES, &key_u64_name(parent, name))
+    }
+
+    fn dir_is_empty(&self, ino: u64) -> ApplyResult<bool> {
+        let table = self.txn.open_table(DENTRIES)?;
+        let start = key_u64(ino);
+        let end = key_u64(ino + 1);
+        Ok(table.range(start.as_slice()..end.as_slice())?.next().is_none())
+    }
+
+    fn chunk(&self, ino: u64, chunk: u64) -> ApplyResult<Vec<Extent>> {
+        Ok(self.decoded(EXTENTS, &key_u64_u64(ino, chunk))?.unwrap_or_default())
+    }
+
+    fn chunk_indexes(&self, ino: u64) -> ApplyResult<Vec<u64>> {
+        let table = self.txn.open_table(EXTENTS)?;
+        let start = key_u64_u64(ino, 0);
+        let end = key_u64(ino + 1);
+        let mut chunks = Vec::new();
+        for item in table.range(start.as_slice()..end.as_slice())? {
+            let (key, _) = item?;
+            chunks.push(u64_of_key(&key.value()[8..]));
+        }
+        Ok(chunks)
+    }
+
+    /// Stores a chunk's new extent list and moves block reference counts accordingly.
+    fn replace_chunk(&self, ino: u64, chunk: u64, old: &[Extent], new: &[Extent]) -> ApplyResult<i64> {
+        let mut deltas: HashMap<u128, i64> = HashMap::new();
+        for id in old.iter().filter_map(Extent::block_id) {
+            *deltas.entry(id).or_default() -= 1;
+        }
+        for id in new.iter().filter_map(Extent::block_id) {
+            *deltas.entry(id).or_default() += 1;
+        }
+        self.adjust_block_refs(&deltas)?;
+        if new.is_empty() {
+            self.delete(EXTENTS, &key_u64_u64(ino, chunk))?;
+        } else {
+            self.put(EXTENTS, &key_u64_u64(ino, chunk), &encode(&new.to_vec()))?;
+        }
+        let old_bytes: u64 = old.iter().map(|e| e.len).sum();
+        let new_bytes: u64 = new.iter().map(|e| e.len).sum();
+        Ok(new_bytes as i64 - old_bytes as i64)
+    }
+
+    fn adjust_block_refs(&self, deltas: &HashMap<u128, i64>) -> ApplyResult<()> {
+        for (&id, &delta) in deltas {
+            if delta == 0 {
+                continue;
+            }
+            let key = key_u128(id);
+            let Some(mut record) = self.decoded::<BlockRecord>(BLOCKS, &key)? else {
+                return Err(ApplyError::Corrupt { table: "blocks".into(), detail: format!("extent names unknown block {id:032x}") });
+            };
+            let refs = record.refs as i64 + delta;
+            debug_assert!(refs >= 0, "block reference count went negative");
+            if refs <= 0 {
+                self.delete(BLOCKS, &key)?;
+                record.refs = 0;
+                self.put(GARBAGE, &key, &encode(&record))?;
+            } else {
+                record.refs = refs as u64;
+                self.put(BLOCKS, &key, &encode(&record))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `[start, end)` from a file's data; returns the change in allocated bytes.
+    fn cut_range(&self, ino: u64, start: u64, end: u64) -> ApplyResult<i64> {
+        let mut change = 0;
+        for chunk in self.chunk_indexes(ino)? {
+            let chunk_start = chunk * CHUNK_BYTES;
+            let chunk_end = chunk_start + CHUNK_BYTES;
+            if chunk_end <= start || chunk_start >= end {
+                continue;
+            }
+            let old = self.chunk(ino, chunk)?;
+            let mut new = old.clone();
+            extents::cut(&mut new, start, end);
+            if new != old {
+                change += self.replace_chunk(ino, chunk, &old, &new)?;
+            }
+        }
+        Ok(change)
+    }
+
+    /// Deletes an inode and everything it owns.
+    fn reclaim(&self, ino: u64) -> ApplyResult<()> {
+        self.cut_range(ino, 0, u64::MAX)?;
+        let names: Vec<Vec<u8>> = {
+            let table = self.txn.open_table(XATTRS)?;
+            let start = key_u64(ino);
+            let end = key_u64(ino + 1);
+            let mut keys = Vec::new();
+            for item in table.range(start.as_slice()..end.as_slice())? {
+                keys.push(item?.0.value().to_vec());
+            }
+            keys
+        };
+        for key in names {
+            self.delete(XATTRS, &key)?;
+        }
+        self.delete(ORPHANS, &key_u64(ino))?;
+        self.delete(INODES, &key_u64(ino))?;
+        Ok(())
+    }
+
+    fn live_sessions(&self) -> ApplyResult<Vec<u64>> {
+        let table = self.txn.open_table(SESSIONS)?;
+        let mut ids = Vec::new();
+        for item in table.iter()? {
+            ids.push(u64_of_key(item?.0.value()));
+        }
+        Ok(ids)
+    }
+
+    /// An inode lost its last link: keep it for the sessions that may hold it open, or
+    /// reclaim it now. Returns whether it was kept.
+    fn orphan_or_reclaim(&self, ino: u64, inode: &Inode, session: u64, caller_not_holding: bool) -> ApplyResult<bool> {
+        let holders: Vec<u64> =
+            self.live_sessions()?.into_iter().filter(|&s| !(caller_not_holding && s == session)).collect();
+        if holders.is_empty() || inode.is_dir() {
+            self.reclaim(ino)?;
+            return Ok(false);
+        }
+        self.put(ORPHANS, &key_u64(ino), &encode(&Orphan { generation: inode.generation, holders }))?;
+        Ok(true)
+    }
+
+    /// A session no longer holds an orphan; reclaim it when nobody does.
+    pub fn release_orphan(&self, ino: u64, session: u64) -> ApplyResult<()> {
+        let Some(mut orphan) = self.decoded::<Orphan>(ORPHANS, &key_u64(ino))? else {
+            return Ok(());
+        };
+        orphan.holders.retain(|&s| s != session);
+        if orphan.holders.is_empty() {
+            self.reclaim(ino)?;
+        } else {
+            self.put(ORPHANS, &key_u64(ino), &encode(&orphan))?;
+        }
+        Ok(())
+    }
+
+    pub fn stored_result(&self, session: u64, seq: u64) -> ApplyResult<Option<Vec<u8>>> {
+        self.get(RESULTS, &key_u64_u64(session, seq))
+    }
+
+    pub fn store_result(&self, session: u64, seq: u64, reply: &[u8]) -> ApplyResult<()> {
+        self.put(RESULTS, &key_u64_u64(session, seq), reply)?;
+        if seq > RESULTS_PER_SESSION {
+            self.delete(RESULTS, &key_u64_u64(session, seq - RESULTS_PER_SESSION))?;
+        }
+        Ok(())
+    }
+
+    pub fn session(&self, id: u64) -> ApplyResult<Option<Session>> {
+        self.decoded(SESSIONS, &key_u64(id))
+    }
+
+    pub fn open_session(&self, client_name: String, now_ms: u64, lease_ms: u64) -> ApplyResult<u64> {
+        let id = self.next("next_session")?;
+        let session = Session { client_name, opened_ms: now_ms, expires_ms: now_ms + lease_ms };
+        self.put(SESSIONS, &key_u64(id), &encode(&session))?;
+        Ok(id)
+    }
+
+    pub fn renew_session(&self, id: u64, now_ms: u64, lease_ms: u64) -> ApplyResult<bool> {
+        let Some(mut session) = self.session(id)? else {
+            return Ok(false);
+        };
+        session.expires_ms = session.expires_ms.max(now_ms + lease_ms);
+        self.put(SESSIONS, &key_u64(id), &encode(&session))?;
+        Ok(true)
+    }
+
+    /// Ends sessions whose lease ran out: their stored results go, and so does their hold on
+    /// orphans.
+    pub fn expire_sessions(&self, now_ms: u64) -> ApplyResult<Vec<u64>> {
+        let expired: Vec<u64> = {
+            let table = self.txn.open_table(SESSIONS)?;
+            let mut ids = Vec::new();
+            for item in table.iter()? {
+                let (key, value) = item?;
+                let session: Session = decode(value.value())
+                    .map_err(|e| ApplyError::Corrupt { table: "sessions".into(), detail: e.to_string() })?;
+                if session.expires_ms <= now_ms {
+                    ids.push(u64_of_key(key.value()));
+                }
+            }
+            ids
+        };
+        for &id in &expired {
+            self.delete(SESSIONS, &key_u64(id))?;
+            let keys: Vec<Vec<u8>> = {
+                let table = self.txn.open_table(RESULTS)?;
+                let start = key_u64(id);
+                let end = key_u64(id + 1);
+                let mut keys = Vec::new();
+                for item in table.range(start.as_slice()..end.as_slice())? {
+                    keys.push(item?.0.value().to_vec());
+                }
+                keys
+            };
+            for key in keys {
+                self.delete(RESULTS, &key)?;
+            }
+            let orphans: Vec<u64> = {
+                let table = self.txn.open_table(ORPHANS)?;
+                let mut inos = Vec::new();
+                for item in table.iter()? {
+                    let (key, value) = item?;
+                    let orphan: Orphan = decode(value.value())
+                        .map_err(|e| ApplyError::Corrupt { table: "orphans".into(), detail: e.to_string() })?;
+                    if orphan.holders.contains(&id) {
+                        inos.push(u64_of_key(key.value()));
+                    }
+                }
+                inos
+            };
+            for ino in orphans {
+                self.release_orphan(ino, id)?;
+            }
+        }
+        Ok(expired)
+    }
+
+    pub fn register_data_server(&self, id: u64, address: String) -> ApplyResult<()> {
+        self.put(DATA_SERVERS, &key_u64(id), &encode(&DataServerRecord { address }))
+    }
+
+    pub fn forget_garbage(&self, ids: &[u128]) -> ApplyResult<()> {
+        for &id in ids {
+            self.delete(GARBAGE, &key_u128(id))?;
+        }
+        Ok(())
+    }
+
+    /// Creates the root directory of a new file system.
+    pub fn init_fs(&self, fs_id: &str, now: Time) -> ApplyResult<()> {
+        if self.inode(ROOT_INO)?.is_some() {
+            return Ok(());
+        }
+        self.put(SM_META, b"fs_id", fs_id.as_bytes())?;
+        self.set_counter("next_ino", ROOT_INO)?;
+        let generation = self.next("next_generation")?;
+        let root = Inode {
+            generation,
+            kind: pb::FileKind::Directory as i32,
+            perm: 0o755,
+            uid: 0,
+            gid: 0,
+            nlink: 2,
+            size: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            rdev: 0,
+            allocated: 0,
+            parent: ROOT_INO,
+            symlink_target: Vec::new(),
+        };
+        self.put_inode(ROOT_INO, &root)?;
+        self.set_counter("inodes", 1)
+    }
+
+    /// Applies one mutation and returns its reply (errno inside).
+    pub fn mutate(&self, request: &pb::MutateRequest, now: Time) -> ApplyResult<pb::MutateReply> {
+        let caller = request.caller.clone().unwrap_or_default();
+        let result = match &request.op {
+            Some(Op::Create(op)) => self.create(op, &caller, now),
+            Some(Op::Link(op)) => self.link(op, now),
+            Some(Op::Unlink(op)) => self.unlink(op, request.session, now),
+            Some(Op::Rename(op)) => self.rename(op, request.session, now),
+            Some(Op::SetAttr(op)) => self.set_attr(op, &caller, now),
+            Some(Op::SetXattr(op)) => self.set_xattr(op, now),
+            Some(Op::RemoveXattr(op)) => self.remove_xattr(op, now),
+            Some(Op::Commit(op)) => self.commit(op, now),
+            Some(Op::Fallocate(op)) => self.fallocate(op, now),
+            Some(Op::Release(op)) => self.release(op, request.session),
+            None => fail(errno::EINVAL),
+        };
+        match result {
+            Ok(reply) => Ok(reply),
+            Err(ApplyError::Errno(code)) => Ok(pb::MutateReply { errno: code, ..Default::default() }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn touch_dir(&self, ino: u64, dir: &mut Inode, now: Time) -> ApplyResult<()> {
+        dir.mtime = now;
+        dir.ctime = now;
+        self.put_inode(ino, dir)
+    }
+
+    fn create(&self, op: &pb::CreateOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
+        check_name(&op.name)?;
+        let parent_handle = op.parent.as_ref();
+        let mut parent = self.by_handle(parent_handle)?;
+        let parent_ino = parent_handle.map(|h| h.ino).unwrap_or_default();
+        if !parent.is_dir() {
+            return fail(errno::ENOTDIR);
+        }
+        if parent.nlink == 0 {
+            return fail(errno::ENOENT);
+        }
+        let kind = pb::FileKind::try_from(op.kind).map_err(|_| ApplyError::Errno(errno::EINVAL))?;
+        if kind == pb::FileKind::Unspecified {
+            return fail(errno::EINVAL);
+        }
+        if let Some(existing) = self.dentry(parent_ino, &op.name)? {
+            if op.exclusive || kind != pb::FileKind::Regular {
+                return fail(errno::EEXIST);
+            }
+            let inode = self.inode(existing)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            if inode.is_dir() {
+                return fail(errno::EISDIR);
+            }
+            return Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(existing)), orphaned: false });
+        }
+        if kind == pb::FileKind::Symlink && (op.symlink_target.is_empty() || op.symlink_target.contains(&0)) {
+            return fail(errno::ENOENT);
+        }
+        if op.symlink_target.len() > SYMLINK_MAX {
+            return fail(errno::ENAMETOOLONG);
+        }
+        let is_dir = kind == pb::FileKind::Directory;
+        if is_dir && parent.nlink >= LINKS_MAX {
+            return fail(errno::EMLINK);
+        }
+        let mut perm = op.perm & 0o7777;
+        let gid = if parent.perm & S_ISGID != 0 {
+            if is_dir {
+                perm |= S_ISGID;
+            }
+            parent.gid
+        } else {
+            caller.gid
+        };
+        if !is_dir && perm & S_ISGID != 0 && caller.uid != 0 && !caller_in_group(caller, gid) {
+            perm &= !S_ISGID;
+        }
+        if kind == pb::FileKind::Symlink {
+            perm = 0o777;
+        }
+        let ino = self.next("next_ino")?;
+        let generation = self.next("next_generation")?;
+        let inode = Inode {
+            generation,
+            kind: kind as i32,
+            perm,
+            uid: caller.uid,
+            gid,
+            nlink: if is_dir { 2 } else { 1 },
+            size: if kind == pb::FileKind::Symlink { op.symlink_target.len() as u64 } else { 0 },
+            atime: now,
+            mtime: now,
+            ctime: now,
+            btime: now,
+            rdev: if matches!(kind, pb::FileKind::CharDevice | pb::FileKind::BlockDevice) { op.rdev } else { 0 },
+            allocated: 0,
+            parent: parent_ino,
+            symlink_target: op.symlink_target.clone(),
+        };
+        self.put_inode(ino, &inode)?;
+        self.put_dentry(parent_ino, &op.name, ino)?;
+        if is_dir {
+            parent.nlink += 1;
+        }
+        self.touch_dir(parent_ino, &mut parent, now)?;
+        let inodes = self.counter("inodes")?;
+        self.set_counter("inodes", inodes + 1)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn link(&self, op: &pb::LinkOp, now: Time) -> ApplyResult<pb::MutateReply> {
+        check_name(&op.new_name)?;
+        let target_ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut target = self.by_handle(op.target.as_ref())?;
+        let parent_ino = op.new_parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut parent = self.by_handle(op.new_parent.as_ref())?;
+        if !parent.is_dir() {
+            return fail(errno::ENOTDIR);
+        }
+        if parent.nlink == 0 {
+            return fail(errno::ENOENT);
+        }
+        if target.is_dir() {
+            return fail(errno::EPERM);
+        }
+        if target.nlink == 0 {
+            return fail(errno::ENOENT);
+        }
+        if target.nlink >= LINKS_MAX {
+            return fail(errno::EMLINK);
+        }
+        if self.dentry(parent_ino, &op.new_name)?.is_some() {
+            return fail(errno::EEXIST);
+        }
+        self.put_dentry(parent_ino, &op.new_name, target_ino)?;
+        target.nlink += 1;
+        target.ctime = now;
+        self.put_inode(target_ino, &target)?;
+        self.touch_dir(parent_ino, &mut parent, now)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(target.to_attr(target_ino)), orphaned: false })
+    }
+
+    /// Drops one link of `ino` (already removed from its directory); returns whether the inode
+    /// became an orphan.
+    fn drop_link(&self, ino: u64, inode: &mut Inode, session: u64, caller_not_holding: bool, now: Time) -> ApplyResult<bool> {
+        inode.ctime = now;
+        if inode.is_dir() {
+            inode.nlink = 0;
+        } else {
+            inode.nlink = inode.nlink.saturating_sub(1);
+        }
+        self.put_inode(ino, inode)?;
+        if inode.nlink > 0 {
+            return Ok(false);
+        }
+        let inodes = self.counter("inodes")?;
+        self.set_counter("inodes", inodes.saturating_sub(1))?;
+        self.orphan_or_reclaim(ino, inode, session, caller_not_holding)
+    }
+
+    fn unlink(&self, op: &pb::UnlinkOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+        if op.name.len() > pb::NAME_BYTES_MAX {
+            return fail(errno::ENAMETOOLONG);
+        }
+        let parent_ino = op.parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut parent = self.by_handle(op.parent.as_ref())?;
+        if !parent.is_dir() {
+            return fail(errno::ENOTDIR);
+        }
+        let Some(child_ino) = self.dentry(parent_ino, &op.name)? else {
+            return fail(errno::ENOENT);
+        };
+        let mut child = self.inode(child_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+        if op.directory {
+            if !child.is_dir() {
+                return fail(errno::ENOTDIR);
+            }
+            if !self.dir_is_empty(child_ino)? {
+                return fail(errno::ENOTEMPTY);
+            }
+        } else if child.is_dir() {
+            return fail(errno::EISDIR);
+        }
+        self.remove_dentry(parent_ino, &op.name)?;
+        if child.is_dir() {
+            parent.nlink = parent.nlink.saturating_sub(1);
+        }
+        self.touch_dir(parent_ino, &mut parent, now)?;
+        let orphaned = self.drop_link(child_ino, &mut child, session, op.caller_not_holding, now)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(child.to_attr(child_ino)), orphaned })
+    }
+
+    /// Whether `ancestor` is `dir` or one of its ancestors.
+    fn is_ancestor(&self, ancestor: u64, mut dir: u64) -> ApplyResult<bool> {
+        for _ in 0..100_000 {
+            if dir == ancestor {
+                return Ok(true);
+            }
+            if dir == ROOT_INO {
+                return Ok(false);
+            }
+            dir = match self.inode(dir)? {
+                Some(inode) => inode.parent,
+                None => return Ok(false),
+            };
+        }
+        Err(ApplyError::Corrupt { table: "inodes".into(), detail: "directory parent chain does not reach the root".into() })
+    }
+
+    fn rename(&self, op: &pb::RenameOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+        const NOREPLACE: u32 = 1;
+        const EXCHANGE: u32 = 2;
+        check_name(&op.new_name)?;
+        if op.name.len() > pb::NAME_BYTES_MAX {
+            return fail(errno::ENAMETOOLONG);
+        }
+        if op.flags & !(NOREPLACE | EXCHANGE) != 0 || op.flags == NOREPLACE | EXCHANGE {
+            return fail(errno::EINVAL);
+        }
+        let src_parent_ino = op.parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let dst_parent_ino = op.new_parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let src_parent = self.by_handle(op.parent.as_ref())?;
+        let dst_parent = self.by_handle(op.new_parent.as_ref())?;
+        if !src_parent.is_dir() || !dst_parent.is_dir() {
+            return fail(errno::ENOTDIR);
+        }
+        let Some(src_ino) = self.dentry(src_parent_ino, &op.name)? else {
+            return fail(errno::ENOENT);
+        };
+        let mut src = self.inode(src_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+        let dst_ino = self.dentry(dst_parent_ino, &op.new_name)?;
+        if op.flags & EXCHANGE != 0 {
+            let Some(dst_ino) = dst_ino else {
+                return fail(errno::ENOENT);
+            };
+            return self.exchange(op, src_ino, src, dst_ino, now);
+        }
+        if let Some(dst_ino) = dst_ino {
+            if op.flags & NOREPLACE != 0 {
+                return fail(errno::EEXIST);
+            }
+            if dst_ino == src_ino {
+                // Two links to one inode: POSIX says do nothing.
+                return Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned: false });
+            }
+            let dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            match (src.is_dir(), dst.is_dir()) {
+                (true, false) => return fail(errno::ENOTDIR),
+                (false, true) => return fail(errno::EISDIR),
+                (true, true) if !self.dir_is_empty(dst_ino)? => return fail(errno::ENOTEMPTY),
+                _ => {}
+            }
+        }
+        if src.is_dir() && src_parent_ino != dst_parent_ino && self.is_ancestor(src_ino, dst_parent_ino)? {
+            return fail(errno::EINVAL);
+        }
+        if src.is_dir() && dst_ino.is_none() && src_parent_ino != dst_parent_ino && dst_parent.nlink >= LINKS_MAX {
+            return fail(errno::EMLINK);
+        }
+        // Checks done; from here on every step writes.
+        let mut orphaned = false;
+        if let Some(dst_ino) = dst_ino {
+            let mut dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            self.remove_dentry(dst_parent_ino, &op.new_name)?;
+            if dst.is_dir() {
+                let mut parent = self.inode(dst_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+                parent.nlink = parent.nlink.saturating_sub(1);
+                self.put_inode(dst_parent_ino, &parent)?;
+            }
+            orphaned = self.drop_link(dst_ino, &mut dst, session, op.caller_not_holding, now)?;
+        }
+        self.remove_dentry(src_parent_ino, &op.name)?;
+        self.put_dentry(dst_parent_ino, &op.new_name, src_ino)?;
+        if src.is_dir() {
+            src.parent = dst_parent_ino;
+        }
+        src.ctime = now;
+        self.put_inode(src_ino, &src)?;
+        let mut src_parent = self.inode(src_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+        if src.is_dir() && src_parent_ino != dst_parent_ino {
+            src_parent.nlink = src_parent.nlink.saturating_sub(1);
+        }
+        self.touch_dir(src_parent_ino, &mut src_parent, now)?;
+        if src_parent_ino != dst_parent_ino {
+            let mut dst_parent = self.inode(dst_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            if src.is_dir() {
+                dst_parent.nlink += 1;
+            }
+            self.touch_dir(dst_parent_ino, &mut dst_parent, now)?;
+        }
+        Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned })
+    }
+
+    fn exchange(&self, op: &pb::RenameOp, src_ino: u64, mut src: Inode, dst_ino: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+        let src_parent_ino = op.parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let dst_parent_ino = op.new_parent.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+        if src_parent_ino != dst_parent_ino {
+            if src.is_dir() && self.is_ancestor(src_ino, dst_parent_ino)? {
+                return fail(errno::EINVAL);
+            }
+            if dst.is_dir() && self.is_ancestor(dst_ino, src_parent_ino)? {
+                return fail(errno::EINVAL);
+            }
+        }
+        self.put_dentry(src_parent_ino, &op.name, dst_ino)?;
+        self.put_dentry(dst_parent_ino, &op.new_name, src_ino)?;
+        if src_parent_ino != dst_parent_ino && src.is_dir() != dst.is_dir() {
+            let mut src_parent = self.inode(src_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            let mut dst_parent = self.inode(dst_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            if src.is_dir() {
+                src_parent.nlink -= 1;
+                dst_parent.nlink += 1;
+            } else {
+                src_parent.nlink += 1;
+                dst_parent.nlink -= 1;
+            }
+            self.put_inode(src_parent_ino, &src_parent)?;
+            self.put_inode(dst_parent_ino, &dst_parent)?;
+        }
+        if src.is_dir() {
+            src.parent = dst_parent_ino;
+        }
+        if dst.is_dir() {
+            dst.parent = src_parent_ino;
+        }
+        src.ctime = now;
+        dst.ctime = now;
+        self.put_inode(src_ino, &src)?;
+        self.put_inode(dst_ino, &dst)?;
+        for parent_ino in [src_parent_ino, dst_parent_ino] {
+            let mut parent = self.inode(parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+            self.touch_dir(parent_ino, &mut parent, now)?;
+        }
+        Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned: false })
+    }
+
+    fn set_attr(&self, op: &pb::SetAttrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut inode = self.by_handle(op.target.as_ref())?;
+        if let Some(size) = op.size {
+            if inode.is_dir() {
+                return fail(errno::EISDIR);
+            }
+            if !inode.is_regular() {
+                return fail(errno::EINVAL);
+            }
+            if size > FILE_SIZE_MAX {
+                return fail(errno::EFBIG);
+            }
+        }
+        if let Some(size) = op.size {
+            if size < inode.size {
+                let change = self.cut_range(ino, size, u64::MAX)?;
+                inode.allocated = (inode.allocated as i64 + change).max(0) as u64;
+            }
+            if size != inode.size {
+                inode.mtime = now;
+            }
+            inode.size = size;
+        }
+        if let Some(perm) = op.perm {
+            let mut perm = perm & 0o7777;
+            if caller.uid != 0 && !caller_in_group(caller, op.gid.unwrap_or(inode.gid)) {
+                perm &= !S_ISGID;
+            }
+            inode.perm = perm;
+        }
+        let owner_changes = op.uid.is_some_and(|uid| uid != inode.uid) || op.gid.is_some_and(|gid| gid != inode.gid);
+        if let Some(uid) = op.uid {
+            inode.uid = uid;
+        }
+        if let Some(gid) = op.gid {
+            inode.gid = gid;
+        }
+        if (owner_changes && op.perm.is_none() && !inode.is_dir()) || op.kill_suid {
+            inode.perm &= !S_ISUID;
+            if inode.perm & S_IXGRP != 0 {
+                inode.perm &= !S_ISGID;
+            }
+        }
+        let resolve = |set: &pb::TimeSet| match &set.value {
+            Some(pb::time_set::Value::At(t)) => Time::from_pb(t),
+            _ => now,
+        };
+        if let Some(atime) = &op.atime {
+            inode.atime = resolve(atime);
+        }
+        if let Some(mtime) = &op.mtime {
+            inode.mtime = resolve(mtime);
+        }
+        inode.ctime = now;
+        self.put_inode(ino, &inode)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn set_xattr(&self, op: &pb::SetXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
+        const CREATE: u32 = 1;
+        const REPLACE: u32 = 2;
+        check_xattr_name(&op.name)?;
+        if op.value.len() > XATTR_VALUE_MAX {
+            return fail(errno::E2BIG);
+        }
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut inode = self.by_handle(op.target.as_ref())?;
+        let key = key_u64_name(ino, &op.name);
+        let exists = self.get(XATTRS, &key)?.is_some();
+        if op.flags & CREATE != 0 && exists {
+            return fail(errno::EEXIST);
+        }
+        if op.flags & REPLACE != 0 && !exists {
+            return fail(errno::ENODATA);
+        }
+        self.put(XATTRS, &key, &op.value)?;
+        inode.ctime = now;
+        self.put_inode(ino, &inode)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn remove_xattr(&self, op: &pb::RemoveXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
+        check_xattr_name(&op.name)?;
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut inode = self.by_handle(op.target.as_ref())?;
+        let key = key_u64_name(ino, &op.name);
+        if self.get(XATTRS, &key)?.is_none() {
+            return fail(errno::ENODATA);
+        }
+        self.delete(XATTRS, &key)?;
+        inode.ctime = now;
+        self.put_inode(ino, &inode)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn commit(&self, op: &pb::CommitOp, now: Time) -> ApplyResult<pb::MutateReply> {
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut inode = self.by_handle(op.target.as_ref())?;
+        if inode.is_dir() {
+            return fail(errno::EISDIR);
+        }
+        if !inode.is_regular() {
+            return fail(errno::EINVAL);
+        }
+        if op.min_size > FILE_SIZE_MAX {
+            return fail(errno::EFBIG);
+        }
+        let mut inline_bytes = 0usize;
+        let mut new_blocks: Vec<(u128, BlockRecord)> = Vec::new();
+        let mut extents_in = Vec::with_capacity(op.extents.len());
+        for extent in &op.extents {
+            let end = extent.offset.checked_add(extent.len).ok_or(ApplyError::Errno(errno::EINVAL))?;
+            if extent.len == 0 {
+                continue;
+            }
+            if end > FILE_SIZE_MAX {
+                return fail(errno::EFBIG);
+            }
+            let source = match &extent.block {
+                Some(block) => {
+                    if block.digest.len() != 32 || block.servers.is_empty() || block.len == 0 {
+                        return fail(errno::EINVAL);
+                    }
+                    if extent.block_offset as u64 + extent.len > block.len as u64 || !extent.inline_data.is_empty() {
+                        return fail(errno::EINVAL);
+                    }
+                    let id = pb::BlockId::of(block).0;
+                    if self.get(BLOCKS, &key_u128(id))?.is_none() && !new_blocks.iter().any(|(b, _)| *b == id) {
+                        let mut digest = [0u8; 32];
+                        digest.copy_from_slice(&block.digest);
+                        new_blocks.push((id, BlockRecord { len: block.len, digest, servers: block.servers.clone(), refs: 0 }));
+                    }
+                    Source::Block { id, offset: extent.block_offset }
+                }
+                None => {
+                    if extent.inline_data.len() as u64 != extent.len {
+                        return fail(errno::EINVAL);
+                    }
+                    inline_bytes += extent.inline_data.len();
+                    Source::Inline(extent.inline_data.clone())
+                }
+            };
+            extents_in.push(Extent { offset: extent.offset, len: extent.len, source });
+        }
+        if inline_bytes > INLINE_BYTES_MAX {
+            return fail(errno::EINVAL);
+        }
+        for (id, _) in &new_blocks {
+            if self.get(GARBAGE, &key_u128(*id))?.is_some() {
+                // A block already given up for deletion may not come back.
+                return fail(errno::ESTALE);
+            }
+        }
+        for (id, record) in &new_blocks {
+            self.put(BLOCKS, &key_u128(*id), &encode(record))?;
+        }
+        let mut by_chunk: std::collections::BTreeMap<u64, Vec<Extent>> = std::collections::BTreeMap::new();
+        let mut end_max = 0u64;
+        for extent in extents_in {
+            end_max = end_max.max(extent.end());
+            for (chunk, piece) in extents::split_by_chunk(&extent) {
+                by_chunk.entry(chunk).or_default().push(piece);
+            }
+        }
+        let mut allocated = inode.allocated as i64;
+        for (chunk, pieces) in by_chunk {
+            let old = self.chunk(ino, chunk)?;
+            let mut new = old.clone();
+            for piece in pieces {
+                extents::overlay(&mut new, piece);
+            }
+            allocated += self.replace_chunk(ino, chunk, &old, &new)?;
+        }
+        // Blocks named by the commit but shadowed by a later extent of the same commit.
+        for (id, _) in &new_blocks {
+            let key = key_u128(*id);
+            if let Some(record) = self.decoded::<BlockRecord>(BLOCKS, &key)?
+                && record.refs == 0
+            {
+                self.delete(BLOCKS, &key)?;
+                self.put(GARBAGE, &key, &encode(&record))?;
+            }
+        }
+        inode.allocated = allocated.max(0) as u64;
+        inode.size = inode.size.max(op.min_size).max(end_max);
+        if op.update_mtime {
+            inode.mtime = now;
+            inode.ctime = now;
+        }
+        if op.kill_suid {
+            inode.perm &= !S_ISUID;
+            if inode.perm & S_IXGRP != 0 {
+                inode.perm &= !S_ISGID;
+            }
+            inode.ctime = now;
+        }
+        self.put_inode(ino, &inode)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn fallocate(&self, op: &pb::FallocateOp, now: Time) -> ApplyResult<pb::MutateReply> {
+        const KEEP_SIZE: u32 = 0x01;
+        const PUNCH_HOLE: u32 = 0x02;
+        const ZERO_RANGE: u32 = 0x10;
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        let mut inode = self.by_handle(op.target.as_ref())?;
+        if inode.is_dir() {
+            return fail(errno::EISDIR);
+        }
+        if !inode.is_regular() {
+            return fail(errno::ENODEV);
+        }
+        if op.len == 0 {
+            return fail(errno::EINVAL);
+        }
+        let end = op.offset.checked_add(op.len).ok_or(ApplyError::Errno(errno::EFBIG))?;
+        if end > FILE_SIZE_MAX {
+            return fail(errno::EFBIG);
+        }
+        match op.mode {
+            0 | KEEP_SIZE => {}
+            m if m == PUNCH_HOLE | KEEP_SIZE || m == ZERO_RANGE || m == ZERO_RANGE | KEEP_SIZE => {
+                let change = self.cut_range(ino, op.offset, end)?;
+                inode.allocated = (inode.allocated as i64 + change).max(0) as u64;
+                inode.mtime = now;
+            }
+            _ => return fail(errno::EOPNOTSUPP),
+        }
+        if op.mode & KEEP_SIZE == 0 && end > inode.size {
+            inode.size = end;
+            inode.mtime = now;
+        }
+        inode.ctime = now;
+        self.put_inode(ino, &inode)?;
+        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+    }
+
+    fn release(&self, op: &pb::ReleaseOp, session: u64) -> ApplyResult<pb::MutateReply> {
+        let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
+        self.release_orphan(ino, session)?;
+        Ok(pb::MutateReply::default())
+    }
+}
+
+/// Extended attribute names: a known namespace and at most 255 bytes, as on ext4.
+pub fn check_xattr_name(name: &[u8]) -> ApplyResult<()> {
+    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+        return fail(errno::ERANGE);
+    }
+    if name.contains(&0) {
+        return fail(errno::EINVAL);
+    }
+    let known = [b"user.".as_slice(), b"trusted.", b"security."];
+    if !known.iter().any(|prefix| name.starts_with(prefix) && name.len() > prefix.len()) {
+        return fail(errno::EOPNOTSUPP);
+    }
+    Ok(())
+}

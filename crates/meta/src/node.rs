@@ -1,0 +1,278 @@
+//! A meta server: the Raft member, its store and the leader's background duties (session
+//! expiry, deleting unreferenced blocks).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cairn_proto as pb;
+use openraft::{BasicNode, Config, ReadPolicy, SnapshotPolicy};
+use redb::{Database, ReadableDatabase};
+use tokio::sync::watch;
+
+use crate::model::Time;
+use crate::network::NetworkFactory;
+use crate::query::{Query, QueryError};
+use crate::raft_types::{Command, CommandReply, MetaRaft};
+use crate::store::{LogStore, StateMachineStore, open_database};
+
+#[derive(Clone, Debug)]
+pub struct MetaConfig {
+    pub node_id: u64,
+    /// The address other processes reach this server at (host:port).
+    pub address: String,
+    pub dir: PathBuf,
+    /// How long a client session lives without a heartbeat.
+    pub session_lease: Duration,
+    /// Copies of each block.
+    pub replication: u32,
+    /// A data server not heard from for this long gets no new blocks.
+    pub data_server_timeout: Duration,
+}
+
+impl MetaConfig {
+    pub fn new(node_id: u64, address: String, dir: PathBuf) -> Self {
+        MetaConfig {
+            node_id,
+            address,
+            dir,
+            session_lease: Duration::from_secs(60),
+            replication: 1,
+            data_server_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store: {0}")]
+    Store(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    /// This server is not the leader; the client should ask `leader` (if known).
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<String> },
+    #[error("errno {0}")]
+    Errno(i32),
+}
+
+impl From<QueryError> for MetaError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Errno(code) => MetaError::Errno(code),
+            QueryError::Store(s) => MetaError::Store(s),
+        }
+    }
+}
+
+/// What the leader knows of a data server from its last heartbeat.
+#[derive(Clone, Debug)]
+pub struct DataServerState {
+    pub address: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub last_seen: Instant,
+}
+
+pub struct MetaNode {
+    pub config: MetaConfig,
+    pub raft: MetaRaft,
+    db: Arc<Database>,
+    pub data_servers: RwLock<HashMap<u64, DataServerState>>,
+}
+
+pub fn now_time() -> Time {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Time { sec: since.as_secs() as i64, nsec: since.subsec_nanos() }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn raft_config() -> Result<Arc<Config>, MetaError> {
+    let config = Config {
+        cluster_name: "cairn-meta".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate().map_err(|e| MetaError::Raft(e.to_string()))?))
+}
+
+/// Whether `dir` already holds a meta store.
+pub fn store_exists(dir: &Path) -> bool {
+    dir.join("meta.redb").exists()
+}
+
+impl MetaNode {
+    /// Opens the store in `config.dir` and starts the Raft member. With `bootstrap`, a new
+    /// store becomes a one-member group and gets a fresh file system with id `fs_id`.
+    pub async fn start(config: MetaConfig, bootstrap: Option<String>) -> Result<Arc<MetaNode>, MetaError> {
+        let fresh = !store_exists(&config.dir);
+        let db = open_database(&config.dir).map_err(|e| MetaError::Store(e.to_string()))?;
+        let log_store = LogStore::new(db.clone());
+        let state_machine = StateMachineStore::new(db.clone(), &config.dir);
+        let raft = MetaRaft::new(config.node_id, raft_config()?, NetworkFactory, log_store, state_machine)
+            .await
+            .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let node = Arc::new(MetaNode { config, raft, db, data_servers: RwLock::new(HashMap::new()) });
+        if let Some(fs_id) = bootstrap
+            && fresh
+        {
+            let members = BTreeMap::from([(node.config.node_id, BasicNode::new(node.config.address.clone()))]);
+            node.raft.initialize(members).await.map_err(|e| MetaError::Raft(e.to_string()))?;
+            node.wait_for_leader(Duration::from_secs(30)).await?;
+            node.propose(Command::InitFs { fs_id, now: now_time() }).await?;
+        }
+        Ok(node)
+    }
+
+    /// Waits until this group has a leader.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<(), MetaError> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.raft.current_leader().await.is_some() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(MetaError::Raft("no leader elected in time".into()))
+    }
+
+    fn not_leader(&self, leader: Option<&BasicNode>) -> MetaError {
+        MetaError::NotLeader { leader: leader.map(|n| n.addr.clone()) }
+    }
+
+    /// Replicates a command and returns what applying it answered.
+    pub async fn propose(&self, command: Command) -> Result<CommandReply, MetaError> {
+        match self.raft.client_write(command).await {
+            Ok(response) => Ok(response.data),
+            Err(e) => match e.forward_to_leader() {
+                Some(forward) => Err(self.not_leader(forward.leader_node.as_ref())),
+                None => Err(MetaError::Raft(e.to_string())),
+            },
+        }
+    }
+
+    /// A read view that reflects every write acknowledged before the call (leader lease).
+    pub async fn read(&self) -> Result<Query, MetaError> {
+        if let Err(e) = self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
+            return Err(match e.forward_to_leader() {
+                Some(forward) => self.not_leader(forward.leader_node.as_ref()),
+                None => MetaError::Raft(e.to_string()),
+            });
+        }
+        self.local_read()
+    }
+
+    /// A read view of this member's applied state, without asking whether it is current.
+    pub fn local_read(&self) -> Result<Query, MetaError> {
+        let txn = self.db.begin_read().map_err(|e| MetaError::Store(e.to_string()))?;
+        Ok(Query::new(txn))
+    }
+
+    /// Data servers that heartbeated recently, most free space first.
+    pub fn live_data_servers(&self) -> Vec<(u64, DataServerState)> {
+        let servers = self.data_servers.read().map(|s| s.clone()).unwrap_or_default();
+        let mut live: Vec<(u64, DataServerState)> =
+            servers.into_iter().filter(|(_, s)| s.last_seen.elapsed() < self.config.data_server_timeout).collect();
+        live.sort_by(|a, b| b.1.free_bytes.cmp(&a.1.free_bytes).then(a.0.cmp(&b.0)));
+        live
+    }
+
+    /// Runs the leader's periodic duties until `shutdown` flips.
+    pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            if !self.is_leader().await {
+                continue;
+            }
+            if let Err(e) = self.expire_sessions().await {
+                tracing::warn!(error = %e, "session expiry failed");
+            }
+            if let Err(e) = self.collect_garbage().await {
+                tracing::warn!(error = %e, "block garbage collection failed");
+            }
+        }
+    }
+
+    pub async fn is_leader(&self) -> bool {
+        self.raft.current_leader().await == Some(self.config.node_id)
+    }
+
+    async fn expire_sessions(&self) -> Result<(), MetaError> {
+        let now = now_ms();
+        let query = self.local_read()?;
+        if query.any_session_expired(now)? {
+            self.propose(Command::ExpireSessions { now_ms: now }).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes blocks that no file references from their data servers, then forgets them.
+    async fn collect_garbage(&self) -> Result<(), MetaError> {
+        const BATCH: usize = 4096;
+        let query = self.local_read()?;
+        let garbage = query.garbage(BATCH)?;
+        if garbage.is_empty() {
+            return Ok(());
+        }
+        let addresses: HashMap<u64, String> = query.data_servers()?.into_iter().collect();
+        drop(query);
+        let mut by_server: HashMap<u64, Vec<pb::BlockRef>> = HashMap::new();
+        for (id, record) in &garbage {
+            let block = pb::BlockId(*id);
+            for &server in &record.servers {
+                by_server.entry(server).or_default().push(pb::BlockRef {
+                    id_hi: block.hi(),
+                    id_lo: block.lo(),
+                    len: record.len,
+                    digest: record.digest.to_vec(),
+                    servers: Vec::new(),
+                });
+            }
+        }
+        let mut failed_servers = Vec::new();
+        for (server, blocks) in by_server {
+            let Some(address) = addresses.get(&server) else { continue };
+            let result = async {
+                let mut client = pb::data_client::DataClient::connect(format!("http://{address}")).await?;
+                let mut request = tonic::Request::new(pb::DeleteBlocksRequest { blocks });
+                request.set_timeout(Duration::from_secs(30));
+                client.delete_blocks(request).await?;
+                Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(server, error = %e, "could not delete blocks; will retry");
+                failed_servers.push(server);
+            }
+        }
+        let done: Vec<u128> = garbage
+            .iter()
+            .filter(|(_, record)| !record.servers.iter().any(|s| failed_servers.contains(s)))
+            .map(|(id, _)| *id)
+            .collect();
+        if !done.is_empty() {
+            self.propose(Command::ForgetGarbage { ids: done }).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! Reads of the namespace from one consistent redb read transaction: lookups, attributes,
+//! listings and data maps. Nothing here writes.
+
+use cairn_proto::{self as pb, errno};
+use redb::{ReadTransaction, ReadableTable, ReadableTableMetadata, TableHandle};
+
+use crate::extents::{CHUNK_BYTES, Extent, Source};
+use crate::model::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("errno {0}")]
+    Errno(i32),
+    #[error("metadata store: {0}")]
+    Store(String),
+}
+
+impl<E: Into<redb::Error>> From<E> for QueryError {
+    fn from(e: E) -> Self {
+        QueryError::Store(e.into().to_string())
+    }
+}
+
+pub type QueryResult<T> = Result<T, QueryError>;
+
+/// Directory entries returned in one page at most.
+pub const READDIR_PAGE_MAX: usize = 1024;
+/// Extents returned for one read request at most.
+pub const EXTENTS_PER_REPLY_MAX: usize = 65_536;
+
+pub struct Query {
+    txn: ReadTransaction,
+}
+
+fn corrupt(table: &str, e: impl std::fmt::Display) -> QueryError {
+    QueryError::Store(format!("corrupt record in {table}: {e}"))
+}
+
+impl Query {
+    pub fn new(txn: ReadTransaction) -> Self {
+        Query { txn }
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> QueryResult<Option<Vec<u8>>> {
+        let table = self.txn.open_table(table)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    fn decoded<T: for<'de> serde::Deserialize<'de>>(&self, table: Table, key: &[u8]) -> QueryResult<Option<T>> {
+        match self.get(table, key)? {
+            None => Ok(None),
+            Some(bytes) => decode(&bytes).map(Some).map_err(|e| corrupt(table.name(), e)),
+        }
+    }
+
+    pub fn inode(&self, ino: u64) -> QueryResult<Option<Inode>> {
+        self.decoded(INODES, &key_u64(ino))
+    }
+
+    pub fn by_handle(&self, handle: Option<&pb::FileHandle>) -> QueryResult<(u64, Inode)> {
+        let handle = handle.ok_or(QueryError::Errno(errno::EINVAL))?;
+        match self.inode(handle.ino)? {
+            Some(inode) if inode.generation == handle.generation => Ok((handle.ino, inode)),
+            _ => Err(QueryError::Errno(errno::ESTALE)),
+        }
+    }
+
+    pub fn root(&self) -> QueryResult<pb::FileHandle> {
+        let root = self.inode(ROOT_INO)?.ok_or_else(|| QueryError::Store("file system not initialised".into()))?;
+        Ok(pb::FileHandle { ino: ROOT_INO, generation: root.generation })
+    }
+
+    pub fn getattr(&self, handle: Option<&pb::FileHandle>) -> QueryResult<pb::Attr> {
+        let (ino, inode) = self.by_handle(handle)?;
+        Ok(inode.to_attr(ino))
+    }
+
+    pub fn lookup(&self, parent: Option<&pb::FileHandle>, name: &[u8]) -> QueryResult<pb::Attr> {
+        if name.len() > pb::NAME_BYTES_MAX {
+            return Err(QueryError::Errno(errno::ENAMETOOLONG));
+        }
+        if name.is_empty() || name.contains(&b'/') || name.contains(&0) {
+            return Err(QueryError::Errno(errno::EINVAL));
+        }
+        let (parent_ino, parent) = self.by_handle(parent)?;
+        if !parent.is_dir() {
+            return Err(QueryError::Errno(errno::ENOTDIR));
+        }
+        let child = if name == b"." {
+            Some(parent_ino)
+        } else if name == b".." {
+            Some(parent.parent)
+        } else {
+            self.decoded::<u64>(DENTRIES, &key_u64_name(parent_ino, name))?
+        };
+        let child = child.ok_or(QueryError::Errno(errno::ENOENT))?;
+        let inode = self.inode(child)?.ok_or(QueryError::Errno(errno::ENOENT))?;
+        Ok(inode.to_attr(child))
+    }
+
+    pub fn readdir(&self, dir: Option<&pb::FileHandle>, after: &[u8], limit: usize) -> QueryResult<(Vec<pb::DirEntry>, bool)> {
+        let (dir_ino, inode) = self.by_handle(dir)?;
+        if !inode.is_dir() {
+            return Err(QueryError::Errno(errno::ENOTDIR));
+        }
+        let limit = limit.clamp(1, READDIR_PAGE_MAX);
+        let dentries = self.txn.open_table(DENTRIES)?;
+        let start = if after.is_empty() { key_u64(dir_ino).to_vec() } else { key_u64_name(dir_ino, after) };
+        let end = key_u64(dir_ino + 1);
+        let mut entries = Vec::new();
+        let mut eof = true;
+        for item in dentries.range(start.as_slice()..end.as_slice())? {
+            let (key, value) = item?;
+            let name = &key.value()[8..];
+            if !after.is_empty() && name == after {
+                continue;
+            }
+            if entries.len() == limit {
+                eof = false;
+                break;
+            }
+            let child: u64 = decode(value.value()).map_err(|e| corrupt("dentries", e))?;
+            let Some(child_inode) = self.inode(child)? else { continue };
+            entries.push(pb::DirEntry { name: name.to_vec(), attr: Some(child_inode.to_attr(child)) });
+        }
+        Ok((entries, eof))
+    }
+
+    pub fn readlink(&self, handle: Option<&pb::FileHandle>) -> QueryResult<Vec<u8>> {
+        let (_, inode) = self.by_handle(handle)?;
+        if inode.kind != pb::FileKind::Symlink as i32 {
+            return Err(QueryError::Errno(errno::EINVAL));
+        }
+        Ok(inode.symlink_target)
+    }
+
+    pub fn getxattr(&self, handle: Option<&pb::FileHandle>, name: &[u8]) -> QueryResult<Vec<u8>> {
+        crate::namespace::check_xattr_name(name).map_err(|e| match e {
+            crate::namespace::ApplyError::Errno(code) => QueryError::Errno(code),
+            other => QueryError::Store(other.to_string()),
+        })?;
+        let (ino, _) = self.by_handle(handle)?;
+        self.get(XATTRS, &key_u64_name(ino, name))?.ok_or(QueryError::Errno(errno::ENODATA))
+    }
+
+    pub fn listxattr(&self, handle: Option<&pb::FileHandle>) -> QueryResult<Vec<Vec<u8>>> {
+        let (ino, _) = self.by_handle(handle)?;
+        let table = self.txn.open_table(XATTRS)?;
+        let start = key_u64(ino);
+        let end = key_u64(ino + 1);
+        let mut names = Vec::new();
+        for item in table.range(start.as_slice()..end.as_slice())? {
+            names.push(item?.0.value()[8..].to_vec());
+        }
+        Ok(names)
+    }
+
+    /// The data map of `[offset, offset + len)` with each block's record joined in.
+    pub fn extents(&self, handle: Option<&pb::FileHandle>, offset: u64, len: u64) -> QueryResult<(pb::Attr, Vec<pb::Extent>)> {
+        let (ino, inode) = self.by_handle(handle)?;
+        if inode.is_dir() {
+            return Err(QueryError::Errno(errno::EISDIR));
+        }
+        let end = offset.saturating_add(len).min(inode.size);
+        let mut out = Vec::new();
+        if offset < end {
+            let table = self.txn.open_table(EXTENTS)?;
+            let first = key_u64_u64(ino, offset / CHUNK_BYTES);
+            let last = key_u64_u64(ino, (end - 1) / CHUNK_BYTES);
+            for item in table.range(first.as_slice()..=last.as_slice())? {
+                let (_, value) = item?;
+                let extents: Vec<Extent> = decode(value.value()).map_err(|e| corrupt("extents", e))?;
+                for extent in extents.iter().filter_map(|e| e.slice(offset, end)) {
+                    if out.len() >= EXTENTS_PER_REPLY_MAX {
+                        break;
+                    }
+                    out.push(self.extent_to_pb(&extent)?);
+                }
+            }
+        }
+        Ok((inode.to_attr(ino), out))
+    }
+
+    fn extent_to_pb(&self, extent: &Extent) -> QueryResult<pb::Extent> {
+        Ok(match &extent.source {
+            Source::Inline(data) => {
+                pb::Extent { offset: extent.offset, len: extent.len, block: None, block_offset: 0, inline_data: data.clone() }
+            }
+            Source::Block { id, offset } => {
+                let record: BlockRecord = self
+                    .decoded(BLOCKS, &key_u128(*id))?
+                    .ok_or_else(|| QueryError::Store(format!("extent names unknown block {id:032x}")))?;
+                let block_id = pb::BlockId(*id);
+                pb::Extent {
+                    offset: extent.offset,
+                    len: extent.len,
+                    block: Some(pb::BlockRef {
+                        id_hi: block_id.hi(),
+                        id_lo: block_id.lo(),
+                        len: record.len,
+                        digest: record.digest.to_vec(),
+                        servers: record.servers,
+                    }),
+                    block_offset: *offset,
+                    inline_data: Vec::new(),
+                }
+            }
+        })
+    }
+
+    /// Unlinked inodes that `session` may still hold open.
+    pub fn orphans_held_by(&self, session: u64, limit: usize) -> QueryResult<Vec<pb::FileHandle>> {
+        let table = self.txn.open_table(ORPHANS)?;
+        let mut handles = Vec::new();
+        for item in table.iter()? {
+            let (key, value) = item?;
+            let orphan: Orphan = decode(value.value()).map_err(|e| corrupt("orphans", e))?;
+            if orphan.holders.contains(&session) {
+                handles.push(pb::FileHandle { ino: u64_of_key(key.value()), generation: orphan.generation });
+                if handles.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(handles)
+    }
+
+    pub fn data_servers(&self) -> QueryResult<Vec<(u64, String)>> {
+        let table = self.txn.open_table(DATA_SERVERS)?;
+        let mut servers = Vec::new();
+        for item in table.iter()? {
+            let (key, value) = item?;
+            let record: DataServerRecord = decode(value.value()).map_err(|e| corrupt("data_servers", e))?;
+            servers.push((u64_of_key(key.value()), record.address));
+        }
+        Ok(servers)
+    }
+
+    pub fn garbage(&self, limit: usize) -> QueryResult<Vec<(u128, BlockRecord)>> {
+        let table = self.txn.open_table(GARBAGE)?;
+        let mut blocks = Vec::new();
+        for item in table.iter()?.take(limit) {
+            let (key, value) = item?;
+            blocks.push((u128_of_key(key.value()), decode(value.value()).map_err(|e| corrupt("garbage", e))?));
+        }
+        Ok(blocks)
+    }
+
+    pub fn counter(&self, name: &str) -> QueryResult<u64> {
+        Ok(self.decoded::<u64>(SM_META, name.as_bytes())?.unwrap_or(0))
+    }
+
+    pub fn fs_id(&self) -> QueryResult<Option<String>> {
+        Ok(self.get(SM_META, b"fs_id")?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
+    pub fn session_count(&self) -> QueryResult<u64> {
+        Ok(self.txn.open_table(SESSIONS)?.len()?)
+    }
+
+    pub fn session_exists(&self, session: u64) -> QueryResult<bool> {
+        Ok(self.get(SESSIONS, &key_u64(session))?.is_some())
+    }
+
+    pub fn stored_result(&self, session: u64, seq: u64) -> QueryResult<Option<Vec<u8>>> {
+        self.get(RESULTS, &key_u64_u64(session, seq))
+    }
+}
+
+impl Query {
+    /// Whether any session's lease ran out by `now_ms`.
+    pub fn any_session_expired(&self, now_ms: u64) -> QueryResult<bool> {
+        let table = self.txn.open_table(SESSIONS)?;
+        for item in table.iter()? {
+            let (_, value) = item?;
+            let session: Session = decode(value.value()).map_err(|e| corrupt("sessions", e))?;
+            if session.expires_ms <= now_ms {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}

@@ -1,0 +1,57 @@
+//! The Raft type configuration: what a log entry carries and what applying it answers.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::Time;
+
+/// One state-machine command. The proposing leader stamps the time, so every member applies
+/// the same change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    InitFs { fs_id: String, now: Time },
+    OpenSession { client_name: String, now_ms: u64, lease_ms: u64 },
+    RenewSession { session: u64, now_ms: u64, lease_ms: u64 },
+    ExpireSessions { now_ms: u64 },
+    /// A client mutation: an encoded `MutateRequest`.
+    Mutate { now: Time, request: Vec<u8> },
+    RegisterDataServer { id: u64, address: String },
+    ForgetGarbage { ids: Vec<u128> },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::InitFs { fs_id, .. } => write!(f, "init-fs({fs_id})"),
+            Command::OpenSession { client_name, .. } => write!(f, "open-session({client_name})"),
+            Command::RenewSession { session, .. } => write!(f, "renew-session({session})"),
+            Command::ExpireSessions { now_ms } => write!(f, "expire-sessions({now_ms})"),
+            Command::Mutate { request, .. } => write!(f, "mutate({} bytes)", request.len()),
+            Command::RegisterDataServer { id, address } => write!(f, "register-data-server({id}, {address})"),
+            Command::ForgetGarbage { ids } => write!(f, "forget-garbage({})", ids.len()),
+        }
+    }
+}
+
+/// What applying a command answers: an errno, a number (a session id), or an encoded
+/// `MutateReply`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommandReply {
+    pub errno: i32,
+    pub value: u64,
+    pub mutate: Vec<u8>,
+}
+
+/// Returned in `CommandReply::errno` (and to clients) when a session is unknown or expired.
+pub const SESSION_EXPIRED: i32 = 10_001;
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Command,
+        R = CommandReply,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+pub type MetaRaft = openraft::Raft<TypeConfig, crate::store::StateMachineStore>;

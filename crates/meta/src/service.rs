@@ -1,0 +1,342 @@
+//! The Meta gRPC service: client requests become Raft commands (mutations) or leader-lease
+//! reads; Raft's own messages are handed to the local member.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cairn_proto::meta_server::{Meta, MetaServer};
+use cairn_proto as pb;
+use openraft::async_runtime::WatchReceiver;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use crate::model::{decode, encode};
+use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
+use crate::query::READDIR_PAGE_MAX;
+use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
+
+/// gRPC metadata key naming the leader's address on a "not leader" answer.
+pub const LEADER_HEADER: &str = "cairn-leader";
+/// Message of the status returned for an unknown or expired session.
+pub const SESSION_EXPIRED_MESSAGE: &str = "session expired";
+/// Orphans reported per heartbeat at most.
+const ORPHANS_PER_HEARTBEAT_MAX: usize = 1024;
+/// Blocks placed per request at most.
+const PLACEMENTS_PER_REQUEST_MAX: u32 = 1024;
+
+pub struct MetaService {
+    node: Arc<MetaNode>,
+}
+
+impl MetaService {
+    pub fn new(node: Arc<MetaNode>) -> Self {
+        MetaService { node }
+    }
+
+    pub fn into_server(self) -> MetaServer<Self> {
+        MetaServer::new(self)
+            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+    }
+}
+
+fn status_of(e: MetaError) -> Status {
+    match e {
+        MetaError::NotLeader { leader } => {
+            let mut status = Status::unavailable("not the meta leader");
+            if let Some(leader) = leader
+                && let Ok(value) = leader.parse()
+            {
+                status.metadata_mut().insert(LEADER_HEADER, value);
+            }
+            status
+        }
+        MetaError::Errno(code) => Status::internal(format!("unexpected errno {code}")),
+        MetaError::Store(s) => Status::internal(format!("metadata store: {s}")),
+        MetaError::Raft(s) => Status::unavailable(format!("raft: {s}")),
+    }
+}
+
+/// Splits a query result into (errno, value) for replies that carry an errno.
+fn split<T: Default>(result: Result<T, MetaError>) -> Result<(i32, T), Status> {
+    match result {
+        Ok(value) => Ok((0, value)),
+        Err(MetaError::Errno(code)) => Ok((code, T::default())),
+        Err(e) => Err(status_of(e)),
+    }
+}
+
+fn raft_status(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("undecodable raft message: {e}"))
+}
+
+#[tonic::async_trait]
+impl Meta for MetaService {
+    async fn open_session(&self, request: Request<pb::OpenSessionRequest>) -> Result<Response<pb::OpenSessionReply>, Status> {
+        let mut name = request.into_inner().client_name;
+        name.truncate(256);
+        let lease_ms = self.node.config.session_lease.as_millis() as u64;
+        let reply = self
+            .node
+            .propose(Command::OpenSession { client_name: name, now_ms: now_ms(), lease_ms })
+            .await
+            .map_err(status_of)?;
+        let root = self.node.local_read().and_then(|q| Ok(q.root()?)).map_err(status_of)?;
+        Ok(Response::new(pb::OpenSessionReply {
+            session: reply.value,
+            lease_ms,
+            root: Some(root),
+            replication: self.node.config.replication,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
+        let session = request.into_inner().session;
+        let lease_ms = self.node.config.session_lease.as_millis() as u64;
+        let reply = self.node.propose(Command::RenewSession { session, now_ms: now_ms(), lease_ms }).await.map_err(status_of)?;
+        if reply.errno == SESSION_EXPIRED {
+            return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
+        }
+        let orphans =
+            self.node.local_read().and_then(|q| Ok(q.orphans_held_by(session, ORPHANS_PER_HEARTBEAT_MAX)?)).map_err(status_of)?;
+        Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans }))
+    }
+
+    async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, attr) = split(query.lookup(request.parent.as_ref(), &request.name).map(Some).map_err(MetaError::from))?;
+        Ok(Response::new(pb::AttrReply { errno, attr }))
+    }
+
+    async fn get_attr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, attr) = split(query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from))?;
+        Ok(Response::new(pb::AttrReply { errno, attr }))
+    }
+
+    async fn read_dir(&self, request: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
+        let request = request.into_inner();
+        if request.after.len() > pb::NAME_BYTES_MAX {
+            return Err(Status::invalid_argument("resume name longer than a name can be"));
+        }
+        let query = self.node.read().await.map_err(status_of)?;
+        let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
+        let (errno, (entries, eof)) =
+            split(query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from))?;
+        Ok(Response::new(pb::ReadDirReply { errno, entries, eof }))
+    }
+
+    async fn read_link(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ReadLinkReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, target) = split(query.readlink(request.target.as_ref()).map_err(MetaError::from))?;
+        Ok(Response::new(pb::ReadLinkReply { errno, target }))
+    }
+
+    async fn get_xattr(&self, request: Request<pb::GetXattrRequest>) -> Result<Response<pb::GetXattrReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, value) = split(query.getxattr(request.target.as_ref(), &request.name).map_err(MetaError::from))?;
+        Ok(Response::new(pb::GetXattrReply { errno, value }))
+    }
+
+    async fn list_xattr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ListXattrReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, names) = split(query.listxattr(request.target.as_ref()).map_err(MetaError::from))?;
+        Ok(Response::new(pb::ListXattrReply { errno, names }))
+    }
+
+    async fn stat_fs(&self, _request: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
+        let query = self.node.read().await.map_err(status_of)?;
+        let files = query.counter("inodes").map_err(|e| status_of(e.into()))?;
+        let servers = self.node.live_data_servers();
+        let replication = self.node.config.replication.max(1) as u64;
+        let total: u64 = servers.iter().map(|(_, s)| s.capacity_bytes).sum::<u64>() / replication;
+        let free: u64 = servers.iter().map(|(_, s)| s.free_bytes).sum::<u64>() / replication;
+        Ok(Response::new(pb::StatFsReply {
+            total_bytes: total,
+            free_bytes: free,
+            files,
+            free_files: u32::MAX as u64,
+            block_size: 4096,
+            name_max: pb::NAME_BYTES_MAX as u32,
+        }))
+    }
+
+    async fn get_extents(&self, request: Request<pb::GetExtentsRequest>) -> Result<Response<pb::GetExtentsReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let (errno, (attr, extents)) =
+            split(query.extents(request.target.as_ref(), request.offset, request.len).map(|(a, e)| (Some(a), e)).map_err(MetaError::from))?;
+        let servers = if extents.iter().any(|e| e.block.is_some()) {
+            query
+                .data_servers()
+                .map_err(|e| status_of(e.into()))?
+                .into_iter()
+                .map(|(id, address)| pb::DataServer { id, address, ..Default::default() })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers }))
+    }
+
+    async fn place_blocks(&self, request: Request<pb::PlaceBlocksRequest>) -> Result<Response<pb::PlaceBlocksReply>, Status> {
+        let count = request.into_inner().count;
+        if count == 0 || count > PLACEMENTS_PER_REQUEST_MAX {
+            return Err(Status::invalid_argument(format!("count must be 1..={PLACEMENTS_PER_REQUEST_MAX}")));
+        }
+        if !self.node.is_leader().await {
+            return Err(status_of(MetaError::NotLeader { leader: None }));
+        }
+        let replication = self.node.config.replication.max(1) as usize;
+        let live = self.node.live_data_servers();
+        if live.len() < replication {
+            return Err(Status::unavailable(format!(
+                "{} live data servers, {replication} needed for a new block",
+                live.len()
+            )));
+        }
+        let servers = live
+            .iter()
+            .take(replication)
+            .map(|(id, s)| pb::DataServer {
+                id: *id,
+                address: s.address.clone(),
+                capacity_bytes: s.capacity_bytes,
+                used_bytes: s.used_bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::PlaceBlocksReply { servers, replication: replication as u32 }))
+    }
+
+    async fn mutate(&self, request: Request<pb::MutateRequest>) -> Result<Response<pb::MutateReply>, Status> {
+        let request = request.into_inner();
+        if request.op.is_none() {
+            return Err(Status::invalid_argument("mutation without an operation"));
+        }
+        let encoded = request.encode_to_vec();
+        let reply = self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
+        if reply.errno == SESSION_EXPIRED {
+            return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
+        }
+        if reply.errno != 0 {
+            return Ok(Response::new(pb::MutateReply { errno: reply.errno, ..Default::default() }));
+        }
+        let reply = pb::MutateReply::decode(reply.mutate.as_slice())
+            .map_err(|e| Status::internal(format!("stored reply undecodable: {e}")))?;
+        Ok(Response::new(reply))
+    }
+
+    async fn register_data_server(
+        &self,
+        request: Request<pb::RegisterDataServerRequest>,
+    ) -> Result<Response<pb::RegisterDataServerReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let fs_id = query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default();
+        if !request.fs_id.is_empty() && request.fs_id != fs_id {
+            return Err(Status::permission_denied(format!(
+                "data server belongs to file system {}, this is {fs_id}",
+                request.fs_id
+            )));
+        }
+        if request.id == 0 || request.address.is_empty() || request.address.len() > 256 {
+            return Err(Status::invalid_argument("data server needs an id and an address"));
+        }
+        let known = query.data_servers().map_err(|e| status_of(e.into()))?;
+        drop(query);
+        if !known.iter().any(|(id, address)| *id == request.id && *address == request.address) {
+            self.node
+                .propose(Command::RegisterDataServer { id: request.id, address: request.address.clone() })
+                .await
+                .map_err(status_of)?;
+        }
+        let free = request.capacity_bytes.saturating_sub(request.used_bytes);
+        if let Ok(mut servers) = self.node.data_servers.write() {
+            servers.insert(
+                request.id,
+                DataServerState {
+                    address: request.address,
+                    capacity_bytes: request.capacity_bytes,
+                    used_bytes: request.used_bytes,
+                    free_bytes: free,
+                    last_seen: Instant::now(),
+                },
+            );
+        }
+        Ok(Response::new(pb::RegisterDataServerReply { fs_id }))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let metrics = self.node.raft.metrics().borrow_watched().clone();
+        let query = self.node.local_read().map_err(status_of)?;
+        let role = match metrics.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        let live = self.node.live_data_servers();
+        let data_servers = query
+            .data_servers()
+            .map_err(|e| status_of(e.into()))?
+            .into_iter()
+            .map(|(id, address)| {
+                let state = live.iter().find(|(live_id, _)| *live_id == id).map(|(_, s)| s.clone());
+                pb::DataServer {
+                    id,
+                    address,
+                    capacity_bytes: state.as_ref().map(|s| s.capacity_bytes).unwrap_or(0),
+                    used_bytes: state.as_ref().map(|s| s.used_bytes).unwrap_or(0),
+                }
+            })
+            .collect();
+        let members = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, node)| pb::MetaMember { id: *id, address: node.addr.clone() })
+            .collect();
+        Ok(Response::new(pb::StatusReply {
+            fs_id: query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default(),
+            node_id: self.node.config.node_id,
+            address: self.node.config.address.clone(),
+            role: role.into(),
+            leader_id: metrics.current_leader.unwrap_or(0),
+            term: metrics.current_term,
+            last_applied: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            inodes: query.counter("inodes").map_err(|e| status_of(e.into()))?,
+            sessions: query.session_count().map_err(|e| status_of(e.into()))?,
+            data_servers,
+            members,
+        }))
+    }
+
+    async fn raft_append(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(raft_status)?;
+        let result = self.node.raft.append_entries(rpc).await;
+        Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
+    }
+
+    async fn raft_vote(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {
+        let rpc: VoteRequest<TypeConfig> = decode(&request.into_inner().payload).map_err(raft_status)?;
+        let result = self.node.raft.vote(rpc).await;
+        Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
+    }
+
+    async fn raft_snapshot(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {
+        let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) =
+            decode(&request.into_inner().payload).map_err(raft_status)?;
+        let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data };
+        let result = self.node.raft.install_full_snapshot(vote, snapshot).await;
+        Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
+    }
+}
+

@@ -1,0 +1,848 @@
+//! The FUSE file system: each kernel request becomes a call into the client library. Inode
+//! numbers are Cairn's own; the generation that makes a handle is remembered from the replies
+//! that introduced the inode to the kernel.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::num::NonZeroUsize;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_client::{Client, ClientError, OpenFile};
+use cairn_proto::{self as pb, errno, mutate_request::Op};
+use fuser::{
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use lru::LruCache;
+
+use crate::convert::{caller, file_attr, file_type, kind_of_mode, timestamp};
+
+/// Names remembered to tell, at unlink time, which inode a name points to.
+const NAME_CACHE_ENTRIES: usize = 65_536;
+/// Directory entries fetched per readdir round trip.
+const READDIR_PAGE: u32 = 512;
+
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// How long the kernel may trust attributes and names without asking again.
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { attr_ttl: Duration::from_secs(1), entry_ttl: Duration::from_secs(1) }
+    }
+}
+
+struct KnownInode {
+    generation: u64,
+    lookups: u64,
+    /// Meta said this inode lost its last link while we may hold it open.
+    orphaned: bool,
+}
+
+struct DirStream {
+    dir: pb::FileHandle,
+    parent: u64,
+    /// Index (in the whole listing after "." and "..") of `page[0]`.
+    base: u64,
+    page: Vec<pb::DirEntry>,
+    eof: bool,
+    loaded: bool,
+}
+
+enum Handle {
+    File { ino: u64, file: Arc<OpenFile> },
+    Dir(Box<DirStream>),
+}
+
+pub struct CairnFs {
+    client: Arc<Client>,
+    runtime: tokio::runtime::Handle,
+    options: MountOptions,
+    inodes: Mutex<HashMap<u64, KnownInode>>,
+    names: Mutex<LruCache<(u64, Vec<u8>), u64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+}
+
+fn errno_of(e: &ClientError) -> Errno {
+    if let ClientError::Timeout { .. } | ClientError::Refused { .. } | ClientError::Corrupt(_) = e {
+        tracing::warn!(error = %e, "request failed");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn stale() -> ClientError {
+    ClientError::Errno(errno::ESTALE)
+}
+
+fn time_set(t: TimeOrNow) -> pb::TimeSet {
+    match t {
+        TimeOrNow::Now => pb::TimeSet { value: Some(pb::time_set::Value::Now(true)) },
+        TimeOrNow::SpecificTime(t) => pb::TimeSet { value: Some(pb::time_set::Value::At(timestamp(t))) },
+    }
+}
+
+impl CairnFs {
+    pub fn new(client: Arc<Client>, runtime: tokio::runtime::Handle, options: MountOptions) -> Self {
+        let root = client.meta.root();
+        let mut inodes = HashMap::new();
+        inodes.insert(root.ino, KnownInode { generation: root.generation, lookups: 1, orphaned: false });
+        CairnFs {
+            client,
+            runtime,
+            options,
+            inodes: Mutex::new(inodes),
+            names: Mutex::new(LruCache::new(NonZeroUsize::new(NAME_CACHE_ENTRIES).expect("non-zero"))),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+        }
+    }
+
+    fn handle_of(&self, ino: INodeNo) -> Result<pb::FileHandle, ClientError> {
+        let inodes = self.inodes.lock().expect("inode table poisoned");
+        inodes.get(&ino.0).map(|known| pb::FileHandle { ino: ino.0, generation: known.generation }).ok_or_else(stale)
+    }
+
+    /// Records that the kernel now holds one more reference to `attr`'s inode.
+    fn remember(&self, attr: &pb::Attr) {
+        let mut inodes = self.inodes.lock().expect("inode table poisoned");
+        let known = inodes.entry(attr.ino).or_insert(KnownInode { generation: attr.generation, lookups: 0, orphaned: false });
+        if known.generation != attr.generation {
+            *known = KnownInode { generation: attr.generation, lookups: 0, orphaned: false };
+        }
+        known.lookups += 1;
+    }
+
+    fn remember_name(&self, parent: u64, name: &[u8], ino: u64) {
+        self.names.lock().expect("name cache poisoned").put((parent, name.to_vec()), ino);
+    }
+
+    fn forget_name(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.names.lock().expect("name cache poisoned").pop(&(parent, name.to_vec()))
+    }
+
+    /// Whether this client might hold the inode `name` points to open.
+    fn may_hold(&self, parent: u64, name: &[u8]) -> bool {
+        match self.names.lock().expect("name cache poisoned").peek(&(parent, name.to_vec())) {
+            Some(&ino) => self.client.files.is_open(ino),
+            None => true,
+        }
+    }
+
+    fn new_handle(&self, handle: Handle) -> u64 {
+        let fh = self.next_handle.fetch_add(1, Ordering::SeqCst);
+        self.handles.lock().expect("handle table poisoned").insert(fh, handle);
+        fh
+    }
+
+    fn open_file(&self, fh: FileHandle) -> Result<(u64, Arc<OpenFile>), ClientError> {
+        match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
+            Some(Handle::File { ino, file }) => Ok((*ino, file.clone())),
+            _ => Err(ClientError::Errno(errno::EBADF)),
+        }
+    }
+
+    async fn attr_of(&self, attr: &pb::Attr) -> fuser::FileAttr {
+        let size = self.client.files.local_size(attr.ino, attr.size).await;
+        file_attr(attr, size)
+    }
+
+    fn reply_entry(&self, parent: u64, name: &[u8], attr: &pb::Attr, fattr: &fuser::FileAttr, reply: ReplyEntry) {
+        self.remember(attr);
+        self.remember_name(parent, name, attr.ino);
+        reply.entry_with_ttls(&self.options.attr_ttl, &self.options.entry_ttl, fattr, Generation(attr.generation));
+    }
+
+    async fn create_node(&self, req_ids: (u32, u32, u32), parent: INodeNo, op: pb::CreateOp) -> Result<pb::Attr, ClientError> {
+        let parent_handle = self.handle_of(parent)?;
+        let (uid, gid, pid) = req_ids;
+        let caller = caller(uid, gid, pid, true);
+        let reply = self.client.meta.mutate(&caller, Op::Create(pb::CreateOp { parent: Some(parent_handle), ..op })).await?;
+        reply.attr.ok_or(ClientError::Errno(errno::EIO))
+    }
+
+    fn entry_op(&self, req: &Request, parent: INodeNo, name: &OsStr, op: pb::CreateOp, reply: ReplyEntry) {
+        let ids = (req.uid(), req.gid(), req.pid());
+        let result = self.runtime.block_on(async {
+            let attr = self.create_node(ids, parent, op).await?;
+            let fattr = self.attr_of(&attr).await;
+            Ok::<_, ClientError>((attr, fattr))
+        });
+        match result {
+            Ok((attr, fattr)) => self.reply_entry(parent.0, name.as_bytes(), &attr, &fattr, reply),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    /// Marks an inode that meta kept for us after its last link went; releases it at once if
+    /// nothing here holds it.
+    async fn note_orphan(&self, attr: &pb::Attr) {
+        if self.client.files.is_open(attr.ino) {
+            if let Some(known) = self.inodes.lock().expect("inode table poisoned").get_mut(&attr.ino) {
+                known.orphaned = true;
+            }
+        } else {
+            self.client.release_orphan(pb::FileHandle { ino: attr.ino, generation: attr.generation }).await;
+        }
+    }
+
+    /// Fills a directory listing from `offset` on; `add` returns true when the reply is full.
+    async fn list(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, &[u8], Option<&pb::Attr>) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut stream = match self.handles.lock().expect("handle table poisoned").remove(&fh.0) {
+            Some(Handle::Dir(stream)) => stream,
+            Some(other) => {
+                self.handles.lock().expect("handle table poisoned").insert(fh.0, other);
+                return Err(ClientError::Errno(errno::EBADF));
+            }
+            None => return Err(ClientError::Errno(errno::EBADF)),
+        };
+        let result = self.fill(&mut stream, offset, &mut add).await;
+        self.handles.lock().expect("handle table poisoned").insert(fh.0, Handle::Dir(stream));
+        result
+    }
+
+    async fn fill(
+        &self,
+        stream: &mut DirStream,
+        offset: u64,
+        add: &mut impl FnMut(u64, u64, &[u8], Option<&pb::Attr>) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut index = offset;
+        loop {
+            match index {
+                0 => {
+                    if add(stream.dir.ino, 1, b".", None) {
+                        return Ok(());
+                    }
+                }
+                1 => {
+                    if add(stream.parent, 2, b"..", None) {
+                        return Ok(());
+                    }
+                }
+                _ => {
+                    let position = index - 2;
+                    if !stream.loaded || position < stream.base {
+                        let (page, eof) = self.client.meta.readdir(stream.dir, b"", READDIR_PAGE).await?;
+                        *stream = DirStream { base: 0, page, eof, loaded: true, ..*stream_clone(stream) };
+                    }
+                    while position >= stream.base + stream.page.len() as u64 {
+                        if stream.eof {
+                            return Ok(());
+                        }
+                        let after = stream.page.last().map(|e| e.name.clone()).unwrap_or_default();
+                        let (page, eof) = self.client.meta.readdir(stream.dir, &after, READDIR_PAGE).await?;
+                        stream.base += stream.page.len() as u64;
+                        stream.page = page;
+                        stream.eof = eof;
+                        if stream.page.is_empty() && stream.eof {
+                            return Ok(());
+                        }
+                    }
+                    let entry = &stream.page[(position - stream.base) as usize];
+                    let Some(attr) = entry.attr.as_ref() else { return Err(ClientError::Errno(errno::EIO)) };
+                    if add(attr.ino, index + 1, &entry.name, Some(attr)) {
+                        return Ok(());
+                    }
+                }
+            }
+            index += 1;
+        }
+    }
+}
+
+fn stream_clone(stream: &DirStream) -> Box<DirStream> {
+    Box::new(DirStream {
+        dir: stream.dir,
+        parent: stream.parent,
+        base: stream.base,
+        page: Vec::new(),
+        eof: stream.eof,
+        loaded: stream.loaded,
+    })
+}
+
+impl Filesystem for CairnFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS;
+        if let Err(missing) = config.add_capabilities(wanted) {
+            tracing::info!(?missing, "kernel lacks some FUSE capabilities");
+        }
+        let _ = config.set_max_write(1024 * 1024);
+        let _ = config.set_max_readahead(1024 * 1024);
+        let _ = config.set_max_background(64);
+        let _ = config.set_congestion_threshold(48);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = self.runtime.block_on(async {
+            let parent_handle = self.handle_of(parent)?;
+            let attr = self.client.meta.lookup(parent_handle, name.as_bytes()).await?;
+            let fattr = self.attr_of(&attr).await;
+            Ok::<_, ClientError>((attr, fattr))
+        });
+        match result {
+            Ok((attr, fattr)) => self.reply_entry(parent.0, name.as_bytes(), &attr, &fattr, reply),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let mut inodes = self.inodes.lock().expect("inode table poisoned");
+        if ino.0 == self.client.meta.root().ino {
+            return;
+        }
+        if let Some(known) = inodes.get_mut(&ino.0) {
+            known.lookups = known.lookups.saturating_sub(nlookup);
+            if known.lookups == 0 {
+                inodes.remove(&ino.0);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let result = self.runtime.block_on(async {
+            let handle = self.handle_of(ino)?;
+            let attr = self.client.meta.getattr(handle).await?;
+            Ok::<_, ClientError>(self.attr_of(&attr).await)
+        });
+        match result {
+            Ok(fattr) => reply.attr(&self.options.attr_ttl, &fattr),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let who = caller(req.uid(), req.gid(), req.pid(), mode.is_some());
+        let result = self.runtime.block_on(async {
+            let handle = self.handle_of(ino)?;
+            if let Some(file) = self.client.files.get(ino.0) {
+                self.client.files.flush(&file).await?;
+            }
+            let op = pb::SetAttrOp {
+                target: Some(handle),
+                perm: mode.map(|m| m & 0o7777),
+                uid,
+                gid,
+                size,
+                atime: atime.map(time_set),
+                mtime: mtime.map(time_set),
+                kill_suid: false,
+            };
+            let reply = self.client.meta.mutate(&who, Op::SetAttr(op)).await?;
+            let attr = reply.attr.ok_or(ClientError::Errno(errno::EIO))?;
+            if size.is_some() {
+                self.client.files.invalidate(ino.0, attr.size).await;
+            }
+            Ok::<_, ClientError>(self.attr_of(&attr).await)
+        });
+        match result {
+            Ok(fattr) => reply.attr(&self.options.attr_ttl, &fattr),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = self.runtime.block_on(async { self.client.meta.readlink(self.handle_of(ino)?).await });
+        match result {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let Some(kind) = kind_of_mode(mode).filter(|k| !matches!(k, pb::FileKind::Directory | pb::FileKind::Symlink)) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        let op = pb::CreateOp {
+            name: name.as_bytes().to_vec(),
+            kind: kind as i32,
+            perm: mode & !umask & 0o7777,
+            rdev,
+            exclusive: true,
+            ..Default::default()
+        };
+        self.entry_op(req, parent, name, op, reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let op = pb::CreateOp {
+            name: name.as_bytes().to_vec(),
+            kind: pb::FileKind::Directory as i32,
+            perm: mode & !umask & 0o7777,
+            exclusive: true,
+            ..Default::default()
+        };
+        self.entry_op(req, parent, name, op, reply);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req, parent, name, false, reply);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.remove(req, parent, name, true, reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let op = pb::CreateOp {
+            name: link_name.as_bytes().to_vec(),
+            kind: pb::FileKind::Symlink as i32,
+            perm: 0o777,
+            exclusive: true,
+            symlink_target: target.as_os_str().as_bytes().to_vec(),
+            ..Default::default()
+        };
+        self.entry_op(req, parent, link_name, op, reply);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let mut wire_flags = 0;
+        if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+            wire_flags |= 1;
+        }
+        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+            wire_flags |= 2;
+        }
+        if flags.contains(RenameFlags::RENAME_WHITEOUT) {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let result = self.runtime.block_on(async {
+            let op = pb::RenameOp {
+                parent: Some(self.handle_of(parent)?),
+                name: name.as_bytes().to_vec(),
+                new_parent: Some(self.handle_of(newparent)?),
+                new_name: newname.as_bytes().to_vec(),
+                flags: wire_flags,
+                caller_not_holding: !self.may_hold(newparent.0, newname.as_bytes()),
+            };
+            let replaced = self.names.lock().expect("name cache poisoned").peek(&(newparent.0, newname.as_bytes().to_vec())).copied();
+            let reply = self.client.meta.mutate(&who, Op::Rename(op)).await?;
+            let moved = self.forget_name(parent.0, name.as_bytes());
+            let replaced_now = self.forget_name(newparent.0, newname.as_bytes()).or(replaced);
+            if wire_flags & 2 != 0 {
+                if let Some(other) = replaced_now {
+                    self.remember_name(parent.0, name.as_bytes(), other);
+                }
+            }
+            if let Some(ino) = moved {
+                self.remember_name(newparent.0, newname.as_bytes(), ino);
+            }
+            if reply.orphaned
+                && let Some(ino) = replaced_now
+            {
+                let generation = self.inodes.lock().expect("inode table poisoned").get(&ino).map(|k| k.generation);
+                if let Some(generation) = generation {
+                    self.note_orphan(&pb::Attr { ino, generation, ..Default::default() }).await;
+                }
+            }
+            Ok::<_, ClientError>(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let result = self.runtime.block_on(async {
+            let op = pb::LinkOp {
+                target: Some(self.handle_of(ino)?),
+                new_parent: Some(self.handle_of(newparent)?),
+                new_name: newname.as_bytes().to_vec(),
+            };
+            let reply = self.client.meta.mutate(&who, Op::Link(op)).await?;
+            let attr = reply.attr.ok_or(ClientError::Errno(errno::EIO))?;
+            let fattr = self.attr_of(&attr).await;
+            Ok::<_, ClientError>((attr, fattr))
+        });
+        match result {
+            Ok((attr, fattr)) => self.reply_entry(newparent.0, newname.as_bytes(), &attr, &fattr, reply),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.handle_of(ino) {
+            Ok(handle) => {
+                let file = self.client.files.open(handle, 0);
+                let fh = self.new_handle(Handle::File { ino: ino.0, file });
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            self.client.files.read(&file, offset, size).await
+        });
+        match result {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            self.client.files.write(&file, offset, data, who, kill_suid).await
+        });
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            self.client.files.flush(&file).await
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let handle = self.handles.lock().expect("handle table poisoned").remove(&fh.0);
+        let Some(Handle::File { ino, .. }) = handle else {
+            reply.ok();
+            return;
+        };
+        let result = self.runtime.block_on(async {
+            let last = self.client.files.release(ino).await?;
+            let orphan = {
+                let inodes = self.inodes.lock().expect("inode table poisoned");
+                inodes.get(&ino).filter(|k| k.orphaned).map(|k| k.generation)
+            };
+            if last && let Some(generation) = orphan {
+                self.client.release_orphan(pb::FileHandle { ino, generation }).await;
+            }
+            Ok::<_, ClientError>(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.flush(_req, _ino, fh, LockOwner(0), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.handle_of(ino) {
+            Ok(dir) => {
+                let stream = DirStream { dir, parent: ino.0, base: 0, page: Vec::new(), eof: false, loaded: false };
+                let fh = self.new_handle(Handle::Dir(Box::new(stream)));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let result = self.runtime.block_on(self.list(fh, offset, |ino, next, name, attr| {
+            let kind = attr.map(|a| file_type(a.kind)).unwrap_or(fuser::FileType::Directory);
+            reply.add(INodeNo(ino), next, kind, OsStr::from_bytes(name))
+        }));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dir_attr = match self.runtime.block_on(async { self.client.meta.getattr(self.handle_of(ino)?).await }) {
+            Ok(attr) => attr,
+            Err(e) => {
+                reply.error(errno_of(&e));
+                return;
+            }
+        };
+        let mut added: Vec<pb::Attr> = Vec::new();
+        let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| {
+            match attr {
+                Some(attr) => {
+                    let fattr = file_attr(attr, attr.size);
+                    let full = reply.add(
+                        INodeNo(entry_ino),
+                        next,
+                        OsStr::from_bytes(name),
+                        &self.options.entry_ttl,
+                        &fattr,
+                        Generation(attr.generation),
+                    );
+                    if !full {
+                        added.push(attr.clone());
+                        self.remember_name(ino.0, name, attr.ino);
+                    }
+                    full
+                }
+                None => {
+                    let mut fattr = file_attr(&dir_attr, dir_attr.size);
+                    fattr.ino = INodeNo(entry_ino);
+                    reply.add(INodeNo(entry_ino), next, OsStr::from_bytes(name), &Duration::ZERO, &fattr, Generation(0))
+                }
+            }
+        }));
+        for attr in &added {
+            self.remember(attr);
+        }
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.handles.lock().expect("handle table poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Every namespace change is durable on a Raft majority before it is acknowledged.
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.runtime.block_on(self.client.meta.statfs()) {
+            Ok(s) => {
+                let bsize = s.block_size.max(512) as u64;
+                reply.statfs(
+                    s.total_bytes / bsize,
+                    s.free_bytes / bsize,
+                    s.free_bytes / bsize,
+                    s.files + s.free_files,
+                    s.free_files,
+                    bsize as u32,
+                    s.name_max,
+                    bsize as u32,
+                )
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, position: u32, reply: ReplyEmpty) {
+        if position != 0 {
+            reply.error(Errno::EINVAL);
+            return;
+        }
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let result = self.runtime.block_on(async {
+            let op = pb::SetXattrOp {
+                target: Some(self.handle_of(ino)?),
+                name: name.as_bytes().to_vec(),
+                value: value.to_vec(),
+                flags: flags as u32 & 3,
+            };
+            self.client.meta.mutate(&who, Op::SetXattr(op)).await
+        });
+        match result {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await });
+        match result {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() <= size as usize => reply.data(&value),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self.runtime.block_on(async { self.client.meta.listxattr(self.handle_of(ino)?).await });
+        match result {
+            Ok(names) => {
+                let mut list = Vec::new();
+                for name in names {
+                    list.extend_from_slice(&name);
+                    list.push(0);
+                }
+                if size == 0 {
+                    reply.size(list.len() as u32)
+                } else if list.len() <= size as usize {
+                    reply.data(&list)
+                } else {
+                    reply.error(Errno::ERANGE)
+                }
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let result = self.runtime.block_on(async {
+            let op = pb::RemoveXattrOp { target: Some(self.handle_of(ino)?), name: name.as_bytes().to_vec() };
+            self.client.meta.mutate(&who, Op::RemoveXattr(op)).await
+        });
+        match result {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // The kernel checks permission bits itself (default_permissions); here only existence.
+        match self.runtime.block_on(async { self.client.meta.getattr(self.handle_of(ino)?).await }) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let op = pb::CreateOp {
+            name: name.as_bytes().to_vec(),
+            kind: pb::FileKind::Regular as i32,
+            perm: mode & !umask & 0o7777,
+            exclusive: flags & libc::O_EXCL != 0,
+            ..Default::default()
+        };
+        let ids = (req.uid(), req.gid(), req.pid());
+        let result = self.runtime.block_on(async {
+            let attr = self.create_node(ids, parent, op).await?;
+            let fattr = self.attr_of(&attr).await;
+            Ok::<_, ClientError>((attr, fattr))
+        });
+        match result {
+            Ok((attr, fattr)) => {
+                self.remember(&attr);
+                self.remember_name(parent.0, name.as_bytes(), attr.ino);
+                let file = self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
+                let fh = self.new_handle(Handle::File { ino: attr.ino, file });
+                reply.created(&self.options.entry_ttl, &fattr, Generation(attr.generation), FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+
+    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let result = self.runtime.block_on(async {
+            if let Ok((_, file)) = self.open_file(fh) {
+                self.client.files.flush(&file).await?;
+            }
+            let op = pb::FallocateOp { target: Some(self.handle_of(ino)?), offset, len: length, mode: mode as u32 };
+            let reply = self.client.meta.mutate(&who, Op::Fallocate(op)).await?;
+            if let Some(attr) = reply.attr {
+                self.client.files.invalidate(ino.0, attr.size).await;
+            }
+            Ok::<_, ClientError>(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+}
+
+impl CairnFs {
+    fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
+        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let result = self.runtime.block_on(async {
+            let op = pb::UnlinkOp {
+                parent: Some(self.handle_of(parent)?),
+                name: name.as_bytes().to_vec(),
+                directory,
+                caller_not_holding: !self.may_hold(parent.0, name.as_bytes()),
+            };
+            let reply = self.client.meta.mutate(&who, Op::Unlink(op)).await?;
+            self.forget_name(parent.0, name.as_bytes());
+            if reply.orphaned
+                && let Some(attr) = &reply.attr
+            {
+                self.note_orphan(attr).await;
+            }
+            Ok::<_, ClientError>(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
+    }
+}

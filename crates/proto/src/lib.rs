@@ -1,0 +1,101 @@
+//! The wire protocol shared by every Cairn process, generated from `proto/cairn.proto`.
+
+#![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
+
+pub mod pb {
+    tonic::include_proto!("cairn.v1");
+}
+
+pub use pb::*;
+
+/// Largest gRPC message any Cairn endpoint accepts or sends: a block travels in chunks well
+/// under this, and directory listings are paged.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Size of the pieces a block digest is built from.
+pub const PIECE_BYTES: usize = 64 * 1024;
+
+/// Largest block: files are cut into blocks of at most this size.
+pub const BLOCK_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Longest name in a directory, as on ext4.
+pub const NAME_BYTES_MAX: usize = 255;
+
+/// A block's id: 128 bits made of the writing session and a per-session counter, unique
+/// without a round trip to meta.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u128);
+
+impl BlockId {
+    pub fn new(session: u64, counter: u64) -> Self {
+        BlockId(((session as u128) << 64) | counter as u128)
+    }
+    pub fn hi(self) -> u64 {
+        (self.0 >> 64) as u64
+    }
+    pub fn lo(self) -> u64 {
+        self.0 as u64
+    }
+    pub fn from_parts(hi: u64, lo: u64) -> Self {
+        BlockId(((hi as u128) << 64) | lo as u128)
+    }
+    pub fn of(block: &BlockRef) -> Self {
+        Self::from_parts(block.id_hi, block.id_lo)
+    }
+}
+
+impl std::fmt::Display for BlockId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// The BLAKE3 hash of one piece.
+pub fn piece_hash(piece: &[u8]) -> [u8; 32] {
+    *blake3::hash(piece).as_bytes()
+}
+
+/// The digest of a block from its piece hashes: BLAKE3 over their concatenation.
+pub fn digest_of_pieces<'a>(piece_hashes: impl IntoIterator<Item = &'a [u8; 32]>) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    for hash in piece_hashes {
+        hasher.update(hash);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// Piece hashes and digest of a whole block held in memory.
+pub fn block_digest(data: &[u8]) -> (Vec<[u8; 32]>, [u8; 32]) {
+    let pieces: Vec<[u8; 32]> = data.chunks(PIECE_BYTES).map(piece_hash).collect();
+    let digest = digest_of_pieces(&pieces);
+    (pieces, digest)
+}
+
+/// Linux errno values used across the crates, named once.
+pub mod errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EIO: i32 = 5;
+    pub const EBADF: i32 = 9;
+    pub const EAGAIN: i32 = 11;
+    pub const EACCES: i32 = 13;
+    pub const EEXIST: i32 = 17;
+    pub const EXDEV: i32 = 18;
+    pub const ENODEV: i32 = 19;
+    pub const ENOTDIR: i32 = 20;
+    pub const EISDIR: i32 = 21;
+    pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const EMLINK: i32 = 31;
+    pub const ERANGE: i32 = 34;
+    pub const ENAMETOOLONG: i32 = 36;
+    pub const ENOSYS: i32 = 38;
+    pub const ENOTEMPTY: i32 = 39;
+    pub const ENODATA: i32 = 61;
+    pub const EOVERFLOW: i32 = 75;
+    pub const EOPNOTSUPP: i32 = 95;
+    pub const ESTALE: i32 = 116;
+    pub const E2BIG: i32 = 7;
+}
