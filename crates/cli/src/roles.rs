@@ -47,7 +47,9 @@ async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     Server::builder()
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(pb::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(pb::FRAME_BYTES_MAX)
         .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX)
         .add_optional_service(meta.map(MetaService::into_server))
         .add_optional_service(data.map(DataService::into_server))

@@ -86,6 +86,7 @@ impl BlockStore {
                 }
             }
             let Some(status) = failure else {
+                tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
                 self.insert_pieces(id.0, 0, &data);
                 return Ok(block);
             };

@@ -169,7 +169,10 @@ impl Files {
             if inner.building.is_some() {
                 self.seal(&mut inner).await;
             }
-            inner.building = Some(Building { offset: at, data: Vec::with_capacity(rest.len().min(BLOCK_BYTES_MAX)) });
+            // A block that starts with a large write will most likely fill: reserve it whole so
+            // it never reallocates; small writes start small.
+            let capacity = if rest.len() >= INLINE_BYTES_MAX { BLOCK_BYTES_MAX } else { rest.len() };
+            inner.building = Some(Building { offset: at, data: Vec::with_capacity(capacity) });
         }
         inner.dirty = true;
         inner.dirty_end = inner.dirty_end.max(offset + data.len() as u64);

@@ -50,7 +50,9 @@ pub fn endpoint(address: &str, policy: &RetryPolicy) -> ClientResult<Endpoint> {
         .connect_timeout(Duration::from_secs(2))
         .timeout(policy.attempt_timeout)
         .tcp_nodelay(true)
-        .http2_adaptive_window(true))
+        .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(pb::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(pb::FRAME_BYTES_MAX))
 }
 
 struct Current {

@@ -65,35 +65,41 @@ impl Data for DataService {
             return Err(Status::invalid_argument("block digest must be 32 bytes"));
         }
         let id = BlockId::of(&block);
-        let mut data = Vec::with_capacity(len);
-        data.extend_from_slice(&first.data);
-        while data.len() < len {
+        let mut received = first.data.len();
+        if received > len {
+            return Err(Status::invalid_argument("block upload longer than announced"));
+        }
+        let mut parts = vec![first.data];
+        while received < len {
             match stream.message().await? {
                 Some(chunk) => {
                     if chunk.block.is_some() {
                         return Err(Status::invalid_argument("only the first chunk may name the block"));
                     }
-                    if data.len() + chunk.data.len() > len {
+                    if received + chunk.data.len() > len {
                         return Err(Status::invalid_argument("block upload longer than announced"));
                     }
-                    data.extend_from_slice(&chunk.data);
+                    received += chunk.data.len();
+                    parts.push(chunk.data);
                 }
                 None => break,
             }
         }
-        if data.len() != len {
-            return Err(Status::invalid_argument(format!("block upload has {} of {len} bytes", data.len())));
+        if received != len {
+            return Err(Status::invalid_argument(format!("block upload has {received} of {len} bytes")));
         }
         if self.volume.contains(id) {
             // A retried upload of a block already durable here.
             return Ok(Response::new(PutBlockReply { errno: 0 }));
         }
-        let new_block = NewBlock::verified(id, &block.digest, data).map_err(volume_status)?;
+        let received_at = std::time::Instant::now();
+        let new_block = NewBlock::verified_parts(id, &block.digest, parts).map_err(volume_status)?;
         let volume = self.volume.clone();
         tokio::task::spawn_blocking(move || volume.append(vec![new_block]))
             .await
             .map_err(|e| Status::internal(format!("append task: {e}")))?
             .map_err(volume_status)?;
+        tracing::debug!(block = %id, verify_and_append_us = received_at.elapsed().as_micros() as u64, "block appended");
         Ok(Response::new(PutBlockReply { errno: 0 }))
     }
 

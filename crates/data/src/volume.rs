@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use bytes::Bytes;
 use cairn_proto::{BLOCK_BYTES_MAX, BlockId, PIECE_BYTES, digest_of_pieces, piece_hash};
 
 const MAGIC: u32 = 0x4b4c_4243; // "CBLK"
@@ -50,26 +51,39 @@ struct Location {
     pieces: Arc<Vec<[u8; 32]>>,
 }
 
-/// A verified block ready to be appended.
+/// A verified block ready to be appended. Its data is kept in the pieces it arrived in (each
+/// a whole number of hash pieces, but the last), so it is never copied into one buffer.
 pub struct NewBlock {
     pub id: BlockId,
     pub digest: [u8; 32],
     pub pieces: Vec<[u8; 32]>,
-    pub data: Vec<u8>,
+    pub data: Vec<Bytes>,
+    pub len: usize,
 }
 
 impl NewBlock {
     /// Checks `data` against the digest the writer claims, piece by piece.
     pub fn verified(id: BlockId, claimed: &[u8], data: Vec<u8>) -> Result<NewBlock, VolumeError> {
-        if data.is_empty() || data.len() > BLOCK_BYTES_MAX {
-            return Err(VolumeError::Invalid(format!("block length {} out of range", data.len())));
+        Self::verified_parts(id, claimed, vec![Bytes::from(data)])
+    }
+
+    /// Like [`NewBlock::verified`] for data that arrived in parts; every part but the last
+    /// must be a whole number of pieces.
+    pub fn verified_parts(id: BlockId, claimed: &[u8], parts: Vec<Bytes>) -> Result<NewBlock, VolumeError> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        if len == 0 || len > BLOCK_BYTES_MAX {
+            return Err(VolumeError::Invalid(format!("block length {len} out of range")));
         }
-        let pieces: Vec<[u8; 32]> = data.chunks(PIECE_BYTES).map(piece_hash).collect();
+        let last = parts.len() - 1;
+        if parts[..last].iter().any(|p| p.len() % PIECE_BYTES != 0) {
+            return Err(VolumeError::Invalid("block parts must be whole pieces".into()));
+        }
+        let pieces: Vec<[u8; 32]> = parts.iter().flat_map(|part| part.chunks(PIECE_BYTES).map(piece_hash)).collect();
         let digest = digest_of_pieces(&pieces);
         if claimed != digest {
             return Err(VolumeError::Invalid(format!("block {id}: data does not match its digest")));
         }
-        Ok(NewBlock { id, digest, pieces, data })
+        Ok(NewBlock { id, digest, pieces, data: parts, len })
     }
 }
 
@@ -292,18 +306,22 @@ impl Volume {
         let mut located = Vec::with_capacity(blocks.len());
         for block in blocks {
             debug_assert_eq!(digest_of_pieces(&block.pieces), block.digest);
-            let header = encode_record(KIND_BLOCK, block.id, block.data.len() as u32, &block.digest, &block.pieces);
+            let header = encode_record(KIND_BLOCK, block.id, block.len as u32, &block.digest, &block.pieces);
             let start = writer.end;
             writer.active.file.write_all_at(&header, start)?;
             let data_offset = start + header.len() as u64;
-            writer.active.file.write_all_at(&block.data, data_offset)?;
-            writer.end = data_offset + block.data.len() as u64;
+            let mut at = data_offset;
+            for part in &block.data {
+                writer.active.file.write_all_at(part, at)?;
+                at += part.len() as u64;
+            }
+            writer.end = at;
             located.push((
                 block.id,
                 Location {
                     segment: writer.active.number,
                     data_offset,
-                    len: block.data.len() as u32,
+                    len: block.len as u32,
                     digest: block.digest,
                     pieces: Arc::new(block.pieces),
                 },

@@ -12,6 +12,14 @@ pub use pb::*;
 /// under this, and directory listings are paged.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
+/// HTTP/2 flow-control windows: large enough that a block streams without waiting for window
+/// updates on a fast link.
+pub const STREAM_WINDOW_BYTES: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 * 1024 * 1024;
+/// Largest HTTP/2 frame a peer may send us (the protocol's maximum is 16 MiB - 1): fewer,
+/// larger frames cost fewer system calls on the data path.
+pub const FRAME_BYTES_MAX: u32 = 1024 * 1024;
+
 /// Size of the pieces a block digest is built from.
 pub const PIECE_BYTES: usize = 64 * 1024;
 

@@ -1,0 +1,232 @@
+//! End-to-end behaviour through real mounts of real server processes: durability across
+//! `kill -9`, unlinked-but-open files, stale handles, corruption detection, and the `up`
+//! command a newcomer runs.
+
+mod common;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_testkit::{free_address, is_mounted, wait_until};
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+#[test]
+fn fsynced_data_survives_kill_of_every_server_and_the_mount_carries_on() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let mount = cluster.mount().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acknowledged: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
+    let writer = {
+        let (stop, acknowledged, mount) = (stop.clone(), acknowledged.clone(), mount.clone());
+        std::thread::spawn(move || -> std::io::Result<()> {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let len = (i as usize * 7919) % 300_000 + 1;
+                let mut file = File::create(mount.join(format!("f{i}")))?;
+                file.write_all(&pattern(i, len))?;
+                file.sync_all()?;
+                acknowledged.lock().unwrap().push((i, len));
+                i += 1;
+            }
+            Ok(())
+        })
+    };
+    wait_until("some files to be written", Duration::from_secs(60), || acknowledged.lock().unwrap().len() >= 20).unwrap();
+    cluster.meta.kill();
+    cluster.data.kill();
+    let at_kill = acknowledged.lock().unwrap().len();
+    cluster.meta.restart().unwrap();
+    cluster.data.restart().unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_until("writes to resume after the restart", Duration::from_secs(90), || acknowledged.lock().unwrap().len() >= at_kill + 20)
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap().expect("the writer saw no error across the restart");
+    assert!(cluster.mounts[0].process.is_running(), "the mount process must survive the server restart");
+    for &(i, len) in acknowledged.lock().unwrap().iter() {
+        let data = fs::read(mount.join(format!("f{i}"))).unwrap();
+        assert_eq!(data.len(), len, "file f{i} has the wrong length");
+        assert!(data == pattern(i, len), "file f{i} has the wrong content");
+    }
+    // A second, fresh mount sees the same data (nothing served from the first client's caches).
+    let second = cluster.mount().unwrap();
+    let &(i, len) = acknowledged.lock().unwrap().first().unwrap();
+    assert_eq!(fs::read(second.join(format!("f{i}"))).unwrap(), pattern(i, len));
+}
+
+#[test]
+fn unlinked_open_file_stays_usable_until_last_close() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let mount = cluster.mount().unwrap();
+    let path = mount.join("doomed");
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    file.write_all(&pattern(1, 100_000)).unwrap();
+    file.sync_all().unwrap();
+    fs::remove_file(&path).unwrap();
+    assert!(!path.exists());
+    file.write_all_at(&pattern(2, 50_000), 100_000).unwrap();
+    file.sync_all().unwrap();
+    let mut back = vec![0u8; 150_000];
+    file.read_exact_at(&mut back, 0).unwrap();
+    assert_eq!(&back[..100_000], &pattern(1, 100_000)[..]);
+    assert_eq!(&back[100_000..], &pattern(2, 50_000)[..]);
+    assert_eq!(file.metadata().unwrap().len(), 150_000);
+    assert_eq!(file.metadata().unwrap().nlink(), 0);
+    let inodes_open = cluster.status().unwrap()["inodes"].as_u64().unwrap();
+    drop(file);
+    // After the last close the inode is reclaimed; nothing under its name came back.
+    assert!(!path.exists());
+    assert!(fs::read_dir(&mount).unwrap().next().is_none());
+    assert!(inodes_open >= 1);
+}
+
+use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn removed_directory_gives_estale_to_a_client_still_holding_it() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let first = cluster.mount().unwrap();
+    let second = cluster.mount().unwrap();
+    fs::create_dir(first.join("d")).unwrap();
+    let held = File::open(first.join("d")).unwrap();
+    assert!(held.metadata().unwrap().is_dir());
+    wait_until("the second mount to see the directory", Duration::from_secs(10), || second.join("d").exists()).unwrap();
+    fs::remove_dir(second.join("d")).unwrap();
+    // Once the first mount's attribute cache lapses, its handle is stale.
+    wait_until("the held directory to report ESTALE", Duration::from_secs(10), || {
+        held.metadata().err().and_then(|e| e.raw_os_error()) == Some(libc::ESTALE)
+    })
+    .unwrap();
+}
+
+#[test]
+fn corrupted_block_is_reported_as_eio_never_as_data() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let first = cluster.mount().unwrap();
+    let content = pattern(7, 3 * 1024 * 1024);
+    fs::write(first.join("big"), &content).unwrap();
+    // Flip one byte of the file's data inside the data server's segment file.
+    let segment = fs::read_dir(cluster.data_dir().join("blocks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let bytes = fs::read(&segment).unwrap();
+    let needle = &content[2_000_000..2_000_064];
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("file data in the segment");
+    let segment_file = OpenOptions::new().write(true).open(&segment).unwrap();
+    segment_file.write_all_at(&[bytes[at] ^ 0xff], at as u64).unwrap();
+    segment_file.sync_all().unwrap();
+    // A fresh client (no cached pieces) must get EIO for the damaged range, and data elsewhere.
+    let second = cluster.mount().unwrap();
+    let file = File::open(second.join("big")).unwrap();
+    let mut buffer = vec![0u8; 4096];
+    file.read_exact_at(&mut buffer, 0).unwrap();
+    assert_eq!(&buffer[..], &content[..4096]);
+    let error = file.read_exact_at(&mut buffer, 2_000_000).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "corruption must surface as EIO, got {error}");
+    assert!(cluster.data.log().contains("hash mismatch"), "the data server logs the corruption");
+}
+
+#[test]
+fn up_creates_mounts_serves_and_unmounts_on_sigterm() {
+    if !common::can_mount() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mount = dir.path().join("mnt");
+    fs::create_dir(&mount).unwrap();
+    let listen = free_address();
+    let run = || {
+        Command::new(common::bin())
+            .args(["up", "--data", data.to_str().unwrap(), "--mount", mount.to_str().unwrap(), "--listen", &listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut child = run();
+    wait_until("the up mount", Duration::from_secs(60), || is_mounted(&mount)).unwrap();
+    fs::write(mount.join("f"), "hi\n").unwrap();
+    assert_eq!(fs::read_to_string(mount.join("f")).unwrap(), "hi\n");
+    let status = Command::new(common::bin()).args(["status", "--meta", &listen]).output().unwrap();
+    assert!(String::from_utf8_lossy(&status.stdout).contains("health       ok"));
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "cairn up exits cleanly on SIGTERM");
+    assert!(!is_mounted(&mount), "SIGTERM unmounts");
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(stdout.contains("cairn mount --meta"), "up prints how a second client mounts: {stdout}");
+    // The second start finds the same file system and the data.
+    let mut child = run();
+    wait_until("the up mount again", Duration::from_secs(60), || is_mounted(&mount)).unwrap();
+    assert_eq!(fs::read_to_string(mount.join("f")).unwrap(), "hi\n");
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+}
+
+fn cairn_error(args: &[&str]) -> String {
+    let output = Command::new(common::bin()).args(args).output().unwrap();
+    assert!(!output.status.success(), "cairn {args:?} should fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn misuse_gets_a_message_that_says_how_to_fix_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let missing = dir.path().join("no-such-dir");
+    let message = cairn_error(&["up", "--data", data.to_str().unwrap(), "--mount", missing.to_str().unwrap()]);
+    assert!(message.contains("does not exist") && message.contains("mkdir"), "{message}");
+
+    let foreign = dir.path().join("foreign");
+    fs::create_dir(&foreign).unwrap();
+    fs::write(foreign.join("something"), "not cairn").unwrap();
+    let message = cairn_error(&["meta", "--dir", foreign.to_str().unwrap(), "--init", "--listen", &free_address()]);
+    assert!(message.contains("holds no Cairn file system"), "{message}");
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let message = cairn_error(&["meta", "--dir", dir.path().join("m").to_str().unwrap(), "--init", "--listen", &address]);
+    assert!(message.contains("in use"), "{message}");
+
+    let message = cairn_error(&["meta", "--dir", dir.path().join("m2").to_str().unwrap(), "--listen", &free_address()]);
+    assert!(message.contains("--init"), "{message}");
+
+    let message = cairn_error(&["status", "--meta", &free_address()]);
+    assert!(message.contains("no meta server answered"), "{message}");
+    let _ = Path::new("/");
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing Cairn needs on a Debian machine: FUSE, the
+# libraries pjdfstest links against, and the cargo tools. Safe to run again.
+set -euo pipefail
+
+need_apt=()
+command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+[ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)
+command -v setfattr >/dev/null 2>&1 || need_apt+=(attr)
+command -v fio >/dev/null 2>&1 || need_apt+=(fio)
+command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if [ "${1:-}" = "--test-tools" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if ! command -v cargo-nextest >/dev/null 2>&1; then
+    echo "setup: installing cargo-nextest" >&2
+    cargo install cargo-nextest --locked -q
+  fi
+  if ! command -v pjdfstest >/dev/null 2>&1; then
+    echo "setup: installing pjdfstest" >&2
+    cargo install pjdfstest --locked -q
+  fi
+  # pjdfstest switches to this unprivileged user for its permission tests.
+  if ! id tests >/dev/null 2>&1; then
+    echo 'tests:x:::Dummy User:/:/usr/sbin/nologin' | newusers
+  fi
+fi

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and integration tests (real processes, real
+# FUSE mounts, pjdfstest against the mount and the local disk, the random-operations checker
+# across a server kill). Installs what it needs first. The test runner's summary is the last
+# thing it prints.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+./scripts/setup.sh --test-tools
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy -q --release --all-targets -- -D warnings
+
+echo "== build"
+cargo build -q --release --all-targets
+
+echo "== tests"
+# Tests that mount file systems share the machine's two cores; keep them few at a time.
+exec cargo nextest run --release --no-fail-fast --test-threads 2 --failure-output final --status-level fail
