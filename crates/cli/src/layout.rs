@@ -22,11 +22,18 @@ pub fn new_fs_id() -> String {
 /// Reads the marker of `dir`, or writes a new one (naming `new_fs_id`, which may be empty when
 /// not known yet) when the directory is new or empty. `expected_fs_id` refuses a directory that
 /// belongs to another file system.
-pub fn open_or_create(dir: &Path, new_fs_id: &str, expected_fs_id: Option<&str>, data_server: bool) -> Result<(Marker, bool)> {
+pub fn open_or_create(
+    dir: &Path,
+    new_fs_id: &str,
+    expected_fs_id: Option<&str>,
+    data_server: bool,
+) -> Result<(Marker, bool)> {
     let marker_path = dir.join(MARKER);
     if marker_path.exists() {
-        let text = std::fs::read_to_string(&marker_path).with_context(|| format!("reading {}", marker_path.display()))?;
-        let mut marker: Marker = serde_json::from_str(&text).with_context(|| format!("{} is not a Cairn marker", marker_path.display()))?;
+        let text =
+            std::fs::read_to_string(&marker_path).with_context(|| format!("reading {}", marker_path.display()))?;
+        let mut marker: Marker =
+            serde_json::from_str(&text).with_context(|| format!("{} is not a Cairn marker", marker_path.display()))?;
         if let Some(expected) = expected_fs_id
             && !marker.fs_id.is_empty()
             && marker.fs_id != expected
@@ -44,10 +51,7 @@ pub fn open_or_create(dir: &Path, new_fs_id: &str, expected_fs_id: Option<&str>,
         return Ok((marker, false));
     }
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        bail!(
-            "{} is not empty and holds no Cairn file system: give an empty or new directory",
-            dir.display()
-        );
+        bail!("{} is not empty and holds no Cairn file system: give an empty or new directory", dir.display());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let marker = Marker {

@@ -26,7 +26,11 @@ async fn bind(listen: &str) -> Result<TcpListener> {
     let address: SocketAddr = listen.parse().with_context(|| format!("--listen {listen} is not an IP:port address"))?;
     TcpListener::bind(address).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
-            anyhow!("port {} on {} is in use (is another cairn running?): pass --listen with a free port", address.port(), address.ip())
+            anyhow!(
+                "port {} on {} is in use (is another cairn running?): pass --listen with a free port",
+                address.port(),
+                address.ip()
+            )
         } else {
             anyhow!("cannot listen on {address}: {e}")
         }
@@ -135,10 +139,16 @@ fn check_mount_point(path: &std::path::Path) -> Result<()> {
         bail!("mount point {} is not a directory", path.display());
     }
     if cairn_mount::mount::is_mount_point(path) {
-        bail!("{} is already a mount point: unmount it first (`umount {}`) or pick another directory", path.display(), path.display());
+        bail!(
+            "{} is already a mount point: unmount it first (`umount {}`) or pick another directory",
+            path.display(),
+            path.display()
+        );
     }
     if !std::path::Path::new("/dev/fuse").exists() {
-        bail!("FUSE is not available: /dev/fuse is missing (load the module with `modprobe fuse` or install the fuse3 package)");
+        bail!(
+            "FUSE is not available: /dev/fuse is missing (load the module with `modprobe fuse` or install the fuse3 package)"
+        );
     }
     Ok(())
 }

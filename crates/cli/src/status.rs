@@ -47,7 +47,10 @@ fn print(reply: &pb::StatusReply, json: bool) -> Result<()> {
     }
     println!("file system  {}", reply.fs_id);
     println!("health       {}", if healthy { "ok" } else { "degraded" });
-    println!("meta         node {} at {} is {} (leader {}, term {}, applied {})", reply.node_id, reply.address, reply.role, reply.leader_id, reply.term, reply.last_applied);
+    println!(
+        "meta         node {} at {} is {} (leader {}, term {}, applied {})",
+        reply.node_id, reply.address, reply.role, reply.leader_id, reply.term, reply.last_applied
+    );
     for member in &reply.members {
         println!("  member     {} at {}", member.id, member.address);
     }
@@ -55,7 +58,10 @@ fn print(reply: &pb::StatusReply, json: bool) -> Result<()> {
     println!("sessions     {}", reply.sessions);
     for d in &reply.data_servers {
         let state = if d.capacity_bytes > 0 { "live" } else { "not heard from" };
-        println!("data server  {:x} at {} ({state}, {} of {} bytes used)", d.id, d.address, d.used_bytes, d.capacity_bytes);
+        println!(
+            "data server  {:x} at {} ({state}, {} of {} bytes used)",
+            d.id, d.address, d.used_bytes, d.capacity_bytes
+        );
     }
     Ok(())
 }

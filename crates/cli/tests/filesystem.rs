@@ -51,15 +51,18 @@ fn fsynced_data_survives_kill_of_every_server_and_the_mount_carries_on() {
             Ok(())
         })
     };
-    wait_until("some files to be written", Duration::from_secs(60), || acknowledged.lock().unwrap().len() >= 20).unwrap();
+    wait_until("some files to be written", Duration::from_secs(60), || acknowledged.lock().unwrap().len() >= 20)
+        .unwrap();
     cluster.meta.kill();
     cluster.data.kill();
     let at_kill = acknowledged.lock().unwrap().len();
     cluster.meta.restart().unwrap();
     cluster.data.restart().unwrap();
     cluster.wait_healthy(Duration::from_secs(60)).unwrap();
-    wait_until("writes to resume after the restart", Duration::from_secs(90), || acknowledged.lock().unwrap().len() >= at_kill + 20)
-        .unwrap();
+    wait_until("writes to resume after the restart", Duration::from_secs(90), || {
+        acknowledged.lock().unwrap().len() >= at_kill + 20
+    })
+    .unwrap();
     stop.store(true, Ordering::SeqCst);
     writer.join().unwrap().expect("the writer saw no error across the restart");
     assert!(cluster.mounts[0].process.is_running(), "the mount process must survive the server restart");
@@ -220,7 +223,8 @@ fn misuse_gets_a_message_that_says_how_to_fix_it() {
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap().to_string();
-    let message = cairn_error(&["meta", "--dir", dir.path().join("m").to_str().unwrap(), "--init", "--listen", &address]);
+    let message =
+        cairn_error(&["meta", "--dir", dir.path().join("m").to_str().unwrap(), "--init", "--listen", &address]);
     assert!(message.contains("in use"), "{message}");
 
     let message = cairn_error(&["meta", "--dir", dir.path().join("m2").to_str().unwrap(), "--listen", &free_address()]);

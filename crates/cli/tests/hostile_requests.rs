@@ -32,11 +32,15 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
 
     runtime().block_on(async {
         let mut meta = MetaClient::connect(meta_address.clone()).await.unwrap();
-        let session = meta.open_session(pb::OpenSessionRequest { client_name: "hostile".into() }).await.unwrap().into_inner();
+        let session =
+            meta.open_session(pb::OpenSessionRequest { client_name: "hostile".into() }).await.unwrap().into_inner();
         let root = session.root.unwrap();
 
         // Unknown and stale handles.
-        let reply = meta.get_attr(pb::GetAttrRequest { target: Some(pb::FileHandle { ino: 987_654, generation: 1 }) }).await.unwrap();
+        let reply = meta
+            .get_attr(pb::GetAttrRequest { target: Some(pb::FileHandle { ino: 987_654, generation: 1 }) })
+            .await
+            .unwrap();
         assert_eq!(reply.into_inner().errno, errno::ESTALE);
         let stale = pb::FileHandle { ino: root.ino, generation: root.generation + 1 };
         let reply = meta.get_attr(pb::GetAttrRequest { target: Some(stale) }).await.unwrap();
@@ -45,14 +49,24 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(reply.into_inner().errno, errno::EINVAL);
 
         // Names with '/' or NUL, and names that are too long.
-        for (name, expected) in [(b"a/b".to_vec(), errno::EINVAL), (b"a\0b".to_vec(), errno::EINVAL), (vec![b'x'; 256], errno::ENAMETOOLONG)] {
+        for (name, expected) in [
+            (b"a/b".to_vec(), errno::EINVAL),
+            (b"a\0b".to_vec(), errno::EINVAL),
+            (vec![b'x'; 256], errno::ENAMETOOLONG),
+        ] {
             let reply = meta.lookup(pb::LookupRequest { parent: Some(root), name: name.clone() }).await.unwrap();
             assert_eq!(reply.into_inner().errno, expected);
             let create = pb::MutateRequest {
                 session: session.session,
                 seq: 1 + name.len() as u64,
                 caller: Some(pb::Caller::default()),
-                op: Some(Op::Create(pb::CreateOp { parent: Some(root), name, kind: pb::FileKind::Regular as i32, perm: 0o644, ..Default::default() })),
+                op: Some(Op::Create(pb::CreateOp {
+                    parent: Some(root),
+                    name,
+                    kind: pb::FileKind::Regular as i32,
+                    perm: 0o644,
+                    ..Default::default()
+                })),
             };
             assert_eq!(meta.mutate(create).await.unwrap().into_inner().errno, expected);
         }
@@ -73,11 +87,20 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             session: session.session,
             seq: 1000,
             caller: Some(pb::Caller::default()),
-            op: Some(Op::Create(pb::CreateOp { parent: Some(root), name: b"f".to_vec(), kind: pb::FileKind::Regular as i32, perm: 0o644, ..Default::default() })),
+            op: Some(Op::Create(pb::CreateOp {
+                parent: Some(root),
+                name: b"f".to_vec(),
+                kind: pb::FileKind::Regular as i32,
+                perm: 0o644,
+                ..Default::default()
+            })),
         };
         let attr = meta.mutate(file).await.unwrap().into_inner().attr.unwrap();
         let handle = pb::FileHandle { ino: attr.ino, generation: attr.generation };
-        let reply = meta.get_extents(pb::GetExtentsRequest { target: Some(handle), offset: u64::MAX, len: u64::MAX }).await.unwrap();
+        let reply = meta
+            .get_extents(pb::GetExtentsRequest { target: Some(handle), offset: u64::MAX, len: u64::MAX })
+            .await
+            .unwrap();
         assert_eq!(reply.into_inner().errno, 0);
         let commit = pb::MutateRequest {
             session: session.session,
@@ -85,7 +108,12 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             caller: Some(pb::Caller::default()),
             op: Some(Op::Commit(pb::CommitOp {
                 target: Some(handle),
-                extents: vec![pb::Extent { offset: u64::MAX - 1, len: 10, inline_data: vec![0; 10], ..Default::default() }],
+                extents: vec![pb::Extent {
+                    offset: u64::MAX - 1,
+                    len: 10,
+                    inline_data: vec![0; 10],
+                    ..Default::default()
+                }],
                 ..Default::default()
             })),
         };
@@ -114,21 +142,31 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         // A message over the size limit is refused by the transport.
         let oversized = pb::LookupRequest { parent: Some(root), name: vec![b'y'; 16 * 1024 * 1024] };
         let error = meta.lookup(oversized).await.unwrap_err();
-        assert!(matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::Unknown), "{error}");
+        assert!(
+            matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::Unknown),
+            "{error}"
+        );
 
         // The data server: unknown blocks, impossible ranges, lying uploads.
         let mut data = DataClient::connect(data_address.clone()).await.unwrap();
         let unknown = pb::BlockRef { id_hi: 1, id_lo: 2, len: 10, digest: vec![0; 32], servers: vec![] };
-        let error = data.get_block(pb::GetBlockRequest { block: Some(unknown.clone()), offset: 0, len: 10 }).await.unwrap_err();
+        let error =
+            data.get_block(pb::GetBlockRequest { block: Some(unknown.clone()), offset: 0, len: 10 }).await.unwrap_err();
         assert_eq!(error.code(), Code::NotFound);
         let too_big = pb::BlockRef { len: u32::MAX, ..unknown.clone() };
-        let upload = data.put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(too_big), data: vec![0; 10].into() }])).await;
+        let upload = data
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(too_big), data: vec![0; 10].into() }]))
+            .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
         let liar = pb::BlockRef { len: 10, ..unknown.clone() };
-        let upload = data.put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(liar), data: vec![0; 10].into() }])).await;
+        let upload = data
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(liar), data: vec![0; 10].into() }]))
+            .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument, "data that does not match its digest is refused");
         let short = pb::BlockRef { len: 100, ..unknown.clone() };
-        let upload = data.put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(short), data: vec![0; 10].into() }])).await;
+        let upload = data
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(short), data: vec![0; 10].into() }]))
+            .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
         let deletes = pb::DeleteBlocksRequest { blocks: vec![unknown.clone(); 200_000] };
         assert!(data.delete_blocks(deletes).await.is_err());

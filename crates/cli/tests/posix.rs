@@ -20,8 +20,18 @@ allow_remount = false
 entries = [["nobody", "nogroup"], ["tests", "tests"]]
 "#;
 
+/// Tests pjdfstest skips on every FUSE file system, with the reason.
+const SKIPPED_ON_FUSE: &[(&str, &str)] = &[(
+    "link::link_count_max",
+    "glibc's pathconf(_PC_LINK_MAX) answers 127 (\"unknown\") for FUSE, so the suite skips it; \
+     Cairn's limit is 65,000 links, as ext4's, and a unit test in cairn-meta checks EMLINK",
+)];
+
 fn pjdfstest() -> Option<PathBuf> {
-    let candidates = [std::env::var("PJDFSTEST").ok().map(PathBuf::from), std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cargo/bin/pjdfstest"))];
+    let candidates = [
+        std::env::var("PJDFSTEST").ok().map(PathBuf::from),
+        std::env::var("HOME").ok().map(|h| Path::new(&h).join(".cargo/bin/pjdfstest")),
+    ];
     candidates.into_iter().flatten().find(|p| p.exists()).or_else(|| {
         let output = Command::new("sh").args(["-c", "command -v pjdfstest"]).output().ok()?;
         output.status.success().then(|| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
@@ -100,7 +110,14 @@ fn pjdfstest_passes_on_cairn_whatever_passes_on_the_local_disk() {
         count(&on_cairn, "FAILED"),
         count(&on_cairn, "skipped")
     );
-    let regressions: Vec<&String> =
-        on_disk.iter().filter(|(name, outcome)| *outcome == "ok" && on_cairn.get(*name).map(String::as_str) != Some("ok")).map(|(n, _)| n).collect();
+    let regressions: Vec<&String> = on_disk
+        .iter()
+        .filter(|(name, outcome)| *outcome == "ok" && on_cairn.get(*name).map(String::as_str) != Some("ok"))
+        .filter(|(name, _)| {
+            !(SKIPPED_ON_FUSE.iter().any(|(skipped, _)| skipped == name)
+                && on_cairn.get(*name).map(String::as_str) == Some("skipped"))
+        })
+        .map(|(n, _)| n)
+        .collect();
     assert!(regressions.is_empty(), "pass on the local disk but not on Cairn: {regressions:?}");
 }

@@ -74,7 +74,13 @@ impl BlockStore {
         loop {
             let placement = self.meta.place_blocks(1).await?;
             let servers: Vec<u64> = placement.servers.iter().map(|s| s.id).collect();
-            let block = pb::BlockRef { id_hi: id.hi(), id_lo: id.lo(), len: data.len() as u32, digest: digest.to_vec(), servers };
+            let block = pb::BlockRef {
+                id_hi: id.hi(),
+                id_lo: id.lo(),
+                len: data.len() as u32,
+                digest: digest.to_vec(),
+                servers,
+            };
             let mut failure = None;
             for server in &placement.servers {
                 if let Err(status) = self.upload(&server.address, &block, &data).await {
@@ -91,7 +97,11 @@ impl BlockStore {
                 return Ok(block);
             };
             if started.elapsed() >= policy.deadline {
-                return Err(ClientError::Timeout { what: "block upload", seconds: policy.deadline.as_secs(), last: status.to_string() });
+                return Err(ClientError::Timeout {
+                    what: "block upload",
+                    seconds: policy.deadline.as_secs(),
+                    last: status.to_string(),
+                });
             }
             tracing::debug!(%status, "block upload failed; retrying");
             tokio::time::sleep(backoff).await;
@@ -179,7 +189,13 @@ impl BlockStore {
 
     /// Fetches whole pieces `first..=last` from a replica, verifying them; tries every replica
     /// before giving up.
-    async fn fetch(&self, block: &pb::BlockRef, servers: &HashMap<u64, String>, first: u32, last: u32) -> ClientResult<Vec<u8>> {
+    async fn fetch(
+        &self,
+        block: &pb::BlockRef,
+        servers: &HashMap<u64, String>,
+        first: u32,
+        last: u32,
+    ) -> ClientResult<Vec<u8>> {
         let id = BlockId::of(block);
         let policy = self.meta.policy.clone();
         let started = Instant::now();
@@ -211,15 +227,26 @@ impl BlockStore {
                 return Err(ClientError::Corrupt(id.to_string()));
             }
             if started.elapsed() >= policy.deadline {
-                return Err(ClientError::Timeout { what: "block read", seconds: policy.deadline.as_secs(), last: last_error });
+                return Err(ClientError::Timeout {
+                    what: "block read",
+                    seconds: policy.deadline.as_secs(),
+                    last: last_error,
+                });
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(policy.backoff_max);
         }
     }
 
-    async fn fetch_from(&self, address: &str, block: &pb::BlockRef, offset: u32, len: u32) -> Result<Vec<u8>, FetchError> {
-        let mut client = self.client(address).map_err(|e| FetchError::Status(tonic::Status::invalid_argument(e.to_string())))?;
+    async fn fetch_from(
+        &self,
+        address: &str,
+        block: &pb::BlockRef,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, FetchError> {
+        let mut client =
+            self.client(address).map_err(|e| FetchError::Status(tonic::Status::invalid_argument(e.to_string())))?;
         let request = pb::GetBlockRequest { block: Some(block.clone()), offset, len };
         let mut stream = client.get_block(request).await.map_err(FetchError::Status)?.into_inner();
         let mut hashes: Option<Vec<[u8; 32]>> = None;
@@ -230,7 +257,8 @@ impl BlockStore {
                 return Err(FetchError::Corrupt(format!("data server reported errno {}", chunk.errno)));
             }
             if hashes.is_none() {
-                let list: Option<Vec<[u8; 32]>> = chunk.piece_hashes.iter().map(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).collect();
+                let list: Option<Vec<[u8; 32]>> =
+                    chunk.piece_hashes.iter().map(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).collect();
                 let list = list.ok_or_else(|| FetchError::Corrupt("malformed piece hash".into()))?;
                 if digest_of_pieces(&list).as_slice() != block.digest.as_slice() {
                     return Err(FetchError::Corrupt("piece hashes do not match the block digest".into()));
@@ -264,4 +292,3 @@ enum FetchError {
     Corrupt(String),
     Status(tonic::Status),
 }
-

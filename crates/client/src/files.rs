@@ -74,7 +74,12 @@ pub struct Files {
 impl Files {
     /// `uploads_in_flight` bounds blocks being uploaded at once (and so their memory).
     pub fn new(meta: Arc<MetaConnection>, blocks: Arc<BlockStore>, uploads_in_flight: usize) -> Self {
-        Files { meta, blocks, open: std::sync::Mutex::new(HashMap::new()), uploads: Arc::new(Semaphore::new(uploads_in_flight)) }
+        Files {
+            meta,
+            blocks,
+            open: std::sync::Mutex::new(HashMap::new()),
+            uploads: Arc::new(Semaphore::new(uploads_in_flight)),
+        }
     }
 
     /// Registers one more open handle of `handle`'s inode.
@@ -135,7 +140,14 @@ impl Files {
         }
     }
 
-    pub async fn write(&self, file: &OpenFile, offset: u64, data: &[u8], writer: pb::Caller, kill_suid: bool) -> ClientResult<()> {
+    pub async fn write(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        data: &[u8],
+        writer: pb::Caller,
+        kill_suid: bool,
+    ) -> ClientResult<()> {
         if offset.checked_add(data.len() as u64).is_none_or(|end| end > 16 * 1024 * 1024 * 1024 * 1024) {
             return Err(ClientError::Errno(pb::errno::EFBIG));
         }
@@ -196,7 +208,13 @@ impl Files {
             let _permit = permit;
             let len = building.data.len() as u64;
             let block = blocks.put(Bytes::from(building.data)).await?;
-            Ok(pb::Extent { offset: building.offset, len, block: Some(block), block_offset: 0, inline_data: Vec::new() })
+            Ok(pb::Extent {
+                offset: building.offset,
+                len,
+                block: Some(block),
+                block_offset: 0,
+                inline_data: Vec::new(),
+            })
         });
         inner.uploads.push(handle);
     }
@@ -229,11 +247,23 @@ impl Files {
                 && inner.known_size.max(inner.dirty_end) <= INLINE_FILE_BYTES_MAX;
             if small {
                 let len = building.data.len() as u64;
-                extents.push(pb::Extent { offset: building.offset, len, block: None, block_offset: 0, inline_data: building.data });
+                extents.push(pb::Extent {
+                    offset: building.offset,
+                    len,
+                    block: None,
+                    block_offset: 0,
+                    inline_data: building.data,
+                });
             } else {
                 let len = building.data.len() as u64;
                 let block = self.blocks.put(Bytes::from(building.data)).await?;
-                extents.push(pb::Extent { offset: building.offset, len, block: Some(block), block_offset: 0, inline_data: Vec::new() });
+                extents.push(pb::Extent {
+                    offset: building.offset,
+                    len,
+                    block: Some(block),
+                    block_offset: 0,
+                    inline_data: Vec::new(),
+                });
             }
         }
         let op = Op::Commit(pb::CommitOp {
@@ -268,7 +298,8 @@ impl Files {
         let (window, sequential) = {
             let mut inner = file.inner.lock().await;
             let wanted_end = offset.saturating_add(size as u64);
-            let covered = inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
+            let covered =
+                inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
             if !covered {
                 let reply = self.meta.extents(file.handle, offset, EXTENT_WINDOW_BYTES.max(size as u64)).await?;
                 let size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
@@ -312,12 +343,14 @@ impl Files {
             let skip = (from - extent.offset) as usize;
             match &extent.block {
                 None => {
-                    let source = extent.inline_data.get(skip..skip + dest.len()).ok_or(ClientError::Errno(pb::errno::EIO))?;
+                    let source =
+                        extent.inline_data.get(skip..skip + dest.len()).ok_or(ClientError::Errno(pb::errno::EIO))?;
                     dest.copy_from_slice(source);
                 }
                 Some(block) => {
                     let block_offset = extent.block_offset + skip as u32;
-                    let data = self.blocks.read(block, &window.servers, block_offset, dest.len() as u32, sequential).await?;
+                    let data =
+                        self.blocks.read(block, &window.servers, block_offset, dest.len() as u32, sequential).await?;
                     dest.copy_from_slice(&data);
                     if sequential && to == extent.offset + extent.len {
                         next_block = window.extents[first + i + 1..].iter().find(|e| e.block.is_some()).cloned();

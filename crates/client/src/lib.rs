@@ -36,7 +36,11 @@ impl Default for ClientOptions {
 }
 
 impl Client {
-    pub async fn connect(addresses: Vec<String>, client_name: String, options: ClientOptions) -> ClientResult<Arc<Client>> {
+    pub async fn connect(
+        addresses: Vec<String>,
+        client_name: String,
+        options: ClientOptions,
+    ) -> ClientResult<Arc<Client>> {
         let meta = MetaConnection::connect(addresses, client_name, options.retry).await?;
         let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes));
         let files = Files::new(meta.clone(), blocks.clone(), options.uploads_in_flight);

@@ -40,7 +40,10 @@ impl Default for RetryPolicy {
 
 /// Whether a failed call may succeed if sent again (possibly elsewhere).
 fn retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted)
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted
+    )
 }
 
 pub fn endpoint(address: &str, policy: &RetryPolicy) -> ClientResult<Endpoint> {
@@ -81,7 +84,10 @@ fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<C
 impl MetaConnection {
     /// Connects to any of `addresses` and opens a session.
     pub async fn connect(addresses: Vec<String>, client_name: String, policy: RetryPolicy) -> ClientResult<Arc<Self>> {
-        let first = addresses.first().cloned().ok_or(ClientError::Refused { what: "connect", status: "no meta address".into() })?;
+        let first = addresses
+            .first()
+            .cloned()
+            .ok_or(ClientError::Refused { what: "connect", status: "no meta address".into() })?;
         let connection = MetaConnection {
             current: RwLock::new(Current { client: meta_client(&first, &policy)?, address: first }),
             addresses: RwLock::new(addresses),
@@ -193,7 +199,11 @@ impl MetaConnection {
                 None => self.rotate(),
             }
             if started.elapsed() >= self.policy.deadline {
-                return Err(ClientError::Timeout { what, seconds: self.policy.deadline.as_secs(), last: status.to_string() });
+                return Err(ClientError::Timeout {
+                    what,
+                    seconds: self.policy.deadline.as_secs(),
+                    last: status.to_string(),
+                });
             }
             tracing::debug!(what, %status, ?backoff, "meta call failed; retrying");
             tokio::time::sleep(backoff.min(self.policy.deadline.saturating_sub(started.elapsed()))).await;
@@ -268,7 +278,12 @@ impl MetaConnection {
         reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))
     }
 
-    pub async fn readdir(&self, dir: pb::FileHandle, after: &[u8], limit: u32) -> ClientResult<(Vec<pb::DirEntry>, bool)> {
+    pub async fn readdir(
+        &self,
+        dir: pb::FileHandle,
+        after: &[u8],
+        limit: u32,
+    ) -> ClientResult<(Vec<pb::DirEntry>, bool)> {
         let after = after.to_vec();
         let reply = self
             .call("readdir", |mut c| {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use cairn_proto::data_server::{Data, DataServer};
 use cairn_proto::{
-    BLOCK_BYTES_MAX, BlockId, DataStatusReply, DataStatusRequest, DeleteBlocksReply, DeleteBlocksRequest, GetBlockChunk,
-    GetBlockRequest, MAX_MESSAGE_BYTES, PIECE_BYTES, PutBlockChunk, PutBlockReply, errno,
+    BLOCK_BYTES_MAX, BlockId, DataStatusReply, DataStatusRequest, DeleteBlocksReply, DeleteBlocksRequest,
+    GetBlockChunk, GetBlockRequest, MAX_MESSAGE_BYTES, PIECE_BYTES, PutBlockChunk, PutBlockReply, errno,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
@@ -126,7 +126,11 @@ impl Data for DataService {
                 let last = (piece + PIECES_PER_CHUNK - 1).min(last_piece);
                 let chunk = match volume.read_pieces(id, piece, last) {
                     Ok(data) => GetBlockChunk {
-                        piece_hashes: if first_chunk { pieces.iter().map(|h| h.to_vec()).collect() } else { Vec::new() },
+                        piece_hashes: if first_chunk {
+                            pieces.iter().map(|h| h.to_vec()).collect()
+                        } else {
+                            Vec::new()
+                        },
                         first_piece: piece as u32,
                         data: data.into(),
                         errno: 0,
@@ -149,7 +153,10 @@ impl Data for DataService {
         Ok(Response::new(Box::pin(stream.map(|item| item))))
     }
 
-    async fn delete_blocks(&self, request: Request<DeleteBlocksRequest>) -> Result<Response<DeleteBlocksReply>, Status> {
+    async fn delete_blocks(
+        &self,
+        request: Request<DeleteBlocksRequest>,
+    ) -> Result<Response<DeleteBlocksReply>, Status> {
         let request = request.into_inner();
         if request.blocks.len() > DELETES_PER_REQUEST_MAX {
             return Err(Status::invalid_argument(format!("at most {DELETES_PER_REQUEST_MAX} deletions per request")));

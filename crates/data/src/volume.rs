@@ -42,6 +42,11 @@ pub enum VolumeError {
     Io(#[from] std::io::Error),
 }
 
+/// A place in the volume: (segment number, byte offset).
+type Position = (u32, u64);
+/// The BLAKE3 hashes of a block's pieces, shared between the index and readers.
+pub type PieceHashes = Arc<Vec<[u8; 32]>>;
+
 #[derive(Clone, Debug)]
 struct Location {
     segment: u32,
@@ -112,7 +117,7 @@ pub struct Volume {
     segments: RwLock<HashMap<u32, Arc<File>>>,
     writer: Mutex<Writer>,
     /// How far (segment, offset) the volume is known to be durable.
-    synced: Mutex<(u32, u64)>,
+    synced: Mutex<Position>,
 }
 
 fn segment_path(dir: &Path, number: u32) -> PathBuf {
@@ -252,7 +257,12 @@ impl Volume {
             Some(file) => file.clone(),
             None => {
                 let file = Arc::new(
-                    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(segment_path(dir, active_number))?,
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(false)
+                        .open(segment_path(dir, active_number))?,
                 );
                 File::open(dir)?.sync_all()?;
                 segments.insert(active_number, file.clone());
@@ -282,7 +292,7 @@ impl Volume {
     }
 
     /// Makes every record up to `position` (segment, end offset) durable.
-    fn sync_through(&self, position: (u32, u64)) -> Result<(), VolumeError> {
+    fn sync_through(&self, position: Position) -> Result<(), VolumeError> {
         let mut synced = self.synced.lock().map_err(|_| poisoned())?;
         if *synced >= position {
             return Ok(());
@@ -298,7 +308,7 @@ impl Volume {
         Ok(())
     }
 
-    fn write_records(&self, blocks: Vec<NewBlock>) -> Result<(Vec<(BlockId, Location)>, (u32, u64)), VolumeError> {
+    fn write_records(&self, blocks: Vec<NewBlock>) -> Result<(Vec<(BlockId, Location)>, Position), VolumeError> {
         let mut writer = self.writer.lock().map_err(|_| poisoned())?;
         if writer.end >= SEGMENT_BYTES_MAX {
             self.roll_segment(&mut writer)?;
@@ -334,7 +344,12 @@ impl Volume {
         writer.active.file.sync_all()?;
         let number = writer.active.number + 1;
         let file = Arc::new(
-            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(segment_path(&self.dir, number))?,
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(segment_path(&self.dir, number))?,
         );
         File::open(&self.dir)?.sync_all()?;
         self.segments.write().map_err(|_| poisoned())?.insert(number, file.clone());
@@ -370,7 +385,7 @@ impl Volume {
 
     /// Piece hashes and block length of a stored block, checked against the digest the
     /// reader expects.
-    pub fn piece_hashes(&self, id: BlockId, expected_digest: &[u8]) -> Result<(u32, Arc<Vec<[u8; 32]>>), VolumeError> {
+    pub fn piece_hashes(&self, id: BlockId, expected_digest: &[u8]) -> Result<(u32, PieceHashes), VolumeError> {
         let location = self.locate(id)?;
         if location.digest != expected_digest || digest_of_pieces(location.pieces.iter()) != location.digest {
             return Err(VolumeError::Corrupt { id, what: "digest does not match".into() });

@@ -6,12 +6,12 @@
 pub mod extents;
 pub mod model;
 pub mod namespace;
-pub mod query;
-pub mod raft_types;
-pub mod store;
 pub mod network;
 pub mod node;
+pub mod query;
+pub mod raft_types;
 pub mod service;
+pub mod store;
 
 pub use node::{MetaConfig, MetaError, MetaNode};
 pub use service::MetaService;

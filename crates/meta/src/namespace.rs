@@ -129,7 +129,7 @@ impl<'t> Tables<'t> {
     }
 
     pub fn dentry(&self, parent: u64, name: &[u8]) -> ApplyResult<Option<u64>> {
-        Ok(self.decoded::<u64>(DENTRIES, &key_u64_name(parent, name))?)
+        self.decoded::<u64>(DENTRIES, &key_u64_name(parent, name))
     }
 
     fn put_dentry(&self, parent: u64, name: &[u8], child: u64) -> ApplyResult<()> {
@@ -190,7 +190,10 @@ impl<'t> Tables<'t> {
             }
             let key = key_u128(id);
             let Some(mut record) = self.decoded::<BlockRecord>(BLOCKS, &key)? else {
-                return Err(ApplyError::Corrupt { table: "blocks".into(), detail: format!("extent names unknown block {id:032x}") });
+                return Err(ApplyError::Corrupt {
+                    table: "blocks".into(),
+                    detail: format!("extent names unknown block {id:032x}"),
+                });
             };
             let refs = record.refs as i64 + delta;
             debug_assert!(refs >= 0, "block reference count went negative");
@@ -548,7 +551,14 @@ impl<'t> Tables<'t> {
 
     /// Drops one link of `ino` (already removed from its directory); returns whether the inode
     /// became an orphan.
-    fn drop_link(&self, ino: u64, inode: &mut Inode, session: u64, caller_not_holding: bool, now: Time) -> ApplyResult<bool> {
+    fn drop_link(
+        &self,
+        ino: u64,
+        inode: &mut Inode,
+        session: u64,
+        caller_not_holding: bool,
+        now: Time,
+    ) -> ApplyResult<bool> {
         inode.ctime = now;
         if inode.is_dir() {
             inode.nlink = 0;
@@ -610,7 +620,10 @@ impl<'t> Tables<'t> {
                 None => return Ok(false),
             };
         }
-        Err(ApplyError::Corrupt { table: "inodes".into(), detail: "directory parent chain does not reach the root".into() })
+        Err(ApplyError::Corrupt {
+            table: "inodes".into(),
+            detail: "directory parent chain does not reach the root".into(),
+        })
     }
 
     fn rename(&self, op: &pb::RenameOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -697,7 +710,14 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned })
     }
 
-    fn exchange(&self, op: &pb::RenameOp, src_ino: u64, mut src: Inode, dst_ino: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn exchange(
+        &self,
+        op: &pb::RenameOp,
+        src_ino: u64,
+        mut src: Inode,
+        dst_ino: u64,
+        now: Time,
+    ) -> ApplyResult<pb::MutateReply> {
         let src_parent_ino = op.parent.as_ref().map(|h| h.ino).unwrap_or_default();
         let dst_parent_ino = op.new_parent.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
@@ -872,7 +892,10 @@ impl<'t> Tables<'t> {
                     if self.get(BLOCKS, &key_u128(id))?.is_none() && !new_blocks.iter().any(|(b, _)| *b == id) {
                         let mut digest = [0u8; 32];
                         digest.copy_from_slice(&block.digest);
-                        new_blocks.push((id, BlockRecord { len: block.len, digest, servers: block.servers.clone(), refs: 0 }));
+                        new_blocks.push((
+                            id,
+                            BlockRecord { len: block.len, digest, servers: block.servers.clone(), refs: 0 },
+                        ));
                     }
                     Source::Block { id, offset: extent.block_offset }
                 }

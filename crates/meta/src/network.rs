@@ -95,7 +95,11 @@ impl RaftNetworkV2<TypeConfig> for Peer {
         reply.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<TypeConfig>, option: RPCOption) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let reply: Result<VoteResponse<TypeConfig>, RaftError<TypeConfig>> =
             self.call(RaftMethod::Vote, &rpc, option.soft_ttl()).await?;
         reply.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))

@@ -98,7 +98,12 @@ impl Query {
         Ok(inode.to_attr(child))
     }
 
-    pub fn readdir(&self, dir: Option<&pb::FileHandle>, after: &[u8], limit: usize) -> QueryResult<(Vec<pb::DirEntry>, bool)> {
+    pub fn readdir(
+        &self,
+        dir: Option<&pb::FileHandle>,
+        after: &[u8],
+        limit: usize,
+    ) -> QueryResult<(Vec<pb::DirEntry>, bool)> {
         let (dir_ino, inode) = self.by_handle(dir)?;
         if !inode.is_dir() {
             return Err(QueryError::Errno(errno::ENOTDIR));
@@ -156,7 +161,12 @@ impl Query {
     }
 
     /// The data map of `[offset, offset + len)` with each block's record joined in.
-    pub fn extents(&self, handle: Option<&pb::FileHandle>, offset: u64, len: u64) -> QueryResult<(pb::Attr, Vec<pb::Extent>)> {
+    pub fn extents(
+        &self,
+        handle: Option<&pb::FileHandle>,
+        offset: u64,
+        len: u64,
+    ) -> QueryResult<(pb::Attr, Vec<pb::Extent>)> {
         let (ino, inode) = self.by_handle(handle)?;
         if inode.is_dir() {
             return Err(QueryError::Errno(errno::EISDIR));
@@ -183,9 +193,13 @@ impl Query {
 
     fn extent_to_pb(&self, extent: &Extent) -> QueryResult<pb::Extent> {
         Ok(match &extent.source {
-            Source::Inline(data) => {
-                pb::Extent { offset: extent.offset, len: extent.len, block: None, block_offset: 0, inline_data: data.clone() }
-            }
+            Source::Inline(data) => pb::Extent {
+                offset: extent.offset,
+                len: extent.len,
+                block: None,
+                block_offset: 0,
+                inline_data: data.clone(),
+            },
             Source::Block { id, offset } => {
                 let record: BlockRecord = self
                     .decoded(BLOCKS, &key_u128(*id))?

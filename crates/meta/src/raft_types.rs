@@ -10,14 +10,35 @@ use crate::model::Time;
 /// the same change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Command {
-    InitFs { fs_id: String, now: Time },
-    OpenSession { client_name: String, now_ms: u64, lease_ms: u64 },
-    RenewSession { session: u64, now_ms: u64, lease_ms: u64 },
-    ExpireSessions { now_ms: u64 },
+    InitFs {
+        fs_id: String,
+        now: Time,
+    },
+    OpenSession {
+        client_name: String,
+        now_ms: u64,
+        lease_ms: u64,
+    },
+    RenewSession {
+        session: u64,
+        now_ms: u64,
+        lease_ms: u64,
+    },
+    ExpireSessions {
+        now_ms: u64,
+    },
     /// A client mutation: an encoded `MutateRequest`.
-    Mutate { now: Time, request: Vec<u8> },
-    RegisterDataServer { id: u64, address: String },
-    ForgetGarbage { ids: Vec<u128> },
+    Mutate {
+        now: Time,
+        request: Vec<u8>,
+    },
+    RegisterDataServer {
+        id: u64,
+        address: String,
+    },
+    ForgetGarbage {
+        ids: Vec<u128>,
+    },
 }
 
 impl fmt::Display for Command {

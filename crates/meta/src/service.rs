@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_proto::meta_server::{Meta, MetaServer};
 use cairn_proto as pb;
+use cairn_proto::meta_server::{Meta, MetaServer};
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
@@ -74,7 +74,10 @@ fn raft_status(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Meta for MetaService {
-    async fn open_session(&self, request: Request<pb::OpenSessionRequest>) -> Result<Response<pb::OpenSessionReply>, Status> {
+    async fn open_session(
+        &self,
+        request: Request<pb::OpenSessionRequest>,
+    ) -> Result<Response<pb::OpenSessionReply>, Status> {
         let mut name = request.into_inner().client_name;
         name.truncate(256);
         let lease_ms = self.node.config.session_lease.as_millis() as u64;
@@ -95,19 +98,27 @@ impl Meta for MetaService {
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let session = request.into_inner().session;
         let lease_ms = self.node.config.session_lease.as_millis() as u64;
-        let reply = self.node.propose(Command::RenewSession { session, now_ms: now_ms(), lease_ms }).await.map_err(status_of)?;
+        let reply = self
+            .node
+            .propose(Command::RenewSession { session, now_ms: now_ms(), lease_ms })
+            .await
+            .map_err(status_of)?;
         if reply.errno == SESSION_EXPIRED {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
         }
-        let orphans =
-            self.node.local_read().and_then(|q| Ok(q.orphans_held_by(session, ORPHANS_PER_HEARTBEAT_MAX)?)).map_err(status_of)?;
+        let orphans = self
+            .node
+            .local_read()
+            .and_then(|q| Ok(q.orphans_held_by(session, ORPHANS_PER_HEARTBEAT_MAX)?))
+            .map_err(status_of)?;
         Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let request = request.into_inner();
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, attr) = split(query.lookup(request.parent.as_ref(), &request.name).map(Some).map_err(MetaError::from))?;
+        let (errno, attr) =
+            split(query.lookup(request.parent.as_ref(), &request.name).map(Some).map_err(MetaError::from))?;
         Ok(Response::new(pb::AttrReply { errno, attr }))
     }
 
@@ -168,11 +179,18 @@ impl Meta for MetaService {
         }))
     }
 
-    async fn get_extents(&self, request: Request<pb::GetExtentsRequest>) -> Result<Response<pb::GetExtentsReply>, Status> {
+    async fn get_extents(
+        &self,
+        request: Request<pb::GetExtentsRequest>,
+    ) -> Result<Response<pb::GetExtentsReply>, Status> {
         let request = request.into_inner();
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, (attr, extents)) =
-            split(query.extents(request.target.as_ref(), request.offset, request.len).map(|(a, e)| (Some(a), e)).map_err(MetaError::from))?;
+        let (errno, (attr, extents)) = split(
+            query
+                .extents(request.target.as_ref(), request.offset, request.len)
+                .map(|(a, e)| (Some(a), e))
+                .map_err(MetaError::from),
+        )?;
         let servers = if extents.iter().any(|e| e.block.is_some()) {
             query
                 .data_servers()
@@ -186,7 +204,10 @@ impl Meta for MetaService {
         Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers }))
     }
 
-    async fn place_blocks(&self, request: Request<pb::PlaceBlocksRequest>) -> Result<Response<pb::PlaceBlocksReply>, Status> {
+    async fn place_blocks(
+        &self,
+        request: Request<pb::PlaceBlocksRequest>,
+    ) -> Result<Response<pb::PlaceBlocksReply>, Status> {
         let count = request.into_inner().count;
         if count == 0 || count > PLACEMENTS_PER_REQUEST_MAX {
             return Err(Status::invalid_argument(format!("count must be 1..={PLACEMENTS_PER_REQUEST_MAX}")));
@@ -221,7 +242,8 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("mutation without an operation"));
         }
         let encoded = request.encode_to_vec();
-        let reply = self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
+        let reply =
+            self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
         if reply.errno == SESSION_EXPIRED {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
         }
@@ -339,4 +361,3 @@ impl Meta for MetaService {
         Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
     }
 }
-

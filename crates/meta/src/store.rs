@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::TryStreamExt;
-use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
 use openraft::storage::{EntryResponder, IOFlushed, LogState, RaftLogStorage, RaftStateMachine};
+use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
@@ -32,7 +32,7 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 /// Opens (or creates) the metadata database in `dir`.
 pub fn open_database(dir: &Path) -> Result<Arc<Database>, redb::Error> {
-    std::fs::create_dir_all(dir).map_err(|e| redb::Error::Io(e))?;
+    std::fs::create_dir_all(dir).map_err(redb::Error::Io)?;
     let db = Database::create(dir.join("meta.redb"))?;
     let txn = db.begin_write()?;
     txn.open_table(RAFT_LOG)?;
@@ -128,7 +128,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, value)) => Some(decode::<EntryOf<TypeConfig>>(value.value()).map_err(io_err)?.log_id),
             None => None,
         };
-        Ok(LogState { last_purged_log_id: last_purged.clone(), last_log_id: last.or(last_purged) })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -137,7 +137,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
         let store = self.clone();
-        let vote = vote.clone();
+        let vote = *vote;
         blocking(move || store.put_meta("vote", &vote, Durability::Immediate)).await
     }
 
@@ -256,11 +256,11 @@ impl StateMachineStore {
             let mut membership = None;
             let mut last = None;
             for entry in entries {
-                last = Some(entry.log_id.clone());
+                last = Some(entry.log_id);
                 let reply = match entry.payload {
                     EntryPayload::Blank => CommandReply::default(),
                     EntryPayload::Membership(m) => {
-                        membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id.clone()), m));
+                        membership = Some(StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id), m));
                         CommandReply::default()
                     }
                     EntryPayload::Normal(command) => apply_command(&tables, command).map_err(io_err)?,
@@ -395,7 +395,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(&mut self) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
         self.applied()
     }
 
@@ -426,7 +428,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TypeConfig>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
         let store = self.clone();
         let meta = meta.clone();
         blocking(move || store.install(&meta, &snapshot)).await
@@ -442,4 +448,3 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Some(SnapshotOf::<TypeConfig, Vec<u8>> { meta: stored.meta, snapshot: stored.data }))
     }
 }
-

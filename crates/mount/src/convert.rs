@@ -35,7 +35,10 @@ pub fn kind_of_mode(mode: u32) -> Option<pb::FileKind> {
 pub fn system_time(t: Option<&pb::Timestamp>) -> SystemTime {
     match t {
         Some(t) if t.sec >= 0 => UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec),
-        Some(t) => UNIX_EPOCH.checked_sub(Duration::new(t.sec.unsigned_abs(), 0)).unwrap_or(UNIX_EPOCH) + Duration::new(0, t.nsec),
+        Some(t) => {
+            UNIX_EPOCH.checked_sub(Duration::new(t.sec.unsigned_abs(), 0)).unwrap_or(UNIX_EPOCH)
+                + Duration::new(0, t.nsec)
+        }
         None => UNIX_EPOCH,
     }
 }

@@ -114,7 +114,8 @@ impl CairnFs {
     /// Records that the kernel now holds one more reference to `attr`'s inode.
     fn remember(&self, attr: &pb::Attr) {
         let mut inodes = self.inodes.lock().expect("inode table poisoned");
-        let known = inodes.entry(attr.ino).or_insert(KnownInode { generation: attr.generation, lookups: 0, orphaned: false });
+        let known =
+            inodes.entry(attr.ino).or_insert(KnownInode { generation: attr.generation, lookups: 0, orphaned: false });
         if known.generation != attr.generation {
             *known = KnownInode { generation: attr.generation, lookups: 0, orphaned: false };
         }
@@ -161,11 +162,17 @@ impl CairnFs {
         reply.entry_with_ttls(&self.options.attr_ttl, &self.options.entry_ttl, fattr, Generation(attr.generation));
     }
 
-    async fn create_node(&self, req_ids: (u32, u32, u32), parent: INodeNo, op: pb::CreateOp) -> Result<pb::Attr, ClientError> {
+    async fn create_node(
+        &self,
+        req_ids: (u32, u32, u32),
+        parent: INodeNo,
+        op: pb::CreateOp,
+    ) -> Result<pb::Attr, ClientError> {
         let parent_handle = self.handle_of(parent)?;
         let (uid, gid, pid) = req_ids;
         let caller = caller(uid, gid, pid, true);
-        let reply = self.client.meta.mutate(&caller, Op::Create(pb::CreateOp { parent: Some(parent_handle), ..op })).await?;
+        let reply =
+            self.client.meta.mutate(&caller, Op::Create(pb::CreateOp { parent: Some(parent_handle), ..op })).await?;
         reply.attr.ok_or(ClientError::Errno(errno::EIO))
     }
 
@@ -382,7 +389,8 @@ impl Filesystem for CairnFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let Some(kind) = kind_of_mode(mode).filter(|k| !matches!(k, pb::FileKind::Directory | pb::FileKind::Symlink)) else {
+        let Some(kind) = kind_of_mode(mode).filter(|k| !matches!(k, pb::FileKind::Directory | pb::FileKind::Symlink))
+        else {
             reply.error(Errno::EINVAL);
             return;
         };
@@ -459,14 +467,19 @@ impl Filesystem for CairnFs {
                 flags: wire_flags,
                 caller_not_holding: !self.may_hold(newparent.0, newname.as_bytes()),
             };
-            let replaced = self.names.lock().expect("name cache poisoned").peek(&(newparent.0, newname.as_bytes().to_vec())).copied();
+            let replaced = self
+                .names
+                .lock()
+                .expect("name cache poisoned")
+                .peek(&(newparent.0, newname.as_bytes().to_vec()))
+                .copied();
             let reply = self.client.meta.mutate(&who, Op::Rename(op)).await?;
             let moved = self.forget_name(parent.0, name.as_bytes());
             let replaced_now = self.forget_name(newparent.0, newname.as_bytes()).or(replaced);
-            if wire_flags & 2 != 0 {
-                if let Some(other) = replaced_now {
-                    self.remember_name(parent.0, name.as_bytes(), other);
-                }
+            if wire_flags & 2 != 0
+                && let Some(other) = replaced_now
+            {
+                self.remember_name(parent.0, name.as_bytes(), other);
             }
             if let Some(ino) = moved {
                 self.remember_name(newparent.0, newname.as_bytes(), ino);
@@ -640,29 +653,27 @@ impl Filesystem for CairnFs {
             }
         };
         let mut added: Vec<pb::Attr> = Vec::new();
-        let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| {
-            match attr {
-                Some(attr) => {
-                    let fattr = file_attr(attr, attr.size);
-                    let full = reply.add(
-                        INodeNo(entry_ino),
-                        next,
-                        OsStr::from_bytes(name),
-                        &self.options.entry_ttl,
-                        &fattr,
-                        Generation(attr.generation),
-                    );
-                    if !full {
-                        added.push(attr.clone());
-                        self.remember_name(ino.0, name, attr.ino);
-                    }
-                    full
+        let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
+            Some(attr) => {
+                let fattr = file_attr(attr, attr.size);
+                let full = reply.add(
+                    INodeNo(entry_ino),
+                    next,
+                    OsStr::from_bytes(name),
+                    &self.options.entry_ttl,
+                    &fattr,
+                    Generation(attr.generation),
+                );
+                if !full {
+                    added.push(*attr);
+                    self.remember_name(ino.0, name, attr.ino);
                 }
-                None => {
-                    let mut fattr = file_attr(&dir_attr, dir_attr.size);
-                    fattr.ino = INodeNo(entry_ino);
-                    reply.add(INodeNo(entry_ino), next, OsStr::from_bytes(name), &Duration::ZERO, &fattr, Generation(0))
-                }
+                full
+            }
+            None => {
+                let mut fattr = file_attr(&dir_attr, dir_attr.size);
+                fattr.ino = INodeNo(entry_ino);
+                reply.add(INodeNo(entry_ino), next, OsStr::from_bytes(name), &Duration::ZERO, &fattr, Generation(0))
             }
         }));
         for attr in &added {
@@ -703,7 +714,16 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        position: u32,
+        reply: ReplyEmpty,
+    ) {
         if position != 0 {
             reply.error(Errno::EINVAL);
             return;
@@ -725,7 +745,8 @@ impl Filesystem for CairnFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let result = self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await });
+        let result =
+            self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await });
         match result {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() <= size as usize => reply.data(&value),
@@ -775,7 +796,16 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let op = pb::CreateOp {
             name: name.as_bytes().to_vec(),
             kind: pb::FileKind::Regular as i32,
@@ -793,15 +823,31 @@ impl Filesystem for CairnFs {
             Ok((attr, fattr)) => {
                 self.remember(&attr);
                 self.remember_name(parent.0, name.as_bytes(), attr.ino);
-                let file = self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
+                let file =
+                    self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
                 let fh = self.new_handle(Handle::File { ino: attr.ino, file });
-                reply.created(&self.options.entry_ttl, &fattr, Generation(attr.generation), FileHandle(fh), FopenFlags::empty());
+                reply.created(
+                    &self.options.entry_ttl,
+                    &fattr,
+                    Generation(attr.generation),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                );
             }
             Err(e) => reply.error(errno_of(&e)),
         }
     }
 
-    fn fallocate(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let who = caller(req.uid(), req.gid(), req.pid(), false);
         let result = self.runtime.block_on(async {
             if let Ok((_, file)) = self.open_file(fh) {

@@ -26,7 +26,8 @@ pub enum MountError {
 pub fn is_mount_point(path: &Path) -> bool {
     let Ok(canonical) = path.canonicalize() else { return false };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    info.lines().any(|line| line.split(' ').nth(4).is_some_and(|mount_point| Path::new(&unescape(mount_point)) == canonical))
+    info.lines()
+        .any(|line| line.split(' ').nth(4).is_some_and(|mount_point| Path::new(&unescape(mount_point)) == canonical))
 }
 
 fn unescape(field: &str) -> String {
@@ -79,7 +80,12 @@ pub fn lazy_unmount(path: &Path) -> std::io::Result<()> {
 }
 
 /// Mounts the file system `client` is connected to at `path`.
-pub fn mount(client: Arc<Client>, runtime: tokio::runtime::Handle, path: &Path, options: MountOptions) -> Result<Mounted, MountError> {
+pub fn mount(
+    client: Arc<Client>,
+    runtime: tokio::runtime::Handle,
+    path: &Path,
+    options: MountOptions,
+) -> Result<Mounted, MountError> {
     if !path.exists() {
         return Err(MountError::MissingMountPoint(path.to_path_buf()));
     }
@@ -106,6 +112,7 @@ pub fn mount(client: Arc<Client>, runtime: tokio::runtime::Handle, path: &Path, 
     config.acl = SessionACL::All;
     config.n_threads = Some(4);
     config.clone_fd = true;
-    let session = fuser::spawn_mount(fs, &path, &config).map_err(|source| MountError::Mount { path: path.clone(), source })?;
+    let session =
+        fuser::spawn_mount(fs, &path, &config).map_err(|source| MountError::Mount { path: path.clone(), source })?;
     Ok(Mounted { session: Some(session), path })
 }

@@ -222,7 +222,9 @@ impl Cluster {
         wait_until("the file system to report healthy", timeout, || {
             self.status().is_some_and(|s| {
                 s["healthy"] == serde_json::Value::Bool(true)
-                    && s["data_servers"].as_array().is_some_and(|d| d.iter().all(|d| d["live"] == serde_json::Value::Bool(true)))
+                    && s["data_servers"]
+                        .as_array()
+                        .is_some_and(|d| d.iter().all(|d| d["live"] == serde_json::Value::Bool(true)))
             })
         })
         .with_context(|| format!("meta log:\n{}\ndata log:\n{}", self.meta.log(), self.data.log()))
@@ -236,7 +238,13 @@ impl Cluster {
         let process = Process::start(
             &self.bin,
             &format!("mount{index}"),
-            vec!["mount".into(), "--meta".into(), self.meta_address.clone(), "--mount".into(), path.display().to_string()],
+            vec![
+                "mount".into(),
+                "--meta".into(),
+                self.meta_address.clone(),
+                "--mount".into(),
+                path.display().to_string(),
+            ],
             self.dir.path().join(format!("mount{index}.log")),
         )?;
         let mount = Mount { path: path.clone(), process };

@@ -1,0 +1,261 @@
+//! The namespace state machine driven directly, one command at a time, against a real redb
+//! database in a temporary directory.
+
+use cairn_meta::model::{ROOT_INO, Time};
+use cairn_meta::namespace::Tables;
+use cairn_meta::query::Query;
+use cairn_meta::raft_types::{Command, CommandReply};
+use cairn_meta::store::{apply_command, open_database};
+use cairn_proto::{self as pb, errno, mutate_request::Op};
+use prost::Message;
+use redb::ReadableDatabase;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    db: std::sync::Arc<redb::Database>,
+    session: u64,
+    seq: u64,
+    clock: i64,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_database(dir.path()).unwrap();
+        let mut fixture = Fixture { _dir: dir, db, session: 0, seq: 0, clock: 1_000 };
+        fixture.apply(Command::InitFs { fs_id: "test".into(), now: Time { sec: 1, nsec: 0 } });
+        fixture.session =
+            fixture.apply(Command::OpenSession { client_name: "t".into(), now_ms: 0, lease_ms: 60_000 }).value;
+        fixture
+    }
+
+    fn apply(&mut self, command: Command) -> CommandReply {
+        let txn = self.db.begin_write().unwrap();
+        let reply = apply_command(&Tables::new(&txn), command).unwrap();
+        txn.commit().unwrap();
+        reply
+    }
+
+    fn query(&self) -> Query {
+        Query::new(self.db.begin_read().unwrap())
+    }
+
+    fn root(&self) -> pb::FileHandle {
+        self.query().root().unwrap()
+    }
+
+    /// Sends `op` as the next request of the session.
+    fn mutate(&mut self, op: Op) -> pb::MutateReply {
+        self.seq += 1;
+        self.mutate_as(self.seq, op)
+    }
+
+    fn mutate_as(&mut self, seq: u64, op: Op) -> pb::MutateReply {
+        self.clock += 1;
+        let request = pb::MutateRequest {
+            session: self.session,
+            seq,
+            caller: Some(pb::Caller { uid: 0, gid: 0, groups: vec![] }),
+            op: Some(op),
+        };
+        let reply =
+            self.apply(Command::Mutate { now: Time { sec: self.clock, nsec: 0 }, request: request.encode_to_vec() });
+        assert_eq!(reply.errno, 0);
+        pb::MutateReply::decode(reply.mutate.as_slice()).unwrap()
+    }
+
+    fn create(&mut self, parent: pb::FileHandle, name: &str, kind: pb::FileKind) -> Result<pb::Attr, i32> {
+        let reply = self.mutate(Op::Create(pb::CreateOp {
+            parent: Some(parent),
+            name: name.as_bytes().to_vec(),
+            kind: kind as i32,
+            perm: 0o755,
+            exclusive: true,
+            ..Default::default()
+        }));
+        if reply.errno != 0 { Err(reply.errno) } else { Ok(reply.attr.unwrap()) }
+    }
+
+    fn rename(&mut self, from: (pb::FileHandle, &str), to: (pb::FileHandle, &str), flags: u32) -> i32 {
+        self.mutate(Op::Rename(pb::RenameOp {
+            parent: Some(from.0),
+            name: from.1.as_bytes().to_vec(),
+            new_parent: Some(to.0),
+            new_name: to.1.as_bytes().to_vec(),
+            flags,
+            caller_not_holding: true,
+        }))
+        .errno
+    }
+}
+
+fn handle(attr: &pb::Attr) -> pb::FileHandle {
+    pb::FileHandle { ino: attr.ino, generation: attr.generation }
+}
+
+#[test]
+fn retried_request_returns_its_first_answer() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let create = Op::Create(pb::CreateOp {
+        parent: Some(root),
+        name: b"once".to_vec(),
+        kind: pb::FileKind::Regular as i32,
+        perm: 0o644,
+        exclusive: true,
+        ..Default::default()
+    });
+    let first = fs.mutate_as(7, create.clone());
+    let retry = fs.mutate_as(7, create.clone());
+    assert_eq!(first.errno, 0);
+    assert_eq!(first, retry, "the retry gets the stored answer, not EEXIST");
+    let again = fs.mutate_as(8, create);
+    assert_eq!(again.errno, errno::EEXIST, "a new request is applied anew");
+}
+
+#[test]
+fn directories_count_links_and_refuse_moves_into_themselves() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let a = fs.create(root, "a", pb::FileKind::Directory).unwrap();
+    let b = fs.create(handle(&a), "b", pb::FileKind::Directory).unwrap();
+    assert_eq!(fs.query().getattr(Some(&root)).unwrap().nlink, 3);
+    assert_eq!(fs.query().getattr(Some(&handle(&a))).unwrap().nlink, 3);
+    assert_eq!(fs.rename((root, "a"), (handle(&b), "inside"), 0), errno::EINVAL);
+    let f = fs.create(handle(&b), "f", pb::FileKind::Regular).unwrap();
+    assert_eq!(fs.rename((handle(&a), "b"), (root, "b"), 0), 0);
+    assert_eq!(fs.query().getattr(Some(&handle(&a))).unwrap().nlink, 2);
+    assert_eq!(fs.query().getattr(Some(&root)).unwrap().nlink, 4);
+    assert_eq!(fs.query().lookup(Some(&handle(&b)), b"..").unwrap().ino, ROOT_INO);
+    // Over a non-empty directory: ENOTEMPTY; a file over a directory: EISDIR.
+    let c = fs.create(root, "c", pb::FileKind::Directory).unwrap();
+    assert_eq!(fs.rename((root, "c"), (root, "b"), 0), errno::ENOTEMPTY);
+    assert_eq!(fs.rename((handle(&b), "f"), (root, "c"), 0), errno::EISDIR);
+    assert_eq!(fs.rename((root, "c"), (handle(&b), "f"), 0), errno::ENOTDIR);
+    // RENAME_NOREPLACE and RENAME_EXCHANGE.
+    assert_eq!(fs.rename((root, "c"), (root, "a"), 1), errno::EEXIST);
+    assert_eq!(fs.rename((root, "c"), (handle(&b), "f"), 2), 0);
+    assert_eq!(fs.query().lookup(Some(&root), b"c").unwrap().ino, f.ino);
+    assert_eq!(fs.query().lookup(Some(&handle(&b)), b"f").unwrap().ino, c.ino);
+    assert_eq!(fs.query().getattr(Some(&handle(&b))).unwrap().nlink, 3, "b gained a subdirectory");
+}
+
+#[test]
+fn link_count_stops_at_the_limit_with_emlink() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let file = fs.create(root, "f", pb::FileKind::Regular).unwrap();
+    let dir = fs.create(root, "links", pb::FileKind::Directory).unwrap();
+    // Build the links inside one transaction: the limit, not the speed, is under test.
+    let txn = fs.db.begin_write().unwrap();
+    let mut last = 0;
+    for i in 1..cairn_meta::model::LINKS_MAX {
+        let request = pb::MutateRequest {
+            session: fs.session,
+            seq: 100 + i as u64,
+            caller: None,
+            op: Some(Op::Link(pb::LinkOp {
+                target: Some(handle(&file)),
+                new_parent: Some(handle(&dir)),
+                new_name: format!("l{i}").into_bytes(),
+            })),
+        };
+        last = Tables::new(&txn).mutate(&request, Time::default()).unwrap().errno;
+    }
+    txn.commit().unwrap();
+    assert_eq!(last, 0);
+    assert_eq!(fs.query().getattr(Some(&handle(&file))).unwrap().nlink, cairn_meta::model::LINKS_MAX);
+    fs.seq = 1_000_000;
+    let reply = fs.mutate(Op::Link(pb::LinkOp {
+        target: Some(handle(&file)),
+        new_parent: Some(root),
+        new_name: b"one-too-many".to_vec(),
+    }));
+    assert_eq!(reply.errno, errno::EMLINK);
+}
+
+#[test]
+fn names_are_checked_and_stale_handles_refused() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    assert_eq!(fs.create(root, "a/b", pb::FileKind::Regular), Err(errno::EINVAL));
+    assert_eq!(fs.create(root, &"x".repeat(256), pb::FileKind::Regular), Err(errno::ENAMETOOLONG));
+    assert!(fs.create(root, &"x".repeat(255), pb::FileKind::Regular).is_ok());
+    let f = fs.create(root, "f", pb::FileKind::Regular).unwrap();
+    let reply = fs.mutate(Op::Unlink(pb::UnlinkOp {
+        parent: Some(root),
+        name: b"f".to_vec(),
+        directory: false,
+        caller_not_holding: true,
+    }));
+    assert_eq!(reply.errno, 0);
+    assert!(!reply.orphaned, "nobody else holds it: reclaimed at once");
+    assert!(matches!(fs.query().getattr(Some(&handle(&f))), Err(cairn_meta::query::QueryError::Errno(errno::ESTALE))));
+}
+
+#[test]
+fn unlinked_file_is_kept_while_its_session_may_hold_it() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let f = fs.create(root, "f", pb::FileKind::Regular).unwrap();
+    let reply = fs.mutate(Op::Unlink(pb::UnlinkOp {
+        parent: Some(root),
+        name: b"f".to_vec(),
+        directory: false,
+        caller_not_holding: false,
+    }));
+    assert!(reply.orphaned);
+    assert_eq!(fs.query().getattr(Some(&handle(&f))).unwrap().nlink, 0);
+    assert_eq!(fs.query().orphans_held_by(fs.session, 10).unwrap(), vec![handle(&f)]);
+    fs.mutate(Op::Release(pb::ReleaseOp { target: Some(handle(&f)) }));
+    assert!(fs.query().getattr(Some(&handle(&f))).is_err());
+}
+
+#[test]
+fn committed_blocks_become_garbage_when_no_extent_references_them() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let f = fs.create(root, "f", pb::FileKind::Regular).unwrap();
+    let block = pb::BlockRef { id_hi: 1, id_lo: 1, len: 8192, digest: vec![7; 32], servers: vec![1] };
+    let extent = |offset: u64, len: u64, block_offset: u32| pb::Extent {
+        offset,
+        len,
+        block: Some(block.clone()),
+        block_offset,
+        inline_data: vec![],
+    };
+    let reply = fs.mutate(Op::Commit(pb::CommitOp {
+        target: Some(handle(&f)),
+        extents: vec![extent(0, 4096, 0), extent(10_000, 4096, 4096)],
+        min_size: 0,
+        update_mtime: true,
+        kill_suid: false,
+    }));
+    assert_eq!(reply.attr.as_ref().unwrap().size, 14_096);
+    assert_eq!(reply.attr.as_ref().unwrap().allocated, 8192);
+    let (_, extents) = fs.query().extents(Some(&handle(&f)), 0, u64::MAX).unwrap();
+    assert_eq!(extents.len(), 2);
+    assert!(fs.query().garbage(10).unwrap().is_empty());
+    fs.mutate(Op::SetAttr(pb::SetAttrOp { target: Some(handle(&f)), size: Some(5000), ..Default::default() }));
+    assert!(fs.query().garbage(10).unwrap().is_empty(), "one extent still points into the block");
+    fs.mutate(Op::SetAttr(pb::SetAttrOp { target: Some(handle(&f)), size: Some(0), ..Default::default() }));
+    assert_eq!(fs.query().garbage(10).unwrap().len(), 1, "the block is garbage once nothing references it");
+}
+
+#[test]
+fn setgid_directories_pass_their_group_on() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let dir = fs.create(root, "shared", pb::FileKind::Directory).unwrap();
+    fs.mutate(Op::SetAttr(pb::SetAttrOp {
+        target: Some(handle(&dir)),
+        perm: Some(0o2775),
+        gid: Some(50),
+        ..Default::default()
+    }));
+    let child = fs.create(handle(&dir), "sub", pb::FileKind::Directory).unwrap();
+    assert_eq!(child.gid, 50);
+    assert_eq!(child.perm & 0o2000, 0o2000, "subdirectories inherit setgid");
+    let file = fs.create(handle(&dir), "file", pb::FileKind::Regular).unwrap();
+    assert_eq!(file.gid, 50);
+}
