@@ -13,6 +13,7 @@ use cairn_mount::MountOptions;
 use cairn_proto as pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::layout::{self, Marker};
@@ -48,7 +49,13 @@ async fn serve(
     data: Option<DataService>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm would hold a reply's last small frame back until the peer's delayed
+    // ACK (~40 ms): every accepted connection sends at once.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
+        let stream = stream?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(stream)
+    });
     Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_proto as pb;
+use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, Config, ReadPolicy, SnapshotPolicy};
 use redb::{Database, ReadableDatabase};
 use tokio::sync::watch;
@@ -160,8 +161,22 @@ impl MetaNode {
         }
     }
 
-    /// A read view that reflects every write acknowledged before the call (leader lease).
+    /// A read view that reflects every write acknowledged before the call.
+    ///
+    /// A leader that is the group's only voter cannot be deposed without knowing it, and it
+    /// acknowledges a write only after applying it, so it reads its own state at once. With
+    /// more voters the leader first confirms its lease (openraft's lease read).
     pub async fn read(&self) -> Result<Query, MetaError> {
+        let sole_leader = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow_watched();
+            metrics.state == openraft::ServerState::Leader
+                && metrics.current_leader == Some(self.config.node_id)
+                && metrics.membership_config.membership().voter_ids().count() == 1
+        };
+        if sole_leader {
+            return self.local_read();
+        }
         if let Err(e) = self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
             return Err(match e.forward_to_leader() {
                 Some(forward) => self.not_leader(forward.leader_node.as_ref()),

@@ -202,7 +202,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 let mut table = txn.open_table(RAFT_LOG).map_err(io_err)?;
                 table.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
                 let mut meta = txn.open_table(RAFT_META).map_err(io_err)?;
-                meta.insert("last_purged", encode(&Some(log_id)).as_slice()).map_err(io_err)?;
+                meta.insert("last_purged", encode(&log_id).as_slice()).map_err(io_err)?;
             }
             txn.commit().map_err(io_err)
         })

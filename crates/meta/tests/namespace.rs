@@ -259,3 +259,35 @@ fn setgid_directories_pass_their_group_on() {
     let file = fs.create(handle(&dir), "file", pb::FileKind::Regular).unwrap();
     assert_eq!(file.gid, 50);
 }
+
+mod log_store {
+    use cairn_meta::raft_types::TypeConfig;
+    use cairn_meta::store::{LogStore, open_database};
+    use openraft::storage::{IOFlushed, RaftLogStorage};
+    use openraft::type_config::alias::{EntryOf, LogIdOf};
+    use openraft::{EntryPayload, RaftLogReader};
+
+    fn entry(index: u64) -> EntryOf<TypeConfig> {
+        EntryOf::<TypeConfig> {
+            log_id: LogIdOf::<TypeConfig>::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test]
+    async fn purged_position_and_entries_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut store = LogStore::new(open_database(dir.path()).unwrap());
+            store.append((1..=10).map(entry), IOFlushed::noop()).await.unwrap();
+            store.purge(entry(4).log_id).await.unwrap();
+            store.truncate_after(Some(entry(8).log_id)).await.unwrap();
+        }
+        let mut store = LogStore::new(open_database(dir.path()).unwrap());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(entry(4).log_id));
+        assert_eq!(state.last_log_id, Some(entry(8).log_id));
+        let entries = store.try_get_log_entries(0..100).await.unwrap();
+        assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
+    }
+}
