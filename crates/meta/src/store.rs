@@ -48,6 +48,16 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
+/// Runs short storage work on the current worker thread, telling the runtime to move its other
+/// tasks elsewhere meanwhile: cheaper than a hop to the blocking pool and back, which costs
+/// more than the work on the per-operation path (log append, apply).
+async fn inline<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
@@ -157,7 +167,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.log_id.index, encode(&e))).collect();
         let db = self.db.clone();
-        let result = blocking(move || {
+        let result = inline(move || {
             let txn = db.begin_write().map_err(io_err)?;
             {
                 let mut table = txn.open_table(RAFT_LOG).map_err(io_err)?;
@@ -415,7 +425,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(());
         }
         let store = self.clone();
-        let replies = blocking(move || store.apply_batch(batch)).await?;
+        let replies = inline(move || store.apply_batch(batch)).await?;
         for (reply, responder) in replies.into_iter().zip(responders) {
             if let Some(responder) = responder {
                 responder.send(reply);
