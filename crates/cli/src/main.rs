@@ -1,6 +1,7 @@
 //! The `cairn` command: one binary for every role (meta server, data server, mount) and the
 //! tools around them.
 
+mod bench;
 mod layout;
 mod roles;
 mod status;
@@ -62,6 +63,24 @@ enum Command {
         #[arg(long)]
         mount: PathBuf,
     },
+    /// Run the same workloads on a one-node Cairn mount and on the local disk; print the ratio.
+    Bench {
+        /// Scratch directory on the disk to compare against (Cairn keeps its data there too).
+        #[arg(long, default_value = "/var/tmp/cairn-bench")]
+        dir: PathBuf,
+        /// Size of the sequential file.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Small files created, statted, read and removed.
+        #[arg(long, default_value_t = 10_000)]
+        files: u64,
+        /// 4 KiB random reads.
+        #[arg(long, default_value_t = 20_000)]
+        random_reads: u64,
+        /// Runs; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Show the state of a file system.
     Status {
         #[arg(long, default_value = "127.0.0.1:7420")]
@@ -94,6 +113,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Meta { dir, listen, init, id } => runtime.block_on(roles::meta(dir, listen, init, id)),
         Command::Data { dir, listen, meta } => runtime.block_on(roles::data(dir, listen, split(&meta))),
         Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
+        Command::Bench { dir, size_mib, files, random_reads, runs } => {
+            bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1) })
+        }
         Command::Status { meta, json } => runtime.block_on(status::status(split(&meta), json)),
     }
 }

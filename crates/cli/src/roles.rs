@@ -160,38 +160,67 @@ fn check_mount_point(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn client_name(role: &str) -> String {
+pub fn client_name(role: &str) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     format!("{role}@{host}:{}", std::process::id())
 }
 
-pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf, listen: String) -> Result<()> {
-    check_mount_point(&mount_path)?;
-    let (marker, fresh) = layout::open_or_create(&data, &layout::new_fs_id(), None, true)?;
-    let (shutdown_tx, shutdown) = watch::channel(false);
-    let (node, client, address) = runtime.block_on(async {
-        let listener = bind(&listen).await?;
+/// A one-node file system served from this process: meta and data on one port.
+pub struct LocalNode {
+    pub node: Arc<MetaNode>,
+    pub address: String,
+    pub marker: Marker,
+    pub fresh: bool,
+    shutdown: watch::Sender<bool>,
+}
+
+impl LocalNode {
+    /// Creates (first time) or opens the file system in `data` and serves it on `listen`.
+    pub async fn start(data: &std::path::Path, listen: &str) -> Result<LocalNode> {
+        let (marker, fresh) = layout::open_or_create(data, &layout::new_fs_id(), None, true)?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let listener = bind(listen).await?;
         let address = advertised(&listener)?;
-        let config = MetaConfig::new(1, address.clone(), layout::meta_dir(&data));
+        let config = MetaConfig::new(1, address.clone(), layout::meta_dir(data));
         let node = MetaNode::start(config, Some(marker.fs_id.clone())).await.context("starting meta")?;
         node.wait_for_leader(Duration::from_secs(30)).await?;
-        let volume = Arc::new(Volume::open(&layout::blocks_dir(&data)).context("opening the block volume")?);
+        let volume = Arc::new(Volume::open(&layout::blocks_dir(data)).context("opening the block volume")?);
         let meta_service = MetaService::new(node.clone());
         let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
         tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone()));
         tokio::spawn(node.clone().run_background(shutdown.clone()));
-        tokio::spawn(register_loop(vec![address.clone()], data.clone(), marker.clone(), address.clone(), volume));
-        let client = Client::connect(vec![address.clone()], client_name("up"), ClientOptions::default())
+        tokio::spawn(register_loop(vec![address.clone()], data.to_path_buf(), marker.clone(), address.clone(), volume));
+        Ok(LocalNode { node, address, marker, fresh, shutdown: shutdown_tx })
+    }
+
+    /// A client of this file system, with its session kept alive.
+    pub async fn client(&self, role: &str) -> Result<Arc<Client>> {
+        let client = Client::connect(vec![self.address.clone()], client_name(role), ClientOptions::default())
             .await
             .context("connecting to meta")?;
         client.spawn_heartbeat();
-        Ok::<_, anyhow::Error>((node, client, address))
+        Ok(client)
+    }
+
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        self.node.shutdown().await;
+    }
+}
+
+pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf, listen: String) -> Result<()> {
+    check_mount_point(&mount_path)?;
+    let (local, client) = runtime.block_on(async {
+        let local = LocalNode::start(&data, &listen).await?;
+        let client = local.client("up").await?;
+        Ok::<_, anyhow::Error>((local, client))
     })?;
     let mounted = cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions::default())?;
+    let address = &local.address;
     println!(
         "Cairn file system {} {} and mounted at {}",
-        marker.fs_id,
-        if fresh { "created" } else { "started" },
+        local.marker.fs_id,
+        if local.fresh { "created" } else { "started" },
         mounted.path().display()
     );
     println!("  meta and data served at {address}");
@@ -201,8 +230,7 @@ pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf,
     runtime.block_on(wait_for_signal())?;
     eprintln!("cairn: unmounting {}", mounted.path().display());
     let unmounted = mounted.unmount();
-    let _ = shutdown_tx.send(true);
-    runtime.block_on(node.shutdown());
+    runtime.block_on(local.stop());
     unmounted.context("unmounting")?;
     Ok(())
 }
