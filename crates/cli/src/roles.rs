@@ -51,10 +51,16 @@ async fn serve(
 ) -> Result<()> {
     // Nagle's algorithm would hold a reply's last small frame back until the peer's delayed
     // ACK (~40 ms): every accepted connection sends at once.
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|stream| {
-        let stream = stream?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(stream)
+    // A failed accept (a peer that reset at once, descriptors running out) must not end the
+    // server, as an error from the incoming stream would: it is logged and skipped.
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|stream| {
+        match stream.and_then(|stream| stream.set_nodelay(true).map(|()| stream)) {
+            Ok(stream) => Some(Ok::<_, std::io::Error>(stream)),
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                None
+            }
+        }
     });
     Server::builder()
         .tcp_nodelay(true)
@@ -243,8 +249,10 @@ pub async fn meta(dir: PathBuf, listen: String, init: bool, id: u64) -> Result<(
     }
     let listener = bind(&listen).await?;
     let address = advertised(&listener)?;
+    tracing::info!(%address, "listening; starting the meta store and raft");
     let config = MetaConfig::new(id, address.clone(), layout::meta_dir(&dir));
     let node = MetaNode::start(config, init.then(|| marker.fs_id.clone())).await.context("starting meta")?;
+    tracing::info!("meta started");
     let (shutdown_tx, shutdown) = watch::channel(false);
     let server = tokio::spawn(serve(listener, Some(MetaService::new(node.clone())), None, shutdown.clone()));
     tokio::spawn(node.clone().run_background(shutdown));

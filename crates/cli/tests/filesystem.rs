@@ -9,8 +9,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_testkit::{free_address, is_mounted, wait_until};
@@ -27,6 +25,11 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Size of the `index`th file the writer process writes (at most 300 KB).
+fn writer_file_len(index: u64) -> usize {
+    (index as usize * 7919) % 300_000 + 1
+}
+
 #[test]
 fn fsynced_data_survives_kill_of_every_server_and_the_mount_carries_on() {
     if !common::can_mount() {
@@ -34,47 +37,53 @@ fn fsynced_data_survives_kill_of_every_server_and_the_mount_carries_on() {
     }
     let mut cluster = common::cluster();
     let mount = cluster.mount().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acknowledged: Arc<Mutex<Vec<(u64, usize)>>> = Arc::default();
-    let writer = {
-        let (stop, acknowledged, mount) = (stop.clone(), acknowledged.clone(), mount.clone());
-        std::thread::spawn(move || -> std::io::Result<()> {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let len = (i as usize * 7919) % 300_000 + 1;
-                let mut file = File::create(mount.join(format!("f{i}")))?;
-                file.write_all(&pattern(i, len))?;
-                file.sync_all()?;
-                acknowledged.lock().unwrap().push((i, len));
-                i += 1;
-            }
-            Ok(())
-        })
+    // The writer is a separate process: a process that holds files of a mount open must not
+    // fork the servers' restarts, or every exec would flush those files (FUSE flushes on each
+    // close, and exec closes the child's copies) and wait for the servers being restarted.
+    let source = cluster.dir.path().join("pattern");
+    fs::write(&source, pattern(1, 600_000)).unwrap();
+    let acknowledged_log = cluster.dir.path().join("acknowledged");
+    let script = format!(
+        "i=0; while true; do len=$(( (i * 7919) % 300000 + 1 )); \
+         dd if={source} of={mount}/f$i bs=1M count=$len iflag=count_bytes conv=fsync status=none || exit 1; \
+         echo $i >> {log}; i=$((i + 1)); done",
+        source = source.display(),
+        mount = mount.display(),
+        log = acknowledged_log.display()
+    );
+    let mut writer = Command::new("bash").arg("-c").arg(script).stdin(Stdio::null()).spawn().unwrap();
+    let acknowledged = || -> Vec<u64> {
+        fs::read_to_string(&acknowledged_log).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect()
     };
-    wait_until("some files to be written", Duration::from_secs(60), || acknowledged.lock().unwrap().len() >= 20)
-        .unwrap();
+    wait_until("some files to be written", Duration::from_secs(60), || acknowledged().len() >= 20).unwrap();
     cluster.meta.kill();
     cluster.data.kill();
-    let at_kill = acknowledged.lock().unwrap().len();
+    let at_kill = acknowledged().len();
     cluster.meta.restart().unwrap();
     cluster.data.restart().unwrap();
     cluster.wait_healthy(Duration::from_secs(60)).unwrap();
     wait_until("writes to resume after the restart", Duration::from_secs(90), || {
-        acknowledged.lock().unwrap().len() >= at_kill + 20
+        acknowledged().len() >= at_kill + 20 || writer.try_wait().ok().flatten().is_some()
     })
     .unwrap();
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap().expect("the writer saw no error across the restart");
+    // SAFETY: signalling the writer this test started; it is reaped below.
+    unsafe { libc::kill(writer.id() as i32, libc::SIGKILL) };
+    let status = writer.wait().unwrap();
+    assert!(status.code().is_none(), "the writer saw an error across the restart: {status}");
     assert!(cluster.mounts[0].process.is_running(), "the mount process must survive the server restart");
-    for &(i, len) in acknowledged.lock().unwrap().iter() {
+    let expected = pattern(1, 600_000);
+    let acknowledged = acknowledged();
+    assert!(acknowledged.len() >= at_kill + 20);
+    for &i in &acknowledged {
         let data = fs::read(mount.join(format!("f{i}"))).unwrap();
+        let len = writer_file_len(i);
         assert_eq!(data.len(), len, "file f{i} has the wrong length");
-        assert!(data == pattern(i, len), "file f{i} has the wrong content");
+        assert!(data == expected[..len], "file f{i} has the wrong content");
     }
     // A second, fresh mount sees the same data (nothing served from the first client's caches).
     let second = cluster.mount().unwrap();
-    let &(i, len) = acknowledged.lock().unwrap().first().unwrap();
-    assert_eq!(fs::read(second.join(format!("f{i}"))).unwrap(), pattern(i, len));
+    let first = acknowledged[0];
+    assert_eq!(fs::read(second.join(format!("f{first}"))).unwrap(), expected[..writer_file_len(first)]);
 }
 
 #[test]
@@ -233,4 +242,31 @@ fn misuse_gets_a_message_that_says_how_to_fix_it() {
     let message = cairn_error(&["status", "--meta", &free_address()]);
     assert!(message.contains("no meta server answered"), "{message}");
     let _ = Path::new("/");
+}
+
+/// A read whose flush commits a write that grew the file, racing the kernel's attribute
+/// refresh, must not see the file cut back to its old size (found by the fsx checker).
+#[test]
+fn a_file_grown_by_a_write_is_not_cut_short_by_a_concurrent_attribute_refresh() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let mount = cluster.mount().unwrap();
+    for round in 0..5 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(mount.join(format!("g{round}")))
+            .unwrap();
+        file.set_len(32_899).unwrap();
+        let mut buffer = vec![0u8; 40_877];
+        file.read_exact_at(&mut buffer[..5], 3_130).unwrap();
+        file.write_all_at(&vec![b'b'; 11_765], 32_899).unwrap();
+        file.read_exact_at(&mut buffer[..12_562], 463).unwrap();
+        let n = file.read_at(&mut buffer, 6_090).unwrap();
+        assert_eq!(n, 44_664 - 6_090, "round {round}: the read stopped at the old end of file");
+    }
 }

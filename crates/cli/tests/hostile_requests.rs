@@ -155,17 +155,29 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(error.code(), Code::NotFound);
         let too_big = pb::BlockRef { len: u32::MAX, ..unknown.clone() };
         let upload = data
-            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(too_big), data: vec![0; 10].into() }]))
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
+                block: Some(too_big),
+                data: vec![0; 10].into(),
+                sync: true,
+            }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
         let liar = pb::BlockRef { len: 10, ..unknown.clone() };
         let upload = data
-            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(liar), data: vec![0; 10].into() }]))
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
+                block: Some(liar),
+                data: vec![0; 10].into(),
+                sync: true,
+            }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument, "data that does not match its digest is refused");
         let short = pb::BlockRef { len: 100, ..unknown.clone() };
         let upload = data
-            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk { block: Some(short), data: vec![0; 10].into() }]))
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
+                block: Some(short),
+                data: vec![0; 10].into(),
+                sync: true,
+            }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
         let deletes = pb::DeleteBlocksRequest { blocks: vec![unknown.clone(); 200_000] };

@@ -62,9 +62,11 @@ impl BlockStore {
         BlockId::new(self.meta.session(), self.next_block.fetch_add(1, Ordering::SeqCst) + 1)
     }
 
-    /// Stores `data` as a new block on the servers meta picks; returns once every copy is
-    /// durable. Retries with fresh placements until the deadline.
-    pub async fn put(&self, data: Bytes) -> ClientResult<pb::BlockRef> {
+    /// Stores `data` as a new block on the servers meta picks. With `sync` it returns once every
+    /// copy is durable; without, once every copy is written, and [`BlockStore::sync`] on the
+    /// returned addresses must precede any commit naming the block. Retries with fresh
+    /// placements until the deadline.
+    pub async fn put(&self, data: Bytes, sync: bool) -> ClientResult<StoredBlock> {
         debug_assert!(!data.is_empty() && data.len() <= pb::BLOCK_BYTES_MAX);
         let (_, digest) = pb::block_digest(&data);
         let id = self.new_block_id();
@@ -83,7 +85,7 @@ impl BlockStore {
             };
             let mut failure = None;
             for server in &placement.servers {
-                if let Err(status) = self.upload(&server.address, &block, &data).await {
+                if let Err(status) = self.upload(&server.address, &block, &data, sync).await {
                     if !transient(&status) {
                         return Err(ClientError::Refused { what: "block upload", status: status.to_string() });
                     }
@@ -94,7 +96,8 @@ impl BlockStore {
             let Some(status) = failure else {
                 tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
                 self.insert_pieces(id.0, 0, &data);
-                return Ok(block);
+                let addresses = placement.servers.into_iter().map(|s| s.address).collect();
+                return Ok(StoredBlock { block, addresses });
             };
             if started.elapsed() >= policy.deadline {
                 return Err(ClientError::Timeout {
@@ -109,12 +112,37 @@ impl BlockStore {
         }
     }
 
-    async fn upload(&self, address: &str, block: &pb::BlockRef, data: &Bytes) -> Result<(), tonic::Status> {
+    /// Makes every block the servers at `addresses` acknowledged durable.
+    pub async fn sync(&self, addresses: impl IntoIterator<Item = &String>) -> ClientResult<()> {
+        let policy = self.meta.policy.clone();
+        for address in addresses {
+            let started = Instant::now();
+            let mut backoff = policy.backoff_min;
+            loop {
+                let mut client = self.client(address)?;
+                match client.sync_blocks(pb::SyncBlocksRequest {}).await {
+                    Ok(_) => break,
+                    Err(status) if transient(&status) && started.elapsed() < policy.deadline => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(policy.backoff_max);
+                    }
+                    Err(status) => return Err(ClientError::Refused { what: "block sync", status: status.to_string() }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload(&self, address: &str, block: &pb::BlockRef, data: &Bytes, sync: bool) -> Result<(), tonic::Status> {
         let mut client = self.client(address).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let mut messages = Vec::with_capacity(data.len() / UPLOAD_CHUNK_BYTES + 1);
         for (i, at) in (0..data.len()).step_by(UPLOAD_CHUNK_BYTES).enumerate() {
             let end = (at + UPLOAD_CHUNK_BYTES).min(data.len());
-            messages.push(pb::PutBlockChunk { block: (i == 0).then(|| block.clone()), data: data.slice(at..end) });
+            messages.push(pb::PutBlockChunk {
+                block: (i == 0).then(|| block.clone()),
+                data: data.slice(at..end),
+                sync: sync && i == 0,
+            });
         }
         let reply = client.put_block(tokio_stream::iter(messages)).await?.into_inner();
         if reply.errno != 0 {
@@ -286,6 +314,13 @@ impl BlockStore {
         data.truncate(len as usize);
         Ok(data)
     }
+}
+
+/// A block written to its data servers.
+pub struct StoredBlock {
+    pub block: pb::BlockRef,
+    /// Where the copies are, for the sync barrier before a commit.
+    pub addresses: Vec<String>,
 }
 
 enum FetchError {

@@ -23,6 +23,9 @@ const INLINE_FILE_BYTES_MAX: u64 = 1024 * 1024;
 /// Sealed blocks kept before a commit is forced, bounding the size of one commit.
 const PENDING_BLOCKS_MAX: usize = 1024;
 
+/// A block upload in flight: the extent it becomes and the servers that hold it.
+type Upload = JoinHandle<ClientResult<(pb::Extent, Vec<String>)>>;
+
 struct Building {
     offset: u64,
     data: Vec<u8>,
@@ -45,7 +48,11 @@ struct ExtentWindow {
 #[derive(Default)]
 struct FileInner {
     building: Option<Building>,
-    uploads: Vec<JoinHandle<ClientResult<pb::Extent>>>,
+    uploads: Vec<Upload>,
+    /// Uploaded extents not yet committed, in write order.
+    ready: Vec<pb::Extent>,
+    /// Data servers holding blocks of `ready` that may not be durable yet.
+    ready_servers: std::collections::BTreeSet<String>,
     /// Largest end offset written since the last commit.
     dirty_end: u64,
     dirty: bool,
@@ -122,15 +129,28 @@ impl Files {
         result.map(|_| last)
     }
 
-    /// The size this client sees: committed size, or further if it wrote past it.
-    pub async fn local_size(&self, ino: u64, committed: u64) -> u64 {
-        match self.get(ino) {
-            Some(file) => {
-                let inner = file.inner.lock().await;
-                if inner.dirty { committed.max(inner.dirty_end) } else { committed }
+    /// How far this client wrote past the committed size, if it has uncommitted writes.
+    ///
+    /// Take this *before* fetching attributes from meta: if a commit lands in between, meta's
+    /// answer already includes it; taken after, a commit that just cleared the dirty state would
+    /// leave an older size from meta standing, and the kernel would cut the file short.
+    pub async fn dirty_end(&self, ino: u64) -> Option<u64> {
+        let file = self.get(ino)?;
+        let inner = file.inner.lock().await;
+        inner.dirty.then_some(inner.dirty_end)
+    }
+
+    /// [`Files::dirty_end`] of every open file, for listings.
+    pub async fn dirty_ends(&self) -> HashMap<u64, u64> {
+        let files: Vec<Arc<OpenFile>> = self.open.lock().expect("open files poisoned").values().cloned().collect();
+        let mut ends = HashMap::new();
+        for file in files {
+            let inner = file.inner.lock().await;
+            if inner.dirty {
+                ends.insert(file.handle.ino, inner.dirty_end);
             }
-            None => committed,
         }
+        ends
     }
 
     pub async fn is_dirty(&self, ino: u64) -> bool {
@@ -207,14 +227,15 @@ impl Files {
         let handle = tokio::spawn(async move {
             let _permit = permit;
             let len = building.data.len() as u64;
-            let block = blocks.put(Bytes::from(building.data)).await?;
-            Ok(pb::Extent {
+            let stored = blocks.put(Bytes::from(building.data), false).await?;
+            let extent = pb::Extent {
                 offset: building.offset,
                 len,
-                block: Some(block),
+                block: Some(stored.block),
                 block_offset: 0,
                 inline_data: Vec::new(),
-            })
+            };
+            Ok((extent, stored.addresses))
         });
         inner.uploads.push(handle);
     }
@@ -225,11 +246,16 @@ impl Files {
         if !inner.dirty {
             return Ok(());
         }
-        let mut extents = Vec::with_capacity(inner.uploads.len() + 1);
+        // Extents whose data is on data servers wait in `ready` until a commit names them, so
+        // a commit that fails (meta unreachable past the deadline) can be retried by the next
+        // flush without losing them.
         let mut failure = None;
         for upload in std::mem::take(&mut inner.uploads) {
             match upload.await {
-                Ok(Ok(extent)) => extents.push(extent),
+                Ok(Ok((extent, addresses))) => {
+                    inner.ready.push(extent);
+                    inner.ready_servers.extend(addresses);
+                }
                 Ok(Err(e)) => failure = Some(e),
                 Err(e) => failure = Some(ClientError::Refused { what: "block upload", status: e.to_string() }),
             }
@@ -237,6 +263,8 @@ impl Files {
         if let Some(e) = failure {
             // The data of the failed block is gone; report it rather than commit a partial file.
             inner.building = None;
+            inner.ready.clear();
+            inner.ready_servers.clear();
             inner.dirty = false;
             return Err(e);
         }
@@ -245,9 +273,9 @@ impl Files {
         {
             let small = building.data.len() <= INLINE_BYTES_MAX
                 && inner.known_size.max(inner.dirty_end) <= INLINE_FILE_BYTES_MAX;
+            let len = building.data.len() as u64;
             if small {
-                let len = building.data.len() as u64;
-                extents.push(pb::Extent {
+                inner.ready.push(pb::Extent {
                     offset: building.offset,
                     len,
                     block: None,
@@ -255,17 +283,26 @@ impl Files {
                     inline_data: building.data,
                 });
             } else {
-                let len = building.data.len() as u64;
-                let block = self.blocks.put(Bytes::from(building.data)).await?;
-                extents.push(pb::Extent {
+                // Alone, the block syncs as it uploads; among others, the barrier covers it.
+                let alone = inner.ready_servers.is_empty();
+                let stored = self.blocks.put(Bytes::from(building.data), alone).await?;
+                if !alone {
+                    inner.ready_servers.extend(stored.addresses);
+                }
+                inner.ready.push(pb::Extent {
                     offset: building.offset,
                     len,
-                    block: Some(block),
+                    block: Some(stored.block),
                     block_offset: 0,
                     inline_data: Vec::new(),
                 });
             }
         }
+        // Every block the commit names is durable before meta can reference it.
+        let servers: Vec<String> = inner.ready_servers.iter().cloned().collect();
+        self.blocks.sync(&servers).await?;
+        inner.ready_servers.clear();
+        let extents = inner.ready.clone();
         let op = Op::Commit(pb::CommitOp {
             target: Some(file.handle),
             extents,
@@ -274,6 +311,7 @@ impl Files {
             kill_suid: inner.kill_suid,
         });
         let reply = self.meta.mutate(&inner.writer, op).await?;
+        inner.ready.clear();
         inner.dirty = false;
         inner.dirty_end = 0;
         inner.kill_suid = false;

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use cairn_proto::data_server::{Data, DataServer};
 use cairn_proto::{
     BLOCK_BYTES_MAX, BlockId, DataStatusReply, DataStatusRequest, DeleteBlocksReply, DeleteBlocksRequest,
-    GetBlockChunk, GetBlockRequest, MAX_MESSAGE_BYTES, PIECE_BYTES, PutBlockChunk, PutBlockReply, errno,
+    GetBlockChunk, GetBlockRequest, MAX_MESSAGE_BYTES, PIECE_BYTES, PutBlockChunk, PutBlockReply, SyncBlocksReply,
+    SyncBlocksRequest, errno,
 };
 use futures::{Stream, StreamExt};
 use tokio::sync::{Semaphore, mpsc};
@@ -57,6 +58,7 @@ impl Data for DataService {
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty block upload"))?;
         let block = first.block.ok_or_else(|| Status::invalid_argument("first chunk must name the block"))?;
+        let sync = first.sync;
         let len = block.len as usize;
         if len == 0 || len > BLOCK_BYTES_MAX {
             return Err(Status::invalid_argument(format!("block length {len} out of range 1..={BLOCK_BYTES_MAX}")));
@@ -95,7 +97,7 @@ impl Data for DataService {
         let received_at = std::time::Instant::now();
         let new_block = NewBlock::verified_parts(id, &block.digest, parts).map_err(volume_status)?;
         let volume = self.volume.clone();
-        tokio::task::spawn_blocking(move || volume.append(vec![new_block]))
+        tokio::task::spawn_blocking(move || volume.append(vec![new_block], sync))
             .await
             .map_err(|e| Status::internal(format!("append task: {e}")))?
             .map_err(volume_status)?;
@@ -168,6 +170,15 @@ impl Data for DataService {
             .map_err(|e| Status::internal(format!("delete task: {e}")))?
             .map_err(volume_status)?;
         Ok(Response::new(DeleteBlocksReply { deleted: deleted as u32 }))
+    }
+
+    async fn sync_blocks(&self, _request: Request<SyncBlocksRequest>) -> Result<Response<SyncBlocksReply>, Status> {
+        let volume = self.volume.clone();
+        tokio::task::spawn_blocking(move || volume.sync())
+            .await
+            .map_err(|e| Status::internal(format!("sync task: {e}")))?
+            .map_err(volume_status)?;
+        Ok(Response::new(SyncBlocksReply {}))
     }
 
     async fn status(&self, _request: Request<DataStatusRequest>) -> Result<Response<DataStatusReply>, Status> {

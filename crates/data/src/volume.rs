@@ -279,16 +279,27 @@ impl Volume {
         })
     }
 
-    /// Appends blocks and returns once they are durable. Concurrent appends share one
+    /// Appends blocks; with `sync`, returns once they are durable. Concurrent syncs share one
     /// `fdatasync` (group commit): whoever syncs covers everything written before it.
-    pub fn append(&self, blocks: Vec<NewBlock>) -> Result<(), VolumeError> {
+    pub fn append(&self, blocks: Vec<NewBlock>, sync: bool) -> Result<(), VolumeError> {
         let (located, written_to) = self.write_records(blocks)?;
-        self.sync_through(written_to)?;
+        if sync {
+            self.sync_through(written_to)?;
+        }
         let mut index = self.index.write().map_err(|_| poisoned())?;
         for (id, location) in located {
             index.insert(id, location);
         }
         Ok(())
+    }
+
+    /// Makes every block appended so far durable.
+    pub fn sync(&self) -> Result<(), VolumeError> {
+        let position = {
+            let writer = self.writer.lock().map_err(|_| poisoned())?;
+            (writer.active.number, writer.end)
+        };
+        self.sync_through(position)
     }
 
     /// Makes every record up to `position` (segment, end offset) durable.
@@ -466,7 +477,7 @@ mod tests {
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         {
             let volume = Volume::open(dir.path()).unwrap();
-            volume.append(vec![block(1, data.clone()), block(2, vec![9; 10])]).unwrap();
+            volume.append(vec![block(1, data.clone()), block(2, vec![9; 10])], true).unwrap();
             volume.delete(&[BlockId::new(7, 2)]).unwrap();
         }
         let volume = Volume::open(dir.path()).unwrap();
@@ -480,8 +491,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let volume = Volume::open(dir.path()).unwrap();
-            volume.append(vec![block(1, vec![1; 5000])]).unwrap();
-            volume.append(vec![block(2, vec![2; 5000])]).unwrap();
+            volume.append(vec![block(1, vec![1; 5000])], true).unwrap();
+            volume.append(vec![block(2, vec![2; 5000])], true).unwrap();
         }
         let path = segment_path(dir.path(), 1);
         let len = std::fs::metadata(&path).unwrap().len();
@@ -489,7 +500,7 @@ mod tests {
         let volume = Volume::open(dir.path()).unwrap();
         assert!(volume.contains(BlockId::new(7, 1)));
         assert!(!volume.contains(BlockId::new(7, 2)));
-        volume.append(vec![block(3, vec![3; 10])]).unwrap();
+        volume.append(vec![block(3, vec![3; 10])], false).unwrap();
         drop(volume);
         let volume = Volume::open(dir.path()).unwrap();
         assert!(volume.contains(BlockId::new(7, 3)));
@@ -499,7 +510,7 @@ mod tests {
     fn flipped_byte_is_reported_as_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let volume = Volume::open(dir.path()).unwrap();
-        volume.append(vec![block(1, vec![5; 100_000])]).unwrap();
+        volume.append(vec![block(1, vec![5; 100_000])], true).unwrap();
         let path = segment_path(dir.path(), 1);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         let len = file.metadata().unwrap().len();

@@ -25,7 +25,7 @@ use crate::convert::{caller, file_attr, file_type, kind_of_mode, timestamp};
 /// Names remembered to tell, at unlink time, which inode a name points to.
 const NAME_CACHE_ENTRIES: usize = 65_536;
 /// Directory entries fetched per readdir round trip.
-const READDIR_PAGE: u32 = 512;
+const READDIR_PAGE: u32 = 128;
 
 #[derive(Clone, Debug)]
 pub struct MountOptions {
@@ -53,6 +53,8 @@ struct DirStream {
     /// Index (in the whole listing after "." and "..") of `page[0]`.
     base: u64,
     page: Vec<pb::DirEntry>,
+    /// The name `page` was fetched after (empty: the start of the directory).
+    page_after: Vec<u8>,
     eof: bool,
     loaded: bool,
 }
@@ -151,9 +153,16 @@ impl CairnFs {
         }
     }
 
+    /// Attributes for the kernel: the size includes this client's uncommitted writes as they
+    /// were in `dirty_end`, taken before `attr` was fetched.
+    fn attr_with(attr: &pb::Attr, dirty_end: Option<u64>) -> fuser::FileAttr {
+        file_attr(attr, dirty_end.map_or(attr.size, |end| end.max(attr.size)))
+    }
+
+    /// Attributes of an inode this request just created or changed (the reply is current).
     async fn attr_of(&self, attr: &pb::Attr) -> fuser::FileAttr {
-        let size = self.client.files.local_size(attr.ino, attr.size).await;
-        file_attr(attr, size)
+        let dirty_end = self.client.files.dirty_end(attr.ino).await;
+        Self::attr_with(attr, dirty_end)
     }
 
     fn reply_entry(&self, parent: u64, name: &[u8], attr: &pb::Attr, fattr: &fuser::FileAttr, reply: ReplyEntry) {
@@ -227,6 +236,22 @@ impl CairnFs {
         offset: u64,
         add: &mut impl FnMut(u64, u64, &[u8], Option<&pb::Attr>) -> bool,
     ) -> Result<(), ClientError> {
+        // Each call lists from a freshly fetched page: attributes in the reply must not be
+        // older than the caller's snapshot of this client's uncommitted writes.
+        if offset >= 2 && stream.loaded {
+            let position = offset - 2;
+            if position >= stream.base && position <= stream.base + stream.page.len() as u64 {
+                let at = (position - stream.base) as usize;
+                let after = if at == 0 { stream.page_after.clone() } else { stream.page[at - 1].name.clone() };
+                let (page, eof) = self.client.meta.readdir(stream.dir, &after, READDIR_PAGE).await?;
+                stream.base = position;
+                stream.page = page;
+                stream.page_after = after;
+                stream.eof = eof;
+            } else {
+                stream.loaded = false;
+            }
+        }
         let mut index = offset;
         loop {
             match index {
@@ -244,7 +269,14 @@ impl CairnFs {
                     let position = index - 2;
                     if !stream.loaded || position < stream.base {
                         let (page, eof) = self.client.meta.readdir(stream.dir, b"", READDIR_PAGE).await?;
-                        *stream = DirStream { base: 0, page, eof, loaded: true, ..*stream_clone(stream) };
+                        *stream = DirStream {
+                            base: 0,
+                            page,
+                            page_after: Vec::new(),
+                            eof,
+                            loaded: true,
+                            ..*stream_clone(stream)
+                        };
                     }
                     while position >= stream.base + stream.page.len() as u64 {
                         if stream.eof {
@@ -254,6 +286,7 @@ impl CairnFs {
                         let (page, eof) = self.client.meta.readdir(stream.dir, &after, READDIR_PAGE).await?;
                         stream.base += stream.page.len() as u64;
                         stream.page = page;
+                        stream.page_after = after;
                         stream.eof = eof;
                         if stream.page.is_empty() && stream.eof {
                             return Ok(());
@@ -277,6 +310,7 @@ fn stream_clone(stream: &DirStream) -> Box<DirStream> {
         parent: stream.parent,
         base: stream.base,
         page: Vec::new(),
+        page_after: Vec::new(),
         eof: stream.eof,
         loaded: stream.loaded,
     })
@@ -298,9 +332,16 @@ impl Filesystem for CairnFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.runtime.block_on(async {
             let parent_handle = self.handle_of(parent)?;
+            let known =
+                self.names.lock().expect("name cache poisoned").peek(&(parent.0, name.as_bytes().to_vec())).copied();
+            let dirty_end = match known {
+                Some(ino) => self.client.files.dirty_end(ino).await,
+                None => None,
+            };
             let attr = self.client.meta.lookup(parent_handle, name.as_bytes()).await?;
-            let fattr = self.attr_of(&attr).await;
-            Ok::<_, ClientError>((attr, fattr))
+            let dirty_end =
+                if known == Some(attr.ino) { dirty_end } else { self.client.files.dirty_end(attr.ino).await };
+            Ok::<_, ClientError>((attr, Self::attr_with(&attr, dirty_end)))
         });
         match result {
             Ok((attr, fattr)) => self.reply_entry(parent.0, name.as_bytes(), &attr, &fattr, reply),
@@ -324,8 +365,9 @@ impl Filesystem for CairnFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let result = self.runtime.block_on(async {
             let handle = self.handle_of(ino)?;
+            let dirty_end = self.client.files.dirty_end(ino.0).await;
             let attr = self.client.meta.getattr(handle).await?;
-            Ok::<_, ClientError>(self.attr_of(&attr).await)
+            Ok::<_, ClientError>(Self::attr_with(&attr, dirty_end))
         });
         match result {
             Ok(fattr) => reply.attr(&self.options.attr_ttl, &fattr),
@@ -625,7 +667,15 @@ impl Filesystem for CairnFs {
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.handle_of(ino) {
             Ok(dir) => {
-                let stream = DirStream { dir, parent: ino.0, base: 0, page: Vec::new(), eof: false, loaded: false };
+                let stream = DirStream {
+                    dir,
+                    parent: ino.0,
+                    base: 0,
+                    page: Vec::new(),
+                    page_after: Vec::new(),
+                    eof: false,
+                    loaded: false,
+                };
                 let fh = self.new_handle(Handle::Dir(Box::new(stream)));
                 reply.opened(FileHandle(fh), FopenFlags::empty());
             }
@@ -653,9 +703,10 @@ impl Filesystem for CairnFs {
             }
         };
         let mut added: Vec<pb::Attr> = Vec::new();
+        let dirty_ends = self.runtime.block_on(self.client.files.dirty_ends());
         let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
             Some(attr) => {
-                let fattr = file_attr(attr, attr.size);
+                let fattr = Self::attr_with(attr, dirty_ends.get(&attr.ino).copied());
                 let full = reply.add(
                     INodeNo(entry_ino),
                     next,

@@ -28,9 +28,21 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 }
 
 /// A loopback address with a port that was free a moment ago.
+///
+/// Ports come from below the kernel's ephemeral range (32768 and up here): a server restarted
+/// on its old port must not find it taken by some client's outgoing connection, which is what
+/// `bind(0)` ports, taken from that range, risk.
 pub fn free_address() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
-    listener.local_addr().expect("local address").to_string()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let spread = (std::process::id() * 7919) % 10_000;
+    for _ in 0..10_000 {
+        let port = 20_000 + (spread + NEXT.fetch_add(1, Ordering::SeqCst) * 13) % 12_000;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return listener.local_addr().expect("local address").to_string();
+        }
+    }
+    panic!("no free loopback port between 20000 and 32000");
 }
 
 /// Whether `path` is a mount point right now.
@@ -271,5 +283,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Mounts first, while the servers can still answer their last flushes.
         self.mounts.clear();
+        if std::env::var_os("CAIRN_KEEP_TEST_DIRS").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("kept test directory {}", self.dir.path().display());
+        }
     }
 }
