@@ -213,8 +213,11 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
     Ok(())
 }
 
+/// A report row: workload, unit, and the figure it reads.
+type Row = (&'static str, &'static str, fn(&Figures) -> f64);
+
 fn report(options: &BenchOptions, results: &[Vec<Figures>]) {
-    let rows: [(&str, &str, fn(&Figures) -> f64); 7] = [
+    let rows: [Row; 7] = [
         ("sequential write + fsync", "MB/s", |f| f.write_mb_s),
         ("sequential read, cold", "MB/s", |f| f.read_mb_s),
         ("4 KiB random read, cold", "IOPS", |f| f.random_read_iops),
