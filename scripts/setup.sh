@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Installs what building, running and testing Cairn needs on a Debian machine: FUSE, the
-# libraries pjdfstest links against, and the cargo tools. Safe to run again.
+# Installs what running Cairn needs on a Debian machine (FUSE) and, with --test-tools, what
+# testing needs (the library pjdfstest links against, cargo-nextest, pjdfstest). Safe to run
+# again: only what is missing is installed.
 set -euo pipefail
 
 need_apt=()
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
-[ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)
-command -v setfattr >/dev/null 2>&1 || need_apt+=(attr)
-command -v fio >/dev/null 2>&1 || need_apt+=(fio)
-command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+if [ "${1:-}" = "--test-tools" ]; then
+  # pjdfstest links against libacl.
+  [ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   sudo_cmd=""
