@@ -95,7 +95,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,cairn=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,cairn=info")),
         )
         .with_writer(std::io::stderr)
         .init();

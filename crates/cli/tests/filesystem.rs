@@ -270,3 +270,47 @@ fn a_file_grown_by_a_write_is_not_cut_short_by_a_concurrent_attribute_refresh() 
         assert_eq!(n, 44_664 - 6_090, "round {round}: the read stopped at the old end of file");
     }
 }
+
+#[test]
+fn large_sparse_files_and_open_flags_behave_as_on_a_local_disk() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = common::cluster();
+    let mount = cluster.mount().unwrap();
+    // Past 4 GiB, with a hole before: reads of the hole give zeros, and little is allocated.
+    let big = mount.join("sparse");
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&big).unwrap();
+    let far = 5 * 1024 * 1024 * 1024u64;
+    file.write_all_at(b"end", far).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let metadata = fs::metadata(&big).unwrap();
+    assert_eq!(metadata.len(), far + 3);
+    assert!(metadata.blocks() * 512 < 1024 * 1024, "a hole takes no space: {} blocks", metadata.blocks());
+    let file = File::open(&big).unwrap();
+    let mut buffer = [1u8; 4096];
+    file.read_exact_at(&mut buffer, 4 * 1024 * 1024 * 1024).unwrap();
+    assert!(buffer.iter().all(|&b| b == 0));
+    let mut tail = [0u8; 3];
+    file.read_exact_at(&mut tail, far).unwrap();
+    assert_eq!(&tail, b"end");
+    drop(file);
+
+    // O_APPEND writes at the end, O_TRUNC empties, O_EXCL refuses an existing name.
+    let path = mount.join("flags");
+    fs::write(&path, b"one").unwrap();
+    let mut appender = OpenOptions::new().append(true).open(&path).unwrap();
+    appender.write_all(b"two").unwrap();
+    drop(appender);
+    assert_eq!(fs::read(&path).unwrap(), b"onetwo");
+    drop(OpenOptions::new().write(true).truncate(true).open(&path).unwrap());
+    assert_eq!(fs::metadata(&path).unwrap().len(), 0);
+    let error = OpenOptions::new().write(true).create_new(true).open(&path).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EEXIST));
+    let error = fs::write(mount.join("x".repeat(256)), b"").unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::ENAMETOOLONG));
+    // One file system: a rename across directories never gives EXDEV.
+    fs::create_dir(mount.join("elsewhere")).unwrap();
+    fs::rename(&path, mount.join("elsewhere/flags")).unwrap();
+}

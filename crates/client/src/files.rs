@@ -339,13 +339,19 @@ impl Files {
             let covered =
                 inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
             if !covered {
-                let reply = self.meta.extents(file.handle, offset, EXTENT_WINDOW_BYTES.max(size as u64)).await?;
-                let size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
-                inner.known_size = size;
+                let window_len = EXTENT_WINDOW_BYTES.max(size as u64);
+                let reply = self.meta.extents(file.handle, offset, window_len).await?;
+                let file_size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
+                // A capped reply covers only as far as its last extent.
+                let end = match reply.extents.last() {
+                    Some(last) if reply.extents.len() >= pb::EXTENTS_PER_REPLY_MAX => last.offset + last.len,
+                    _ => offset.saturating_add(window_len),
+                };
+                inner.known_size = file_size;
                 inner.window = Some(ExtentWindow {
                     start: offset,
-                    end: offset.saturating_add(EXTENT_WINDOW_BYTES.max(size as u64)),
-                    size,
+                    end,
+                    size: file_size,
                     extents: Arc::new(reply.extents),
                     servers: Arc::new(reply.servers.into_iter().map(|s| (s.id, s.address)).collect()),
                 });

@@ -25,8 +25,7 @@ pub type QueryResult<T> = Result<T, QueryError>;
 
 /// Directory entries returned in one page at most.
 pub const READDIR_PAGE_MAX: usize = 1024;
-/// Extents returned for one read request at most.
-pub const EXTENTS_PER_REPLY_MAX: usize = 65_536;
+pub use cairn_proto::EXTENTS_PER_REPLY_MAX;
 
 pub struct Query {
     txn: ReadTransaction,

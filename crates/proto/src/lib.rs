@@ -26,6 +26,9 @@ pub const PIECE_BYTES: usize = 64 * 1024;
 /// Largest block: files are cut into blocks of at most this size.
 pub const BLOCK_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Extents in one `GetExtents` reply at most; a longer map is read in several windows.
+pub const EXTENTS_PER_REPLY_MAX: usize = 65_536;
+
 /// Longest name in a directory, as on ext4.
 pub const NAME_BYTES_MAX: usize = 255;
 
