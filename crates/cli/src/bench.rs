@@ -76,7 +76,24 @@ fn sequential_write(path: &Path, size: u64, chunk: &[u8]) -> Result<f64> {
     Ok(rate(size as f64 / 1e6, started.elapsed()))
 }
 
-fn sequential_read(path: &Path, size: u64) -> Result<f64> {
+/// Whether `data`, read at `offset` of a file made of `chunk` repeated, is what was written.
+fn matches_written(chunk: &[u8], offset: u64, data: &[u8]) -> bool {
+    let mut at = (offset % chunk.len() as u64) as usize;
+    let mut rest = data;
+    while !rest.is_empty() {
+        let take = rest.len().min(chunk.len() - at);
+        if rest[..take] != chunk[at..at + take] {
+            return false;
+        }
+        rest = &rest[take..];
+        at = 0;
+    }
+    true
+}
+
+/// Reads the file through, checking every byte against what was written (a figure for wrong
+/// data would be worthless).
+fn sequential_read(path: &Path, size: u64, chunk: &[u8]) -> Result<f64> {
     let started = Instant::now();
     let mut file = File::open(path)?;
     let mut buffer = vec![0u8; CHUNK];
@@ -86,6 +103,9 @@ fn sequential_read(path: &Path, size: u64) -> Result<f64> {
         if n == 0 {
             break;
         }
+        if !matches_written(chunk, total, &buffer[..n]) {
+            bail!("{} holds other data than written at offset {total}", path.display());
+        }
         total += n as u64;
     }
     if total != size {
@@ -94,7 +114,7 @@ fn sequential_read(path: &Path, size: u64) -> Result<f64> {
     Ok(rate(size as f64 / 1e6, started.elapsed()))
 }
 
-fn random_reads(path: &Path, size: u64, count: u64) -> Result<f64> {
+fn random_reads(path: &Path, size: u64, count: u64, chunk: &[u8]) -> Result<f64> {
     let file = File::open(path)?;
     let mut buffer = vec![0u8; 4096];
     let blocks = size / 4096;
@@ -104,7 +124,11 @@ fn random_reads(path: &Path, size: u64, count: u64) -> Result<f64> {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
-        file.read_exact_at(&mut buffer, (state % blocks) * 4096)?;
+        let offset = (state % blocks) * 4096;
+        file.read_exact_at(&mut buffer, offset)?;
+        if !matches_written(chunk, offset, &buffer) {
+            bail!("{} holds other data than written at offset {offset}", path.display());
+        }
     }
     Ok(rate(count as f64, started.elapsed()))
 }
@@ -182,7 +206,7 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
         drop_page_cache();
         mounted = Some(mount(runtime)?);
         for (i, target) in targets.iter().enumerate() {
-            figures[i].read_mb_s = sequential_read(&target.dir.join("big"), size)?;
+            figures[i].read_mb_s = sequential_read(&target.dir.join("big"), size, &chunk)?;
         }
         if let Some(m) = mounted.take() {
             m.unmount()?;
@@ -190,7 +214,7 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
         drop_page_cache();
         mounted = Some(mount(runtime)?);
         for (i, target) in targets.iter().enumerate() {
-            figures[i].random_read_iops = random_reads(&target.dir.join("big"), size, options.random_reads)?;
+            figures[i].random_read_iops = random_reads(&target.dir.join("big"), size, options.random_reads, &chunk)?;
             fs::remove_file(target.dir.join("big"))?;
         }
         for (i, target) in targets.iter().enumerate() {
