@@ -186,6 +186,15 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
         Ok(cairn_mount::mount(client, runtime.handle().clone(), &mount_dir, MountOptions::default())?)
     };
     let mut mounted = Some(mount(runtime)?);
+    // Cold: no page cache, and a Cairn client with empty caches.
+    let go_cold = |mounted: &mut Option<Mounted>| -> Result<()> {
+        if let Some(m) = mounted.take() {
+            m.unmount()?;
+        }
+        drop_page_cache();
+        *mounted = Some(mount(runtime)?);
+        Ok(())
+    };
     let targets = [Target { dir: local_dir.clone() }, Target { dir: mount_dir.clone() }];
     let size = options.size_mib * 1024 * 1024;
     let chunk = pattern(CHUNK, 42);
@@ -199,20 +208,11 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
         for (i, target) in targets.iter().enumerate() {
             figures[i].write_mb_s = sequential_write(&target.dir.join("big"), size, &chunk)?;
         }
-        // Cold: no page cache, and a Cairn client with empty caches.
-        if let Some(m) = mounted.take() {
-            m.unmount()?;
-        }
-        drop_page_cache();
-        mounted = Some(mount(runtime)?);
+        go_cold(&mut mounted)?;
         for (i, target) in targets.iter().enumerate() {
             figures[i].read_mb_s = sequential_read(&target.dir.join("big"), size, &chunk)?;
         }
-        if let Some(m) = mounted.take() {
-            m.unmount()?;
-        }
-        drop_page_cache();
-        mounted = Some(mount(runtime)?);
+        go_cold(&mut mounted)?;
         for (i, target) in targets.iter().enumerate() {
             figures[i].random_read_iops = random_reads(&target.dir.join("big"), size, options.random_reads, &chunk)?;
             fs::remove_file(target.dir.join("big"))?;

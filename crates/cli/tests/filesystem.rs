@@ -11,19 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cairn_testkit::{free_address, is_mounted, wait_until};
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
-}
+use cairn_testkit::{free_address, is_mounted, pattern, wait_until};
 
 /// Size of the `index`th file the writer process writes (at most 300 KB).
 fn writer_file_len(index: u64) -> usize {

@@ -11,6 +11,19 @@ use anyhow::{Context, Result, bail};
 
 pub mod fsx;
 
+/// `len` bytes that depend on `seed` (xorshift), to write and later check.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
