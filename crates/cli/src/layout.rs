@@ -13,6 +13,9 @@ pub struct Marker {
     pub fs_id: String,
     /// This directory's data server id (0 when it holds no data server).
     pub data_server_id: u64,
+    /// This directory's id in the meta group (0 when it holds no meta server yet).
+    #[serde(default)]
+    pub meta_id: u64,
 }
 
 pub fn new_fs_id() -> String {
@@ -57,6 +60,7 @@ pub fn open_or_create(
     let marker = Marker {
         fs_id: new_fs_id.to_string(),
         data_server_id: if data_server { rand::random::<u64>() >> 1 | 1 } else { 0 },
+        meta_id: 0,
     };
     write(&marker_path, &marker)?;
     Ok((marker, true))

@@ -1,1 +1,8 @@
-//! placeholder
+//! The roles and tools behind the `cairn` command, as a library so tests and examples can start
+//! a node in-process.
+
+pub mod bench;
+pub mod cluster;
+pub mod layout;
+pub mod roles;
+pub mod status;

@@ -1,14 +1,10 @@
 //! The `cairn` command: one binary for every role (meta server, data server, mount) and the
 //! tools around them.
 
-mod bench;
-mod layout;
-mod roles;
-mod status;
-
 use std::path::PathBuf;
 
 use anyhow::Result;
+use cairn::{bench, cluster, roles, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -41,9 +37,21 @@ enum Command {
         /// Create a new file system here if the directory is empty.
         #[arg(long)]
         init: bool,
-        /// This server's id in the meta group.
-        #[arg(long, default_value_t = 1)]
-        id: u64,
+        /// Join the running meta group at these address(es), comma separated (a new, empty directory).
+        #[arg(long)]
+        join: Option<String>,
+        /// This server's id in the meta group (default: 1 with --init, random with --join; then
+        /// recorded in the directory).
+        #[arg(long)]
+        id: Option<u64>,
+        /// The address other servers and clients reach this one at, if not --listen.
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Change the meta group of a running file system.
+    Cluster {
+        #[command(subcommand)]
+        change: ClusterChange,
     },
     /// Run a data server that stores blocks for the file system at --meta.
     Data {
@@ -54,6 +62,9 @@ enum Command {
         /// Meta server address(es), comma separated.
         #[arg(long)]
         meta: String,
+        /// The address clients and other servers reach this one at, if not --listen.
+        #[arg(long)]
+        advertise: Option<String>,
     },
     /// Mount a Cairn file system served by --meta.
     Mount {
@@ -91,6 +102,30 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ClusterChange {
+    /// Add a running meta server to the group (`cairn meta --join` does this by itself).
+    AddMeta {
+        /// Any meta server of the group, comma separated.
+        #[arg(long)]
+        meta: String,
+        /// The new server's id (unique in the group).
+        #[arg(long)]
+        id: u64,
+        /// The new server's address.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a meta server from the group.
+    RemoveMeta {
+        /// Any meta server of the group, comma separated.
+        #[arg(long)]
+        meta: String,
+        #[arg(long)]
+        id: u64,
+    },
+}
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -110,8 +145,23 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(4).build()?;
     match cli.command {
         Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen),
-        Command::Meta { dir, listen, init, id } => runtime.block_on(roles::meta(dir, listen, init, id)),
-        Command::Data { dir, listen, meta } => runtime.block_on(roles::data(dir, listen, split(&meta))),
+        Command::Meta { dir, listen, init, join, id, advertise } => runtime.block_on(roles::meta(roles::MetaStart {
+            dir,
+            listen,
+            init,
+            join: join.as_deref().map(split).unwrap_or_default(),
+            id,
+            advertise,
+        })),
+        Command::Cluster { change } => match change {
+            ClusterChange::AddMeta { meta, id, address } => {
+                runtime.block_on(cluster::add_meta_command(split(&meta), id, address))
+            }
+            ClusterChange::RemoveMeta { meta, id } => runtime.block_on(cluster::remove_meta_command(split(&meta), id)),
+        },
+        Command::Data { dir, listen, meta, advertise } => {
+            runtime.block_on(roles::data(dir, listen, advertise, split(&meta)))
+        }
         Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
         Command::Bench { dir, size_mib, files, random_reads, runs } => {
             bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1) })

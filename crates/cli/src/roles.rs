@@ -21,7 +21,9 @@ use crate::layout::{self, Marker};
 /// Streams each client connection may have open at once.
 const STREAMS_PER_CONNECTION_MAX: usize = 256;
 /// How often a data server reports to meta.
-const REGISTER_PERIOD: Duration = Duration::from_secs(5);
+const REGISTER_PERIOD: Duration = Duration::from_secs(1);
+/// How long a new meta server keeps asking the group to take it in.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 async fn bind(listen: &str) -> Result<TcpListener> {
     let address: SocketAddr = listen.parse().with_context(|| format!("--listen {listen} is not an IP:port address"))?;
@@ -38,8 +40,13 @@ async fn bind(listen: &str) -> Result<TcpListener> {
     })
 }
 
-fn advertised(listener: &TcpListener) -> Result<String> {
-    Ok(listener.local_addr()?.to_string())
+/// The address other processes should use for this server: `advertise` when given (a proxy or
+/// NAT in front of it), else the address it listens on. Outgoing connections leave from the
+/// listening IP, so peers see one address per server.
+fn advertised(listener: &TcpListener, advertise: Option<String>) -> Result<String> {
+    let local = listener.local_addr()?;
+    pb::net::set_source_address(local.ip());
+    Ok(advertise.unwrap_or_else(|| local.to_string()))
 }
 
 /// Serves the given services until `shutdown` flips.
@@ -102,7 +109,7 @@ async fn register_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, addr
             fs_id: marker.fs_id.clone(),
         };
         let result = async {
-            let mut client = pb::meta_client::MetaClient::connect(format!("http://{leader}")).await?;
+            let mut client = pb::meta_client::MetaClient::new(pb::net::endpoint(&leader)?.connect().await?);
             let mut call = tonic::Request::new(request);
             call.set_timeout(Duration::from_secs(5));
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client.register_data_server(call).await)
@@ -186,7 +193,7 @@ impl LocalNode {
         let (marker, fresh) = layout::open_or_create(data, &layout::new_fs_id(), None, true)?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let listener = bind(listen).await?;
-        let address = advertised(&listener)?;
+        let address = advertised(&listener, None)?;
         let config = MetaConfig::new(1, address.clone(), layout::meta_dir(data));
         let node = MetaNode::start(config, Some(marker.fs_id.clone())).await.context("starting meta")?;
         node.wait_for_leader(Duration::from_secs(30)).await?;
@@ -241,21 +248,72 @@ pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf,
     Ok(())
 }
 
-pub async fn meta(dir: PathBuf, listen: String, init: bool, id: u64) -> Result<()> {
-    let (marker, fresh) = layout::open_or_create(&dir, &layout::new_fs_id(), None, false)?;
-    if fresh && !init {
-        std::fs::remove_file(dir.join("cairn.json")).ok();
-        bail!("{} holds no file system: pass --init to create one there", dir.display());
+/// How `cairn meta` starts on its directory.
+pub struct MetaStart {
+    pub dir: PathBuf,
+    pub listen: String,
+    /// Create a new file system (a one-member group) in an empty directory.
+    pub init: bool,
+    /// Meta servers of an existing group to join.
+    pub join: Vec<String>,
+    pub id: Option<u64>,
+    pub advertise: Option<String>,
+}
+
+pub async fn meta(start: MetaStart) -> Result<()> {
+    let MetaStart { dir, listen, init, join, id, advertise } = start;
+    if init && !join.is_empty() {
+        bail!("--init creates a new file system and --join adds this server to an existing one: give only one");
     }
+    let new_fs_id = if init { layout::new_fs_id() } else { String::new() };
+    let (mut marker, fresh) = layout::open_or_create(&dir, &new_fs_id, None, false)?;
+    if fresh && !init && join.is_empty() {
+        std::fs::remove_file(dir.join("cairn.json")).ok();
+        bail!(
+            "{} holds no meta server: pass --init to create a file system there, or --join ADDRESS to add it to a running one",
+            dir.display()
+        );
+    }
+    match (marker.meta_id, id) {
+        (0, id) => {
+            // Stores from before ids were recorded ran as the default id 1.
+            let fallback = if fresh && !init { rand::random::<u64>() >> 1 | 2 } else { 1 };
+            marker.meta_id = id.unwrap_or(fallback);
+            layout::update(&dir, &marker)?;
+        }
+        (recorded, Some(id)) if recorded != id => {
+            bail!("{} holds meta server {recorded}, not {id}: drop --id or use another directory", dir.display())
+        }
+        _ => {}
+    }
+    let id = marker.meta_id;
     let listener = bind(&listen).await?;
-    let address = advertised(&listener)?;
-    tracing::info!(%address, "listening; starting the meta store and raft");
+    let address = advertised(&listener, advertise)?;
+    tracing::info!(%address, id, "listening; starting the meta store and raft");
     let config = MetaConfig::new(id, address.clone(), layout::meta_dir(&dir));
     let node = MetaNode::start(config, init.then(|| marker.fs_id.clone())).await.context("starting meta")?;
-    tracing::info!("meta started");
     let (shutdown_tx, shutdown) = watch::channel(false);
     let server = tokio::spawn(serve(listener, Some(MetaService::new(node.clone())), None, shutdown.clone()));
     tokio::spawn(node.clone().run_background(shutdown));
+    // A server that joined before knows its file system: it restarts as a member.
+    if !join.is_empty() && marker.fs_id.is_empty() {
+        println!("cairn meta {id} at {address}: joining the group at {}", join.join(","));
+        let joined = tokio::select! {
+            joined = crate::cluster::add_meta(&join, id, &address, JOIN_TIMEOUT) => joined,
+            _ = wait_for_signal() => Err(anyhow!("stopped before joining")),
+        };
+        match joined {
+            Ok(fs_id) => {
+                marker.fs_id = fs_id;
+                layout::update(&dir, &marker)?;
+            }
+            Err(e) => {
+                let _ = shutdown_tx.send(true);
+                node.shutdown().await;
+                return Err(e.context("joining the meta group"));
+            }
+        }
+    }
     println!("cairn meta {id} serving file system {} at {address}", marker.fs_id);
     wait_for_signal().await?;
     let _ = shutdown_tx.send(true);
@@ -264,13 +322,13 @@ pub async fn meta(dir: PathBuf, listen: String, init: bool, id: u64) -> Result<(
     Ok(())
 }
 
-pub async fn data(dir: PathBuf, listen: String, meta: Vec<String>) -> Result<()> {
+pub async fn data(dir: PathBuf, listen: String, advertise: Option<String>, meta: Vec<String>) -> Result<()> {
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
     }
     let (marker, _) = layout::open_or_create(&dir, "", None, true)?;
     let listener = bind(&listen).await?;
-    let address = advertised(&listener)?;
+    let address = advertised(&listener, advertise)?;
     let volume = Arc::new(Volume::open(&layout::blocks_dir(&dir)).context("opening the block volume")?);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());

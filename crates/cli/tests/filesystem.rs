@@ -44,11 +44,11 @@ fn fsynced_data_survives_kill_of_every_server_and_the_mount_carries_on() {
         fs::read_to_string(&acknowledged_log).unwrap_or_default().lines().filter_map(|l| l.parse().ok()).collect()
     };
     wait_until("some files to be written", Duration::from_secs(60), || acknowledged().len() >= 20).unwrap();
-    cluster.meta.kill();
-    cluster.data.kill();
+    cluster.metas[0].kill();
+    cluster.datas[0].kill();
     let at_kill = acknowledged().len();
-    cluster.meta.restart().unwrap();
-    cluster.data.restart().unwrap();
+    cluster.metas[0].restart().unwrap();
+    cluster.datas[0].restart().unwrap();
     cluster.wait_healthy(Duration::from_secs(60)).unwrap();
     wait_until("writes to resume after the restart", Duration::from_secs(90), || {
         acknowledged().len() >= at_kill + 20 || writer.try_wait().ok().flatten().is_some()
@@ -135,7 +135,7 @@ fn corrupted_block_is_reported_as_eio_never_as_data() {
     let content = pattern(7, 3 * 1024 * 1024);
     fs::write(first.join("big"), &content).unwrap();
     // Flip one byte of the file's data inside the data server's segment file.
-    let segment = fs::read_dir(cluster.data_dir().join("blocks"))
+    let segment = fs::read_dir(cluster.datas[0].dir.join("blocks"))
         .unwrap()
         .map(|e| e.unwrap().path())
         .find(|p| p.extension().is_some_and(|e| e == "log"))
@@ -154,7 +154,7 @@ fn corrupted_block_is_reported_as_eio_never_as_data() {
     assert_eq!(&buffer[..], &content[..4096]);
     let error = file.read_exact_at(&mut buffer, 2_000_000).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "corruption must surface as EIO, got {error}");
-    assert!(cluster.data.log().contains("hash mismatch"), "the data server logs the corruption");
+    assert!(cluster.datas[0].log().contains("hash mismatch"), "the data server logs the corruption");
 }
 
 #[test]

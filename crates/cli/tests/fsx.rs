@@ -67,8 +67,8 @@ fn fsx_survives_killed_servers() -> Result<()> {
             .collect();
         format!(
             "meta log (end):\n{}\ndata log (end):\n{}\n{mounts}",
-            tail(&cluster.meta.log()),
-            tail(&cluster.data.log())
+            tail(&cluster.metas[0].log()),
+            tail(&cluster.datas[0].log())
         )
     };
 
@@ -81,10 +81,10 @@ fn fsx_survives_killed_servers() -> Result<()> {
     // Everything fsync'd must survive both servers dying at once.
     fsx.fsync().with_context(|| logs(&cluster))?;
     let t = Instant::now();
-    cluster.meta.kill();
-    cluster.data.kill();
-    cluster.meta.restart()?;
-    cluster.data.restart()?;
+    cluster.metas[0].kill();
+    cluster.datas[0].kill();
+    cluster.metas[0].restart()?;
+    cluster.datas[0].restart()?;
     cluster.wait_healthy(Duration::from_secs(60))?;
     println!("fsx: meta and data killed (-9) and restarted, healthy again in {:?}", t.elapsed());
     // The same mount carries on: the client retries until the servers are back.

@@ -18,11 +18,11 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn bad_requests_get_clear_errors_and_servers_keep_serving() {
     let cluster = common::cluster();
-    let meta_address = format!("http://{}", cluster.meta_address);
-    let data_address = format!("http://{}", cluster.data_address);
+    let meta_address = format!("http://{}", cluster.metas[0].address);
+    let data_address = format!("http://{}", cluster.datas[0].address);
 
     // Garbage bytes instead of HTTP/2.
-    for address in [&cluster.meta_address, &cluster.data_address] {
+    for address in [&cluster.metas[0].address, &cluster.datas[0].address] {
         let mut stream = std::net::TcpStream::connect(address).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         stream.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff\xfe garbage \x01\x02").unwrap();
@@ -184,7 +184,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert!(data.delete_blocks(deletes).await.is_err());
 
         // After all of that, both servers still answer ordinary requests.
-        let status = meta.status(pb::StatusRequest {}).await.unwrap().into_inner();
+        let status = meta.status(pb::StatusRequest::default()).await.unwrap().into_inner();
         assert_eq!(status.role, "leader");
         data.status(pb::DataStatusRequest {}).await.unwrap();
         let mut fresh = MetaClient::connect(meta_address).await.unwrap();

@@ -16,6 +16,8 @@ use crate::error::{ClientError, ClientResult, check};
 /// gRPC metadata key naming the leader on a "not leader" answer (see cairn-meta).
 const LEADER_HEADER: &str = "cairn-leader";
 const SESSION_EXPIRED_MESSAGE: &str = "session expired";
+/// Meta server addresses remembered at most (a group has a handful).
+const META_ADDRESSES_MAX: usize = 16;
 
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -32,7 +34,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             deadline: Duration::from_secs(60),
             backoff_min: Duration::from_millis(10),
-            backoff_max: Duration::from_secs(1),
+            backoff_max: Duration::from_millis(250),
             attempt_timeout: Duration::from_secs(15),
         }
     }
@@ -47,12 +49,9 @@ fn retryable(status: &Status) -> bool {
 }
 
 pub fn endpoint(address: &str, policy: &RetryPolicy) -> ClientResult<Endpoint> {
-    let uri = if address.starts_with("http://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)
+    Ok(pb::net::endpoint(address)
         .map_err(|e| ClientError::Refused { what: "address", status: format!("{address}: {e}") })?
-        .connect_timeout(Duration::from_secs(2))
         .timeout(policy.attempt_timeout)
-        .tcp_nodelay(true)
         .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)
         .initial_connection_window_size(pb::CONNECTION_WINDOW_BYTES)
         .max_frame_size(pb::FRAME_BYTES_MAX))
@@ -118,6 +117,7 @@ impl MetaConnection {
             .await?;
         self.session.store(reply.session, Ordering::SeqCst);
         self.seq.store(0, Ordering::SeqCst);
+        self.learn_addresses(&reply.meta_addresses);
         if let (Ok(mut root), Some(new_root)) = (self.root.write(), reply.root) {
             *root = new_root;
         }
@@ -153,6 +153,19 @@ impl MetaConnection {
                 && !addresses.iter().any(|a| a == address)
             {
                 addresses.push(address.to_string());
+            }
+        }
+    }
+
+    /// Adds meta servers the group reported, so that any one address given at start is enough
+    /// to fail over later. Addresses are only added: one that left the group fails and is
+    /// rotated past.
+    fn learn_addresses(&self, reported: &[String]) {
+        if let Ok(mut addresses) = self.addresses.write() {
+            for address in reported.iter().take(META_ADDRESSES_MAX) {
+                if addresses.len() < META_ADDRESSES_MAX && !addresses.contains(address) {
+                    addresses.push(address.clone());
+                }
             }
         }
     }
@@ -248,7 +261,10 @@ impl MetaConnection {
             .call("heartbeat", move |mut c| async move { c.heartbeat(pb::HeartbeatRequest { session }).await })
             .await;
         match result {
-            Ok(reply) => Ok(reply.orphans),
+            Ok(reply) => {
+                self.learn_addresses(&reply.meta_addresses);
+                Ok(reply.orphans)
+            }
             Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {
                 tracing::warn!("session expired; opening a new one");
                 self.open_session_rpc().await?;
@@ -342,6 +358,6 @@ impl MetaConnection {
     }
 
     pub async fn status(&self) -> ClientResult<pb::StatusReply> {
-        self.call("status", |mut c| async move { c.status(pb::StatusRequest {}).await }).await
+        self.call("status", |mut c| async move { c.status(pb::StatusRequest::default()).await }).await
     }
 }

@@ -189,6 +189,7 @@ impl Data for DataService {
             used_bytes: usage.live_bytes,
             capacity_bytes: usage.capacity_bytes,
             fs_id: self.fs_id.clone(),
+            pid: std::process::id(),
         }))
     }
 }

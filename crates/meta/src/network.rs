@@ -10,7 +10,7 @@ use openraft::errors::{RPCError, RaftError, ReplicationClosed, StreamingError, U
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::type_config::alias::{SnapshotOf, VoteOf};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::model::{decode, encode};
 use crate::raft_types::TypeConfig;
@@ -41,10 +41,7 @@ impl Peer {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.address))
-            .map_err(unreachable)?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true);
+        let endpoint = cairn_proto::net::endpoint(&self.address).map_err(unreachable)?;
         let client = MetaClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES);

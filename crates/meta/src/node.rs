@@ -1,21 +1,22 @@
 //! A meta server: the Raft member, its store and the leader's background duties (session
 //! expiry, deleting unreferenced blocks).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cairn_proto as pb;
 use openraft::async_runtime::WatchReceiver;
-use openraft::{BasicNode, Config, ReadPolicy, SnapshotPolicy};
+use openraft::errors::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, SnapshotPolicy};
 use redb::{Database, ReadableDatabase};
 use tokio::sync::watch;
 
 use crate::model::Time;
 use crate::network::NetworkFactory;
 use crate::query::{Query, QueryError};
-use crate::raft_types::{Command, CommandReply, MetaRaft};
+use crate::raft_types::{Command, CommandReply, MetaRaft, TypeConfig};
 use crate::store::{LogStore, StateMachineStore, open_database};
 
 #[derive(Clone, Debug)]
@@ -56,6 +57,9 @@ pub enum MetaError {
     NotLeader { leader: Option<String> },
     #[error("errno {0}")]
     Errno(i32),
+    /// A request that can never succeed as given.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl From<QueryError> for MetaError {
@@ -82,6 +86,9 @@ pub struct MetaNode {
     pub raft: MetaRaft,
     db: Arc<Database>,
     pub data_servers: RwLock<HashMap<u64, DataServerState>>,
+    /// One membership change at a time: concurrent changes computed from the same starting
+    /// membership could undo each other.
+    membership_changes: tokio::sync::Mutex<()>,
 }
 
 pub fn now_time() -> Time {
@@ -122,7 +129,13 @@ impl MetaNode {
         let raft = MetaRaft::new(config.node_id, raft_config()?, NetworkFactory, log_store, state_machine)
             .await
             .map_err(|e| MetaError::Raft(e.to_string()))?;
-        let node = Arc::new(MetaNode { config, raft, db, data_servers: RwLock::new(HashMap::new()) });
+        let node = Arc::new(MetaNode {
+            config,
+            raft,
+            db,
+            data_servers: RwLock::new(HashMap::new()),
+            membership_changes: tokio::sync::Mutex::new(()),
+        });
         if let Some(fs_id) = bootstrap
             && fresh
         {
@@ -262,7 +275,7 @@ impl MetaNode {
         for (server, blocks) in by_server {
             let Some(address) = addresses.get(&server) else { continue };
             let result = async {
-                let mut client = pb::data_client::DataClient::connect(format!("http://{address}")).await?;
+                let mut client = pb::data_client::DataClient::new(pb::net::endpoint(address)?.connect().await?);
                 let mut request = tonic::Request::new(pb::DeleteBlocksRequest { blocks });
                 request.set_timeout(Duration::from_secs(30));
                 client.delete_blocks(request).await?;
@@ -283,6 +296,66 @@ impl MetaNode {
             self.propose(Command::ForgetGarbage { ids: done }).await?;
         }
         Ok(())
+    }
+
+    /// The group's members (id, address, voter) as this server knows them.
+    pub fn members(&self) -> Vec<(u64, String, bool)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        membership.nodes().map(|(id, node)| (*id, node.addr.clone(), voters.contains(id))).collect()
+    }
+
+    /// Adds a meta server: it catches up as a learner first, so the group never counts on a
+    /// member that is far behind, then becomes a voter. Adding a current member again with the
+    /// same address is a no-op, so a retried join succeeds.
+    pub async fn add_member(&self, id: u64, address: String) -> Result<(), MetaError> {
+        if id == 0 {
+            return Err(MetaError::Invalid("meta server id 0 is reserved".into()));
+        }
+        let _one_at_a_time = self.membership_changes.lock().await;
+        if let Some((_, known, voter)) = self.members().into_iter().find(|(member, _, _)| *member == id) {
+            if known != address {
+                return Err(MetaError::Invalid(format!("meta server {id} is already a member at {known}")));
+            }
+            if voter {
+                return Ok(());
+            }
+        }
+        self.raft.add_learner(id, BasicNode::new(address), true).await.map_err(|e| self.management_error(e))?;
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.management_error(e))?;
+        Ok(())
+    }
+
+    /// Removes a meta server from the group.
+    pub async fn remove_member(&self, id: u64) -> Result<(), MetaError> {
+        let _one_at_a_time = self.membership_changes.lock().await;
+        let members = self.members();
+        let Some((_, _, voter)) = members.iter().find(|(member, _, _)| *member == id) else {
+            return Ok(());
+        };
+        if *voter && members.iter().filter(|(_, _, v)| *v).count() == 1 {
+            return Err(MetaError::Invalid("cannot remove the last voting meta server".into()));
+        }
+        // `retain: false` drops a removed voter from the group instead of keeping it as a learner.
+        let change = if *voter {
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.raft.change_membership(change, false).await.map_err(|e| self.management_error(e))?;
+        Ok(())
+    }
+
+    fn management_error(&self, e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> MetaError {
+        match e.forward_to_leader() {
+            Some(forward) => self.not_leader(forward.leader_node.as_ref()),
+            None => MetaError::Raft(e.to_string()),
+        }
     }
 
     pub async fn shutdown(&self) {

@@ -263,6 +263,31 @@ impl Query {
         Ok(self.decoded::<u64>(SM_META, name.as_bytes())?.unwrap_or(0))
     }
 
+    /// The index of the last log entry applied to this state.
+    pub fn last_applied_index(&self) -> QueryResult<u64> {
+        let applied: Option<openraft::type_config::alias::LogIdOf<crate::raft_types::TypeConfig>> =
+            self.decoded::<Option<_>>(SM_META, b"last_applied")?.flatten();
+        Ok(applied.map(|log_id| log_id.index).unwrap_or(0))
+    }
+
+    /// BLAKE3 over every state-machine table, in a fixed order: two members that applied the
+    /// same log prefix hash the same.
+    pub fn state_digest(&self) -> QueryResult<[u8; 32]> {
+        let mut hasher = blake3::Hasher::new();
+        for definition in STATE_TABLES {
+            hasher.update(definition.name().as_bytes());
+            let table = self.txn.open_table(definition)?;
+            for item in table.iter()? {
+                let (key, value) = item?;
+                for part in [key.value(), value.value()] {
+                    hasher.update(&(part.len() as u64).to_le_bytes());
+                    hasher.update(part);
+                }
+            }
+        }
+        Ok(*hasher.finalize().as_bytes())
+    }
+
     pub fn fs_id(&self) -> QueryResult<Option<String>> {
         Ok(self.get(SM_META, b"fs_id")?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     }

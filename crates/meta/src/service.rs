@@ -35,6 +35,14 @@ impl MetaService {
         MetaService { node }
     }
 
+    fn meta_addresses(&self) -> Vec<String> {
+        self.node.members().into_iter().map(|(_, address, _)| address).collect()
+    }
+
+    fn members_pb(&self) -> Vec<pb::MetaMember> {
+        self.node.members().into_iter().map(|(id, address, voter)| pb::MetaMember { id, address, voter }).collect()
+    }
+
     pub fn into_server(self) -> MetaServer<Self> {
         MetaServer::new(self)
             .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
@@ -56,6 +64,7 @@ fn status_of(e: MetaError) -> Status {
         MetaError::Errno(code) => Status::internal(format!("unexpected errno {code}")),
         MetaError::Store(s) => Status::internal(format!("metadata store: {s}")),
         MetaError::Raft(s) => Status::unavailable(format!("raft: {s}")),
+        MetaError::Invalid(s) => Status::invalid_argument(s),
     }
 }
 
@@ -92,6 +101,7 @@ impl Meta for MetaService {
             lease_ms,
             root: Some(root),
             replication: self.node.config.replication,
+            meta_addresses: self.meta_addresses(),
         }))
     }
 
@@ -111,7 +121,7 @@ impl Meta for MetaService {
             .local_read()
             .and_then(|q| Ok(q.orphans_held_by(session, ORPHANS_PER_HEARTBEAT_MAX)?))
             .map_err(status_of)?;
-        Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans }))
+        Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans, meta_addresses: self.meta_addresses() }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
@@ -295,7 +305,8 @@ impl Meta for MetaService {
         Ok(Response::new(pb::RegisterDataServerReply { fs_id }))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let with_digest = request.into_inner().with_digest;
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let query = self.node.local_read().map_err(status_of)?;
         let role = match metrics.state {
@@ -320,12 +331,10 @@ impl Meta for MetaService {
                 }
             })
             .collect();
-        let members = metrics
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, node)| pb::MetaMember { id: *id, address: node.addr.clone() })
-            .collect();
+        let state_digest =
+            if with_digest { query.state_digest().map_err(|e| status_of(e.into()))?.to_vec() } else { Vec::new() };
+        // The applied index read in the same transaction as the digest, not from metrics.
+        let last_applied = query.last_applied_index().map_err(|e| status_of(e.into()))?;
         Ok(Response::new(pb::StatusReply {
             fs_id: query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default(),
             node_id: self.node.config.node_id,
@@ -333,12 +342,38 @@ impl Meta for MetaService {
             role: role.into(),
             leader_id: metrics.current_leader.unwrap_or(0),
             term: metrics.current_term,
-            last_applied: metrics.last_applied.map(|l| l.index).unwrap_or(0),
+            last_applied,
             inodes: query.counter("inodes").map_err(|e| status_of(e.into()))?,
             sessions: query.session_count().map_err(|e| status_of(e.into()))?,
             data_servers,
-            members,
+            members: self.members_pb(),
+            pid: std::process::id(),
+            state_digest,
         }))
+    }
+
+    async fn add_meta_server(
+        &self,
+        request: Request<pb::AddMetaServerRequest>,
+    ) -> Result<Response<pb::AddMetaServerReply>, Status> {
+        let request = request.into_inner();
+        if request.address.is_empty() || request.address.len() > 256 {
+            return Err(Status::invalid_argument("a meta server address is host:port, at most 256 bytes"));
+        }
+        tracing::info!(id = request.id, address = %request.address, "adding a meta server");
+        self.node.add_member(request.id, request.address).await.map_err(status_of)?;
+        let fs_id = self.node.local_read().and_then(|q| Ok(q.fs_id()?)).map_err(status_of)?.unwrap_or_default();
+        Ok(Response::new(pb::AddMetaServerReply { fs_id, members: self.members_pb() }))
+    }
+
+    async fn remove_meta_server(
+        &self,
+        request: Request<pb::RemoveMetaServerRequest>,
+    ) -> Result<Response<pb::RemoveMetaServerReply>, Status> {
+        let id = request.into_inner().id;
+        tracing::info!(id, "removing a meta server");
+        self.node.remove_member(id).await.map_err(status_of)?;
+        Ok(Response::new(pb::RemoveMetaServerReply { members: self.members_pb() }))
     }
 
     async fn raft_append(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {

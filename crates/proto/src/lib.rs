@@ -2,6 +2,8 @@
 
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
+pub mod net;
+
 pub mod pb {
     tonic::include_proto!("cairn.v1");
 }

@@ -2,14 +2,19 @@
 //! in a temporary directory, kills (`SIGKILL`), stops and restarts them, and waits for
 //! conditions with deadlines instead of sleeping and hoping.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
 pub mod fsx;
+pub mod proxy;
+pub mod workload;
+
+use proxy::{Faults, Proxy};
 
 /// `len` bytes that depend on `seed` (xorshift), to write and later check.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -46,16 +51,25 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 /// on its old port must not find it taken by some client's outgoing connection, which is what
 /// `bind(0)` ports, taken from that range, risk.
 pub fn free_address() -> String {
+    free_address_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+/// Like [`free_address`], on a given loopback IP.
+pub fn free_address_on(ip: IpAddr) -> String {
+    listener_on(ip).local_addr().expect("local address").to_string()
+}
+
+fn listener_on(ip: IpAddr) -> TcpListener {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let spread = (std::process::id() * 7919) % 10_000;
     for _ in 0..10_000 {
         let port = 20_000 + (spread + NEXT.fetch_add(1, Ordering::SeqCst) * 13) % 12_000;
-        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port as u16)) {
-            return listener.local_addr().expect("local address").to_string();
+        if let Ok(listener) = TcpListener::bind((ip, port as u16)) {
+            return listener;
         }
     }
-    panic!("no free loopback port between 20000 and 32000");
+    panic!("no free port between 20000 and 32000 on {ip}");
 }
 
 /// Whether `path` is a mount point right now.
@@ -162,15 +176,54 @@ impl Drop for Process {
     }
 }
 
-/// A file system of separate processes: one meta server, one data server, and mounts.
+/// A file system of separate processes: meta servers, data servers and mounts, each server
+/// on its own loopback IP behind a proxy that can cut it off.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub bin: PathBuf,
-    pub meta_address: String,
-    pub data_address: String,
-    pub meta: Process,
-    pub data: Process,
+    pub metas: Vec<Server>,
+    pub datas: Vec<Server>,
     pub mounts: Vec<Mount>,
+    pub faults: Arc<Faults>,
+}
+
+/// One server process, the address it is reached at (its proxy) and its directory.
+pub struct Server {
+    pub process: Process,
+    /// The advertised address: the proxy in front of the server.
+    pub address: String,
+    /// The server's own IP: its identity for [`Faults`].
+    pub ip: IpAddr,
+    /// Where the server itself listens, behind the proxy (reaching it here bypasses faults).
+    pub listen: String,
+    pub dir: PathBuf,
+    _proxy: Proxy,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// The shape of a test cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct ClusterSpec {
+    pub metas: usize,
+    pub datas: usize,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec { metas: 1, datas: 1 }
+    }
 }
 
 pub struct Mount {
@@ -197,62 +250,138 @@ pub fn cairn_bin(cargo_bin: Option<&str>) -> PathBuf {
 }
 
 impl Cluster {
-    /// Starts a meta server and a data server and waits until the data server registered.
+    /// Starts one meta server and one data server and waits until the file system is healthy.
     pub fn start(bin: PathBuf) -> Result<Cluster> {
+        Cluster::start_with(bin, ClusterSpec::default())
+    }
+
+    /// Starts `spec.metas` meta servers (the first creates the file system, the others join)
+    /// and `spec.datas` data servers, and waits until every one of them reports in.
+    pub fn start_with(bin: PathBuf, spec: ClusterSpec) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir()?;
-        let meta_address = free_address();
-        let data_address = free_address();
-        let meta = Process::start(
-            &bin,
-            "meta",
-            vec![
-                "meta".into(),
-                "--dir".into(),
-                dir.path().join("meta").display().to_string(),
-                "--listen".into(),
-                meta_address.clone(),
-                "--init".into(),
-            ],
-            dir.path().join("meta.log"),
-        )?;
-        let data = Process::start(
-            &bin,
-            "data",
-            vec![
-                "data".into(),
-                "--dir".into(),
-                dir.path().join("data").display().to_string(),
-                "--listen".into(),
-                data_address.clone(),
-                "--meta".into(),
-                meta_address.clone(),
-            ],
-            dir.path().join("data.log"),
-        )?;
-        let cluster = Cluster { dir, bin, meta_address, data_address, meta, data, mounts: Vec::new() };
+        let mut cluster =
+            Cluster { dir, bin, metas: Vec::new(), datas: Vec::new(), mounts: Vec::new(), faults: Faults::new() };
+        for i in 0..spec.metas.max(1) {
+            let join = if i == 0 { None } else { Some(cluster.metas[0].address.clone()) };
+            let server = cluster.start_meta(i, join)?;
+            cluster.metas.push(server);
+            if i == 0 {
+                cluster.wait_for_leader(Duration::from_secs(60))?;
+            }
+        }
+        for j in 0..spec.datas.max(1) {
+            let server = cluster.start_data(j)?;
+            cluster.datas.push(server);
+        }
         cluster.wait_healthy(Duration::from_secs(60))?;
         Ok(cluster)
     }
 
-    /// `cairn status --json` as parsed JSON, if meta answers.
+    fn server(&self, name: &str, ip: IpAddr, args: Vec<String>) -> Result<Server> {
+        let proxy_listener = listener_on(ip);
+        let listen = free_address_on(ip);
+        let proxy = Proxy::start(proxy_listener, listen.parse()?, self.faults.clone())?;
+        let address = proxy.address.to_string();
+        let dir = self.dir.path().join(name);
+        let mut all = args;
+        all.extend([
+            "--dir".into(),
+            dir.display().to_string(),
+            "--listen".into(),
+            listen.clone(),
+            "--advertise".into(),
+        ]);
+        all.push(address.clone());
+        let process = Process::start(&self.bin, name, all, self.dir.path().join(format!("{name}.log")))?;
+        Ok(Server { process, address, ip, listen, dir, _proxy: proxy })
+    }
+
+    fn start_meta(&self, index: usize, join: Option<String>) -> Result<Server> {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 10, index as u8 + 1));
+        let mut args = vec!["meta".to_string(), "--id".into(), (index + 1).to_string()];
+        match join {
+            None => args.push("--init".into()),
+            Some(join) => args.extend(["--join".into(), join]),
+        }
+        let name = if index == 0 { "meta".to_string() } else { format!("meta{index}") };
+        self.server(&name, ip, args)
+    }
+
+    fn start_data(&self, index: usize) -> Result<Server> {
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 20, index as u8 + 1));
+        let name = if index == 0 { "data".to_string() } else { format!("data{index}") };
+        self.server(&name, ip, vec!["data".into(), "--meta".into(), self.meta_addresses()])
+    }
+
+    /// Every meta server's address, comma separated (what `--meta` takes).
+    pub fn meta_addresses(&self) -> String {
+        self.metas.iter().map(|m| m.address.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// `cairn status --json` as parsed JSON, if some meta server answers.
     pub fn status(&self) -> Option<serde_json::Value> {
-        let output = Command::new(&self.bin).args(["status", "--json", "--meta", &self.meta_address]).output().ok()?;
+        let output =
+            Command::new(&self.bin).args(["status", "--json", "--meta", &self.meta_addresses()]).output().ok()?;
         if !output.status.success() {
             return None;
         }
         serde_json::from_slice(&output.stdout).ok()
     }
 
+    /// The index in `metas` of the current leader, as the group reports it.
+    pub fn leader(&self) -> Option<usize> {
+        let status = self.status()?;
+        let address = status["leader"]["address"].as_str()?;
+        self.metas.iter().position(|m| m.address == address)
+    }
+
+    pub fn wait_for_leader(&self, timeout: Duration) -> Result<usize> {
+        let mut leader = None;
+        wait_until("a meta leader", timeout, || {
+            leader = self.leader();
+            leader.is_some()
+        })
+        .with_context(|| self.logs())?;
+        leader.context("leader vanished")
+    }
+
+    /// Waits until some meta server other than `old` leads.
+    pub fn wait_for_new_leader(&self, old: usize, timeout: Duration) -> Result<usize> {
+        let mut leader = None;
+        wait_until("a new meta leader", timeout, || {
+            leader = self.leader().filter(|l| *l != old);
+            leader.is_some()
+        })
+        .with_context(|| format!("status: {:?}\n{}", self.status(), self.logs()))?;
+        leader.context("leader vanished")
+    }
+
     pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
         wait_until("the file system to report healthy", timeout, || {
             self.status().is_some_and(|s| {
                 s["healthy"] == serde_json::Value::Bool(true)
-                    && s["data_servers"]
-                        .as_array()
-                        .is_some_and(|d| d.iter().all(|d| d["live"] == serde_json::Value::Bool(true)))
+                    && s["data_servers"].as_array().is_some_and(|d| d.len() >= self.datas.len())
+                    && s["meta"].as_array().is_some_and(|m| {
+                        m.len() == self.metas.len() && m.iter().all(|m| m["voter"] == serde_json::Value::Bool(true))
+                    })
             })
         })
-        .with_context(|| format!("meta log:\n{}\ndata log:\n{}", self.meta.log(), self.data.log()))
+        .with_context(|| self.logs())
+    }
+
+    /// The last lines of every server's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for server in self.metas.iter().chain(&self.datas) {
+            let log = server.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {} log (last lines) ---\n", server.name));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Mounts the file system at a new directory and waits until the mount is up.
@@ -263,13 +392,7 @@ impl Cluster {
         let process = Process::start(
             &self.bin,
             &format!("mount{index}"),
-            vec![
-                "mount".into(),
-                "--meta".into(),
-                self.meta_address.clone(),
-                "--mount".into(),
-                path.display().to_string(),
-            ],
+            vec!["mount".into(), "--meta".into(), self.meta_addresses(), "--mount".into(), path.display().to_string()],
             self.dir.path().join(format!("mount{index}.log")),
         )?;
         let mount = Mount { path: path.clone(), process };
@@ -281,14 +404,6 @@ impl Cluster {
         }
         self.mounts.push(mount);
         Ok(path)
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    pub fn meta_dir(&self) -> PathBuf {
-        self.dir.path().join("meta")
     }
 }
 

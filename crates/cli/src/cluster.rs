@@ -1,0 +1,95 @@
+//! Changing the meta group: `cairn cluster add-meta | remove-meta`, and the join a new meta
+//! server performs itself (`cairn meta --join`).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use cairn_meta::service::LEADER_HEADER;
+use cairn_proto as pb;
+use tonic::Code;
+
+/// How long a membership change may take: adding a member waits for it to catch up.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Sends a membership request to the leader: starts at the given addresses and follows the
+/// leader named in "not leader" answers, retrying with backoff until `deadline`.
+async fn on_leader<T, F, Fut>(meta: &[String], deadline: Duration, mut call: F) -> Result<T>
+where
+    F: FnMut(pb::meta_client::MetaClient<tonic::transport::Channel>) -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    if meta.is_empty() {
+        bail!("--meta needs at least one meta server address");
+    }
+    let started = Instant::now();
+    let mut backoff = Duration::from_millis(50);
+    let mut address = meta[0].clone();
+    let mut attempt = 0usize;
+    loop {
+        let endpoint = pb::net::endpoint(&address)?.timeout(CHANGE_TIMEOUT);
+        let outcome = match endpoint.connect().await {
+            Ok(channel) => match call(pb::meta_client::MetaClient::new(channel)).await {
+                Ok(reply) => return Ok(reply.into_inner()),
+                Err(status) if status.code() == Code::InvalidArgument => bail!("{}", status.message()),
+                Err(status) => {
+                    let leader = status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok());
+                    match leader {
+                        Some(leader) if leader != address => {
+                            address = leader.to_string();
+                            continue;
+                        }
+                        _ => format!("{address}: {}", status.message()),
+                    }
+                }
+            },
+            Err(e) => format!("{address}: {e}"),
+        };
+        if started.elapsed() > deadline {
+            bail!("no meta leader accepted the change within {deadline:?} (last: {outcome})");
+        }
+        tracing::debug!(%outcome, "membership change not accepted yet; retrying");
+        attempt += 1;
+        address = meta[attempt % meta.len()].clone();
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// Adds meta server `id` at `address` to the group; returns the file system id.
+pub async fn add_meta(meta: &[String], id: u64, address: &str, deadline: Duration) -> Result<String> {
+    let request = pb::AddMetaServerRequest { id, address: address.to_string() };
+    let reply = on_leader(meta, deadline, |mut c| {
+        let request = request.clone();
+        async move { c.add_meta_server(request).await }
+    })
+    .await?;
+    Ok(reply.fs_id)
+}
+
+pub async fn remove_meta(meta: &[String], id: u64) -> Result<Vec<pb::MetaMember>> {
+    let reply = on_leader(meta, CHANGE_TIMEOUT, |mut c| async move {
+        c.remove_meta_server(pb::RemoveMetaServerRequest { id }).await
+    })
+    .await?;
+    Ok(reply.members)
+}
+
+pub fn print_members(members: &[pb::MetaMember]) {
+    for m in members {
+        println!("meta {} at {} ({})", m.id, m.address, if m.voter { "voter" } else { "learner" });
+    }
+}
+
+/// `cairn cluster add-meta`: the server must already run and listen at `address`.
+pub async fn add_meta_command(meta: Vec<String>, id: u64, address: String) -> Result<()> {
+    add_meta(&meta, id, &address, CHANGE_TIMEOUT).await?;
+    println!("meta server {id} at {address} added");
+    Ok(())
+}
+
+pub async fn remove_meta_command(meta: Vec<String>, id: u64) -> Result<()> {
+    let members = remove_meta(&meta, id).await?;
+    println!("meta server {id} removed; the group is now:");
+    print_members(&members);
+    Ok(())
+}
