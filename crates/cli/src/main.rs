@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use cairn::{bench, cluster, roles, status};
+use cairn::{bench, cluster, dev_cluster, roles, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -47,6 +47,31 @@ enum Command {
         /// The address other servers and clients reach this one at, if not --listen.
         #[arg(long)]
         advertise: Option<String>,
+        /// Copies of each block (with --init): 3 suits a cluster of three or more data servers.
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
+    },
+    /// Start a whole cluster on this machine (separate processes, ports and directories) and
+    /// mount it; Ctrl-C stops it all. Running it again on the same --dir brings it back.
+    DevCluster {
+        /// Meta servers.
+        #[arg(long, default_value_t = 3)]
+        meta: usize,
+        /// Data servers.
+        #[arg(long, default_value_t = 4)]
+        data: usize,
+        /// Where the servers keep their state and logs.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to mount the file system.
+        #[arg(long)]
+        mount: PathBuf,
+        /// First port: meta servers listen on the next ones, then data servers.
+        #[arg(long, default_value_t = 7500)]
+        base_port: u16,
+        /// Copies of each block (for a new cluster).
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
     },
     /// Change the meta group of a running file system.
     Cluster {
@@ -65,6 +90,10 @@ enum Command {
         /// The address clients and other servers reach this one at, if not --listen.
         #[arg(long)]
         advertise: Option<String>,
+        /// Failure domain (host, rack, zone): copies of a block go to different domains when
+        /// there are enough. Default: the host name.
+        #[arg(long)]
+        domain: Option<String>,
     },
     /// Mount a Cairn file system served by --meta.
     Mount {
@@ -145,22 +174,29 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(4).build()?;
     match cli.command {
         Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen),
-        Command::Meta { dir, listen, init, join, id, advertise } => runtime.block_on(roles::meta(roles::MetaStart {
-            dir,
-            listen,
-            init,
-            join: join.as_deref().map(split).unwrap_or_default(),
-            id,
-            advertise,
-        })),
+        Command::Meta { dir, listen, init, join, id, advertise, replication } => {
+            runtime.block_on(roles::meta(roles::MetaStart {
+                dir,
+                listen,
+                init,
+                join: join.as_deref().map(split).unwrap_or_default(),
+                id,
+                advertise,
+                replication,
+            }))
+        }
+        Command::DevCluster { meta, data, dir, mount, base_port, replication } => dev_cluster::run(
+            &runtime,
+            dev_cluster::DevCluster { metas: meta, datas: data, dir, mount, base_port, replication },
+        ),
         Command::Cluster { change } => match change {
             ClusterChange::AddMeta { meta, id, address } => {
                 runtime.block_on(cluster::add_meta_command(split(&meta), id, address))
             }
             ClusterChange::RemoveMeta { meta, id } => runtime.block_on(cluster::remove_meta_command(split(&meta), id)),
         },
-        Command::Data { dir, listen, meta, advertise } => {
-            runtime.block_on(roles::data(dir, listen, advertise, split(&meta)))
+        Command::Data { dir, listen, meta, advertise, domain } => {
+            runtime.block_on(roles::data(roles::DataStart { dir, listen, advertise, meta: split(&meta), domain }))
         }
         Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
         Command::Bench { dir, size_mib, files, random_reads, runs } => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use cairn_client::{Client, ClientOptions};
 use cairn_data::{DataService, Volume};
-use cairn_meta::{MetaConfig, MetaNode, MetaService};
+use cairn_meta::{Bootstrap, MetaConfig, MetaNode, MetaService};
 use cairn_mount::MountOptions;
 use cairn_proto as pb;
 use tokio::net::TcpListener;
@@ -84,7 +84,7 @@ async fn serve(
         .context("serving")
 }
 
-async fn wait_for_signal() -> Result<()> {
+pub async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -96,7 +96,14 @@ async fn wait_for_signal() -> Result<()> {
 }
 
 /// Tells meta about this data server every few seconds (its address and free space).
-async fn register_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, address: String, volume: Arc<Volume>) {
+async fn register_loop(
+    meta: Vec<String>,
+    dir: PathBuf,
+    mut marker: Marker,
+    address: String,
+    domain: String,
+    volume: Arc<Volume>,
+) {
     let mut leader = meta.first().cloned().unwrap_or_default();
     let mut attempt = 0usize;
     loop {
@@ -107,6 +114,7 @@ async fn register_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, addr
             capacity_bytes: usage.capacity_bytes,
             used_bytes: usage.capacity_bytes.saturating_sub(usage.free_bytes),
             fs_id: marker.fs_id.clone(),
+            domain: domain.clone(),
         };
         let result = async {
             let mut client = pb::meta_client::MetaClient::new(pb::net::endpoint(&leader)?.connect().await?);
@@ -151,7 +159,7 @@ async fn register_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, addr
     }
 }
 
-fn check_mount_point(path: &std::path::Path) -> Result<()> {
+pub fn check_mount_point(path: &std::path::Path) -> Result<()> {
     if !path.exists() {
         bail!("mount point {} does not exist: create it with `mkdir -p {}`", path.display(), path.display());
     }
@@ -173,9 +181,12 @@ fn check_mount_point(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 pub fn client_name(role: &str) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    format!("{role}@{host}:{}", std::process::id())
+    format!("{role}@{}:{}", host_name(), std::process::id())
 }
 
 /// A one-node file system served from this process: meta and data on one port.
@@ -195,14 +206,23 @@ impl LocalNode {
         let listener = bind(listen).await?;
         let address = advertised(&listener, None)?;
         let config = MetaConfig::new(1, address.clone(), layout::meta_dir(data));
-        let node = MetaNode::start(config, Some(marker.fs_id.clone())).await.context("starting meta")?;
+        let bootstrap = Bootstrap { fs_id: marker.fs_id.clone(), replication: 1 };
+        let node = MetaNode::start(config, Some(bootstrap)).await.context("starting meta")?;
         node.wait_for_leader(Duration::from_secs(30)).await?;
         let volume = Arc::new(Volume::open(&layout::blocks_dir(data)).context("opening the block volume")?);
         let meta_service = MetaService::new(node.clone());
         let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
         tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone()));
         tokio::spawn(node.clone().run_background(shutdown.clone()));
-        tokio::spawn(register_loop(vec![address.clone()], data.to_path_buf(), marker.clone(), address.clone(), volume));
+        let registration = register_loop(
+            vec![address.clone()],
+            data.to_path_buf(),
+            marker.clone(),
+            address.clone(),
+            host_name(),
+            volume,
+        );
+        tokio::spawn(registration);
         Ok(LocalNode { node, address, marker, fresh, shutdown: shutdown_tx })
     }
 
@@ -258,10 +278,15 @@ pub struct MetaStart {
     pub join: Vec<String>,
     pub id: Option<u64>,
     pub advertise: Option<String>,
+    /// Copies of each block, for a new file system (--init).
+    pub replication: u32,
 }
 
 pub async fn meta(start: MetaStart) -> Result<()> {
-    let MetaStart { dir, listen, init, join, id, advertise } = start;
+    let MetaStart { dir, listen, init, join, id, advertise, replication } = start;
+    if !(1..=cairn_meta::node::REPLICATION_MAX).contains(&replication) {
+        bail!("--replication must be 1 to {}", cairn_meta::node::REPLICATION_MAX);
+    }
     if init && !join.is_empty() {
         bail!("--init creates a new file system and --join adds this server to an existing one: give only one");
     }
@@ -291,7 +316,8 @@ pub async fn meta(start: MetaStart) -> Result<()> {
     let address = advertised(&listener, advertise)?;
     tracing::info!(%address, id, "listening; starting the meta store and raft");
     let config = MetaConfig::new(id, address.clone(), layout::meta_dir(&dir));
-    let node = MetaNode::start(config, init.then(|| marker.fs_id.clone())).await.context("starting meta")?;
+    let bootstrap = init.then(|| Bootstrap { fs_id: marker.fs_id.clone(), replication });
+    let node = MetaNode::start(config, bootstrap).await.context("starting meta")?;
     let (shutdown_tx, shutdown) = watch::channel(false);
     let server = tokio::spawn(serve(listener, Some(MetaService::new(node.clone())), None, shutdown.clone()));
     tokio::spawn(node.clone().run_background(shutdown));
@@ -322,7 +348,19 @@ pub async fn meta(start: MetaStart) -> Result<()> {
     Ok(())
 }
 
-pub async fn data(dir: PathBuf, listen: String, advertise: Option<String>, meta: Vec<String>) -> Result<()> {
+/// How `cairn data` starts.
+pub struct DataStart {
+    pub dir: PathBuf,
+    pub listen: String,
+    pub advertise: Option<String>,
+    pub meta: Vec<String>,
+    /// Failure domain label (default: the host name).
+    pub domain: Option<String>,
+}
+
+pub async fn data(start: DataStart) -> Result<()> {
+    let DataStart { dir, listen, advertise, meta, domain } = start;
+    let domain = domain.unwrap_or_else(host_name);
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
     }
@@ -333,7 +371,7 @@ pub async fn data(dir: PathBuf, listen: String, advertise: Option<String>, meta:
     let (shutdown_tx, shutdown) = watch::channel(false);
     let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
     let server = tokio::spawn(serve(listener, None, Some(service), shutdown));
-    tokio::spawn(register_loop(meta, dir.clone(), marker.clone(), address.clone(), volume));
+    tokio::spawn(register_loop(meta, dir.clone(), marker.clone(), address.clone(), domain, volume));
     println!("cairn data server {} serving {} at {address}", marker.data_server_id, dir.display());
     wait_for_signal().await?;
     let _ = shutdown_tx.send(true);

@@ -47,7 +47,7 @@ struct Report {
 impl Report {
     /// A leader is known, every meta member answers, and every data server is live.
     fn healthy(&self) -> bool {
-        self.leader.is_some()
+        self.leader.as_ref().is_some_and(|l| l.under_replicated_blocks == 0)
             && self.meta.iter().all(|m| m.reply.is_some())
             && !self.data.is_empty()
             && self.data.iter().all(|d| d.live && d.reply.is_some())
@@ -94,6 +94,16 @@ async fn gather(meta: &[String]) -> Result<Report> {
     Ok(Report { fs_id: first.fs_id.clone(), leader, meta: views, data })
 }
 
+/// Whether the group at `meta` has a leader.
+pub async fn leader_known(meta: &[String]) -> bool {
+    gather(meta).await.is_ok_and(|report| report.leader.is_some())
+}
+
+/// Whether every server of the file system at `meta` reports in.
+pub async fn healthy(meta: &[String]) -> bool {
+    gather(meta).await.is_ok_and(|report| report.healthy() && report.meta.len() >= meta.len())
+}
+
 pub async fn status(meta: Vec<String>, json: bool) -> Result<()> {
     let report = gather(&meta).await?;
     if json { print_json(&report) } else { print_text(&report) }
@@ -108,6 +118,8 @@ fn print_json(report: &Report) -> Result<()> {
         "term": leader.map(|l| l.term),
         "inodes": leader.map(|l| l.inodes),
         "sessions": leader.map(|l| l.sessions),
+        "under_replicated_blocks": leader.map(|l| l.under_replicated_blocks),
+        "repair_scans": leader.map(|l| l.repair_scans),
         "meta": report.meta.iter().map(|m| {
             let r = m.reply.as_ref();
             json!({
@@ -146,6 +158,9 @@ fn print_text(report: &Report) -> Result<()> {
     if let Some(leader) = &report.leader {
         println!("inodes       {}", leader.inodes);
         println!("sessions     {}", leader.sessions);
+        if leader.under_replicated_blocks > 0 {
+            println!("repairing    {} blocks short of copies", leader.under_replicated_blocks);
+        }
     } else {
         println!("leader       none: the meta group has no quorum or is electing");
     }

@@ -12,7 +12,8 @@ use cairn_testkit::workload::{Workload, now_seconds, pause_around};
 use cairn_testkit::{Cluster, ClusterSpec, wait_until};
 
 fn three_metas() -> Cluster {
-    Cluster::start_with(common::bin(), ClusterSpec { metas: 3, datas: 1 }).expect("starting a three-meta cluster")
+    Cluster::start_with(common::bin(), ClusterSpec { metas: 3, datas: 1, replication: 0 })
+        .expect("starting a three-meta cluster")
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -136,7 +136,8 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             })),
         };
         assert_eq!(meta.mutate(inline_lie).await.unwrap().into_inner().errno, errno::EINVAL);
-        let placement = meta.place_blocks(pb::PlaceBlocksRequest { count: 1_000_000 }).await.unwrap_err();
+        let placement =
+            meta.place_blocks(pb::PlaceBlocksRequest { count: 1_000_000, exclude: vec![] }).await.unwrap_err();
         assert_eq!(placement.code(), Code::InvalidArgument);
 
         // A message over the size limit is refused by the transport.
@@ -159,6 +160,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
                 block: Some(too_big),
                 data: vec![0; 10].into(),
                 sync: true,
+                ..Default::default()
             }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
@@ -168,6 +170,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
                 block: Some(liar),
                 data: vec![0; 10].into(),
                 sync: true,
+                ..Default::default()
             }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument, "data that does not match its digest is refused");
@@ -177,9 +180,19 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
                 block: Some(short),
                 data: vec![0; 10].into(),
                 sync: true,
+                ..Default::default()
             }]))
             .await;
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
+        let endless_chain = data
+            .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
+                block: Some(pb::BlockRef { len: 10, ..unknown.clone() }),
+                data: vec![0; 10].into(),
+                forward: vec!["127.0.0.1:1".into(); 100],
+                ..Default::default()
+            }]))
+            .await;
+        assert_eq!(endless_chain.unwrap_err().code(), Code::InvalidArgument, "a forwarding chain is bounded");
         let deletes = pb::DeleteBlocksRequest { blocks: vec![unknown.clone(); 200_000] };
         assert!(data.delete_blocks(deletes).await.is_err());
 

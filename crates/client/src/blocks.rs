@@ -19,6 +19,8 @@ use crate::meta::{MetaConnection, endpoint};
 
 /// Bytes sent per upload message.
 const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+/// Failed servers one upload remembers to avoid.
+const FAILED_SERVERS_MAX: usize = 16;
 
 pub struct BlockStore {
     meta: Arc<MetaConnection>,
@@ -73,9 +75,18 @@ impl BlockStore {
         let started = Instant::now();
         let policy = self.meta.policy.clone();
         let mut backoff = policy.backoff_min;
+        // Servers that failed this upload: later placements leave them out.
+        let mut failed_servers: Vec<u64> = Vec::new();
         loop {
-            let placement = self.meta.place_blocks(1).await?;
+            let placement = self.meta.place_blocks(1, &failed_servers).await?;
             let servers: Vec<u64> = placement.servers.iter().map(|s| s.id).collect();
+            let addresses: Vec<String> = placement.servers.iter().map(|s| s.address.clone()).collect();
+            let Some((head, forward)) = addresses.split_first() else {
+                return Err(ClientError::Refused {
+                    what: "block upload",
+                    status: "meta placed the block nowhere".into(),
+                });
+            };
             let block = pb::BlockRef {
                 id_hi: id.hi(),
                 id_lo: id.lo(),
@@ -83,22 +94,32 @@ impl BlockStore {
                 digest: digest.to_vec(),
                 servers,
             };
-            let mut failure = None;
-            for server in &placement.servers {
-                if let Err(status) = self.upload(&server.address, &block, &data, sync).await {
-                    if !transient(&status) {
-                        return Err(ClientError::Refused { what: "block upload", status: status.to_string() });
-                    }
-                    failure = Some(status);
-                    break;
+            let status = match self.upload(head, forward, &block, &data, sync).await {
+                Ok(()) => {
+                    tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
+                    self.insert_pieces(id.0, 0, &data);
+                    return Ok(StoredBlock { block, addresses });
                 }
-            }
-            let Some(status) = failure else {
-                tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
-                self.insert_pieces(id.0, 0, &data);
-                let addresses = placement.servers.into_iter().map(|s| s.address).collect();
-                return Ok(StoredBlock { block, addresses });
+                Err(status) if !transient(&status) => {
+                    return Err(ClientError::Refused { what: "block upload", status: status.to_string() });
+                }
+                Err(status) => status,
             };
+            // The chain names the replica that broke it; without a name, the head did.
+            let failed = status
+                .metadata()
+                .get(pb::FAILED_REPLICA_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(head.as_str())
+                .to_string();
+            if let Some(server) = placement.servers.iter().find(|s| s.address == failed)
+                && !failed_servers.contains(&server.id)
+            {
+                if failed_servers.len() >= FAILED_SERVERS_MAX {
+                    failed_servers.remove(0);
+                }
+                failed_servers.push(server.id);
+            }
             if started.elapsed() >= policy.deadline {
                 return Err(ClientError::Timeout {
                     what: "block upload",
@@ -133,7 +154,15 @@ impl BlockStore {
         Ok(())
     }
 
-    async fn upload(&self, address: &str, block: &pb::BlockRef, data: &Bytes, sync: bool) -> Result<(), tonic::Status> {
+    /// Streams a block to `address`, which passes it down the chain of `forward` replicas.
+    async fn upload(
+        &self,
+        address: &str,
+        forward: &[String],
+        block: &pb::BlockRef,
+        data: &Bytes,
+        sync: bool,
+    ) -> Result<(), tonic::Status> {
         let mut client = self.client(address).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let mut messages = Vec::with_capacity(data.len() / UPLOAD_CHUNK_BYTES + 1);
         for (i, at) in (0..data.len()).step_by(UPLOAD_CHUNK_BYTES).enumerate() {
@@ -142,6 +171,7 @@ impl BlockStore {
                 block: (i == 0).then(|| block.clone()),
                 data: data.slice(at..end),
                 sync: sync && i == 0,
+                forward: if i == 0 { forward.to_vec() } else { Vec::new() },
             });
         }
         let reply = client.put_block(tokio_stream::iter(messages)).await?.into_inner();
@@ -240,6 +270,7 @@ impl BlockStore {
                     Ok(data) => return Ok(data),
                     Err(FetchError::Corrupt(what)) => {
                         tracing::error!(block = %id, server, what, "replica failed verification");
+                        self.report_bad_copy(block, *server, &what);
                         last_error = what;
                     }
                     Err(FetchError::Status(status)) => {
@@ -264,6 +295,18 @@ impl BlockStore {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(policy.backoff_max);
         }
+    }
+
+    /// Tells meta about a bad copy so it repairs the block; the read goes on meanwhile.
+    fn report_bad_copy(&self, block: &pb::BlockRef, server: u64, what: &str) {
+        let meta = self.meta.clone();
+        let block = pb::BlockRef { servers: Vec::new(), ..block.clone() };
+        let what = what.to_string();
+        tokio::spawn(async move {
+            if let Err(e) = meta.report_bad_block(block, server, what).await {
+                tracing::warn!(server, error = %e, "could not report a bad copy");
+            }
+        });
     }
 
     async fn fetch_from(

@@ -353,8 +353,25 @@ impl MetaConnection {
         Ok(reply)
     }
 
-    pub async fn place_blocks(&self, count: u32) -> ClientResult<pb::PlaceBlocksReply> {
-        self.call("place blocks", |mut c| async move { c.place_blocks(pb::PlaceBlocksRequest { count }).await }).await
+    /// Data servers for `count` new blocks, none of them in `exclude`.
+    pub async fn place_blocks(&self, count: u32, exclude: &[u64]) -> ClientResult<pb::PlaceBlocksReply> {
+        let request = pb::PlaceBlocksRequest { count, exclude: exclude.to_vec() };
+        self.call("place blocks", |mut c| {
+            let request = request.clone();
+            async move { c.place_blocks(request).await }
+        })
+        .await
+    }
+
+    /// Tells meta that the copy of `block` on `server` failed verification.
+    pub async fn report_bad_block(&self, block: pb::BlockRef, server: u64, what: String) -> ClientResult<()> {
+        let request = pb::ReportBadBlockRequest { block: Some(block), server, what };
+        self.call("report bad block", |mut c| {
+            let request = request.clone();
+            async move { c.report_bad_block(request).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     pub async fn status(&self) -> ClientResult<pb::StatusReply> {

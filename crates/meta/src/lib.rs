@@ -10,8 +10,9 @@ pub mod network;
 pub mod node;
 pub mod query;
 pub mod raft_types;
+pub mod repair;
 pub mod service;
 pub mod store;
 
-pub use node::{MetaConfig, MetaError, MetaNode};
+pub use node::{Bootstrap, MetaConfig, MetaError, MetaNode};
 pub use service::MetaService;

@@ -372,6 +372,30 @@ impl<'t> Tables<'t> {
         self.put(DATA_SERVERS, &key_u64(id), &encode(&DataServerRecord { address }))
     }
 
+    /// Records a repaired copy of a block and forgets copies that no longer count. A block that
+    /// became garbage meanwhile keeps the new copy in its record, so its deletion covers it.
+    /// Returns whether any copy was dropped.
+    pub fn replace_copies(&self, id: u128, added: Option<u64>, dropped: &[u64]) -> ApplyResult<bool> {
+        let key = key_u128(id);
+        for (live, table) in [(true, BLOCKS), (false, GARBAGE)] {
+            let Some(mut record) = self.decoded::<BlockRecord>(table, &key)? else { continue };
+            if let Some(server) = added
+                && !record.servers.contains(&server)
+            {
+                record.servers.push(server);
+            }
+            // The last copy is never dropped: a bad copy is still a lead for a reader, a lost
+            // one a record of where the block was.
+            let before = record.servers.len();
+            if live && record.servers.iter().any(|s| !dropped.contains(s)) {
+                record.servers.retain(|s| !dropped.contains(s));
+            }
+            self.put(table, &key, &encode(&record))?;
+            return Ok(record.servers.len() < before);
+        }
+        Ok(false)
+    }
+
     pub fn forget_garbage(&self, ids: &[u128]) -> ApplyResult<()> {
         for &id in ids {
             self.delete(GARBAGE, &key_u128(id))?;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -27,9 +28,8 @@ pub struct MetaConfig {
     pub dir: PathBuf,
     /// How long a client session lives without a heartbeat.
     pub session_lease: Duration,
-    /// Copies of each block.
-    pub replication: u32,
-    /// A data server not heard from for this long gets no new blocks.
+    /// A data server not heard from for this long gets no new blocks, and its copies are
+    /// made again elsewhere.
     pub data_server_timeout: Duration,
 }
 
@@ -40,8 +40,7 @@ impl MetaConfig {
             address,
             dir,
             session_lease: Duration::from_secs(60),
-            replication: 1,
-            data_server_timeout: Duration::from_secs(30),
+            data_server_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -78,7 +77,16 @@ pub struct DataServerState {
     pub capacity_bytes: u64,
     pub used_bytes: u64,
     pub free_bytes: u64,
+    pub domain: String,
     pub last_seen: Instant,
+}
+
+/// What a new file system starts with.
+#[derive(Clone, Debug)]
+pub struct Bootstrap {
+    pub fs_id: String,
+    /// Copies of each block.
+    pub replication: u32,
 }
 
 pub struct MetaNode {
@@ -89,6 +97,37 @@ pub struct MetaNode {
     /// One membership change at a time: concurrent changes computed from the same starting
     /// membership could undo each other.
     membership_changes: tokio::sync::Mutex<()>,
+    /// Blocks with fewer live copies than the file system keeps, as of the leader's last full
+    /// repair scan.
+    pub under_replicated: AtomicU64,
+    /// Full repair scans this leader completed (a scan that starts after an event and ends
+    /// reflects it).
+    pub repair_scans: AtomicU64,
+}
+
+/// Copies of a block a file system may ask for.
+pub const REPLICATION_MAX: u32 = 7;
+
+/// Chooses up to `copies` servers from `live` (sorted most free first): first one per unused
+/// failure domain, then, when domains run out, the freest of the rest.
+pub fn place_on(live: Vec<(u64, DataServerState)>, copies: usize) -> Vec<(u64, DataServerState)> {
+    let mut chosen: Vec<(u64, DataServerState)> = Vec::with_capacity(copies);
+    let mut rest = Vec::new();
+    for candidate in live {
+        if chosen.len() < copies && !chosen.iter().any(|(_, s)| s.domain == candidate.1.domain) {
+            chosen.push(candidate);
+        } else {
+            rest.push(candidate);
+        }
+    }
+    for candidate in rest {
+        if chosen.len() >= copies {
+            break;
+        }
+        chosen.push(candidate);
+    }
+    debug_assert!(chosen.len() <= copies);
+    chosen
 }
 
 pub fn now_time() -> Time {
@@ -121,7 +160,7 @@ pub fn store_exists(dir: &Path) -> bool {
 impl MetaNode {
     /// Opens the store in `config.dir` and starts the Raft member. With `bootstrap`, a new
     /// store becomes a one-member group and gets a fresh file system with id `fs_id`.
-    pub async fn start(config: MetaConfig, bootstrap: Option<String>) -> Result<Arc<MetaNode>, MetaError> {
+    pub async fn start(config: MetaConfig, bootstrap: Option<Bootstrap>) -> Result<Arc<MetaNode>, MetaError> {
         let fresh = !store_exists(&config.dir);
         let db = open_database(&config.dir).map_err(|e| MetaError::Store(e.to_string()))?;
         let log_store = LogStore::new(db.clone());
@@ -135,14 +174,17 @@ impl MetaNode {
             db,
             data_servers: RwLock::new(HashMap::new()),
             membership_changes: tokio::sync::Mutex::new(()),
+            under_replicated: AtomicU64::new(0),
+            repair_scans: AtomicU64::new(0),
         });
-        if let Some(fs_id) = bootstrap
+        if let Some(bootstrap) = bootstrap
             && fresh
         {
             let members = BTreeMap::from([(node.config.node_id, BasicNode::new(node.config.address.clone()))]);
             node.raft.initialize(members).await.map_err(|e| MetaError::Raft(e.to_string()))?;
             node.wait_for_leader(Duration::from_secs(30)).await?;
-            node.propose(Command::InitFs { fs_id, now: now_time() }).await?;
+            node.propose(Command::InitFs { fs_id: bootstrap.fs_id, now: now_time() }).await?;
+            node.propose(Command::SetReplication { copies: bootstrap.replication.max(1) }).await?;
         }
         Ok(node)
     }
@@ -205,6 +247,67 @@ impl MetaNode {
         Ok(Query::new(txn))
     }
 
+    /// Copies this file system keeps of each block.
+    pub fn replication(&self) -> Result<u32, MetaError> {
+        Ok(self.local_read()?.counter("replication")?.clamp(1, u64::from(REPLICATION_MAX)) as u32)
+    }
+
+    /// Picks `copies` distinct live data servers for a new block, most free space first, and
+    /// each in a failure domain not used yet while there are such domains. `exclude` are servers
+    /// that must not get it (they hold it already).
+    pub fn place(&self, copies: usize, exclude: &[u64]) -> Vec<(u64, DataServerState)> {
+        let live: Vec<(u64, DataServerState)> =
+            self.live_data_servers().into_iter().filter(|(id, _)| !exclude.contains(id)).collect();
+        place_on(live, copies)
+    }
+
+    /// Whether data server `id` missed its heartbeats for longer than the timeout. A server
+    /// not heard from since this member became leader gets the timeout from that moment: a new
+    /// leader knows nothing of heartbeats its predecessor received.
+    pub fn is_dead(&self, id: u64, leader_since: Instant) -> bool {
+        let last_seen = self.data_servers.read().ok().and_then(|s| s.get(&id).map(|s| s.last_seen));
+        let since = last_seen.map_or(leader_since, |seen| seen.max(leader_since));
+        since.elapsed() > self.config.data_server_timeout
+    }
+
+    /// Forgets a copy a reader found corrupt (the block is then repaired from a good copy)
+    /// and asks its server to delete it.
+    pub async fn drop_bad_copy(&self, id: u128, server: u64) -> Result<(), MetaError> {
+        let record = self.local_read()?.block(id)?;
+        let Some(record) = record else { return Ok(()) };
+        if !record.servers.contains(&server) {
+            return Ok(());
+        }
+        let reply = self.propose(Command::ReplaceCopies { id, added: None, dropped: vec![server] }).await?;
+        if reply.value == 0 {
+            // It was the last copy on record: better a partly bad copy than none.
+            return Ok(());
+        }
+        let address = self.local_read()?.data_servers()?.into_iter().find(|(s, _)| *s == server).map(|(_, a)| a);
+        if let Some(address) = address {
+            let block = pb::BlockId(id);
+            let doomed = pb::BlockRef {
+                id_hi: block.hi(),
+                id_lo: block.lo(),
+                len: record.len,
+                digest: record.digest.to_vec(),
+                servers: Vec::new(),
+            };
+            tokio::spawn(async move {
+                let result = async {
+                    let mut client = pb::data_client::DataClient::new(pb::net::endpoint(&address)?.connect().await?);
+                    client.delete_blocks(pb::DeleteBlocksRequest { blocks: vec![doomed] }).await?;
+                    Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+                }
+                .await;
+                if let Err(e) = result {
+                    tracing::warn!(%address, error = %e, "could not delete a corrupt copy");
+                }
+            });
+        }
+        Ok(())
+    }
+
     /// Data servers that heartbeated recently, most free space first.
     pub fn live_data_servers(&self) -> Vec<(u64, DataServerState)> {
         let servers = self.data_servers.read().map(|s| s.clone()).unwrap_or_default();
@@ -218,12 +321,24 @@ impl MetaNode {
     pub async fn run_background(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut repairer = crate::repair::Repairer::default();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            if !self.is_leader().await {
+            let leading = self.is_leader().await;
+            // Repairs run in the same loop as expiry and garbage collection, so a block is never
+            // copied and deleted at once by two tasks.
+            tokio::select! {
+                result = repairer.tick(&self, leading) => {
+                    if let Err(e) = result {
+                        tracing::warn!(error = %e, "block repair pass failed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+            if !leading {
                 continue;
             }
             if let Err(e) = self.expire_sessions().await {
@@ -362,5 +477,31 @@ impl MetaNode {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(domain: &str, free: u64) -> DataServerState {
+        DataServerState {
+            address: String::new(),
+            capacity_bytes: 100,
+            used_bytes: 100 - free,
+            free_bytes: free,
+            domain: domain.into(),
+            last_seen: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn placement_spreads_across_domains_before_doubling_up() {
+        let live = vec![(1, server("a", 90)), (2, server("a", 80)), (3, server("b", 70)), (4, server("c", 10))];
+        let ids: Vec<u64> = place_on(live.clone(), 3).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![1, 3, 4], "one copy per domain first");
+        let ids: Vec<u64> = place_on(live.clone(), 4).into_iter().map(|(id, _)| id).collect();
+        assert_eq!(ids, vec![1, 3, 4, 2], "then the freest of the rest");
+        assert_eq!(place_on(live, 9).len(), 4, "never more servers than there are");
     }
 }

@@ -249,6 +249,28 @@ impl Query {
         Ok(servers)
     }
 
+    /// Up to `limit` live blocks with ids above `after`, in id order (a page of a scan).
+    pub fn blocks_after(&self, after: Option<u128>, limit: usize) -> QueryResult<Vec<(u128, BlockRecord)>> {
+        let table = self.txn.open_table(BLOCKS)?;
+        let start = after.map(key_u128);
+        let range = match &start {
+            Some(key) => {
+                table.range::<&[u8]>((std::ops::Bound::Excluded(key.as_slice()), std::ops::Bound::Unbounded))?
+            }
+            None => table.range::<&[u8]>(..)?,
+        };
+        let mut blocks = Vec::new();
+        for item in range.take(limit) {
+            let (key, value) = item?;
+            blocks.push((u128_of_key(key.value()), decode(value.value()).map_err(|e| corrupt("blocks", e))?));
+        }
+        Ok(blocks)
+    }
+
+    pub fn block(&self, id: u128) -> QueryResult<Option<BlockRecord>> {
+        self.decoded(BLOCKS, &key_u128(id))
+    }
+
     pub fn garbage(&self, limit: usize) -> QueryResult<Vec<(u128, BlockRecord)>> {
         let table = self.txn.open_table(GARBAGE)?;
         let mut blocks = Vec::new();

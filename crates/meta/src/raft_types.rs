@@ -39,6 +39,17 @@ pub enum Command {
     ForgetGarbage {
         ids: Vec<u128>,
     },
+    /// Copies of each new block (set when the file system is created).
+    SetReplication {
+        copies: u32,
+    },
+    /// A repair stored a new copy of block `id` on `added`; copies on `dropped` (dead or
+    /// corrupt) no longer count.
+    ReplaceCopies {
+        id: u128,
+        added: Option<u64>,
+        dropped: Vec<u64>,
+    },
 }
 
 impl fmt::Display for Command {
@@ -51,6 +62,10 @@ impl fmt::Display for Command {
             Command::Mutate { request, .. } => write!(f, "mutate({} bytes)", request.len()),
             Command::RegisterDataServer { id, address } => write!(f, "register-data-server({id}, {address})"),
             Command::ForgetGarbage { ids } => write!(f, "forget-garbage({})", ids.len()),
+            Command::SetReplication { copies } => write!(f, "set-replication({copies})"),
+            Command::ReplaceCopies { id, added, dropped } => {
+                write!(f, "replace-copies({id:032x}, +{added:?}, -{dropped:?})")
+            }
         }
     }
 }

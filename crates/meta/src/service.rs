@@ -100,7 +100,7 @@ impl Meta for MetaService {
             session: reply.value,
             lease_ms,
             root: Some(root),
-            replication: self.node.config.replication,
+            replication: self.node.replication().map_err(status_of)?,
             meta_addresses: self.meta_addresses(),
         }))
     }
@@ -176,7 +176,7 @@ impl Meta for MetaService {
         let query = self.node.read().await.map_err(status_of)?;
         let files = query.counter("inodes").map_err(|e| status_of(e.into()))?;
         let servers = self.node.live_data_servers();
-        let replication = self.node.config.replication.max(1) as u64;
+        let replication = u64::from(self.node.replication().map_err(status_of)?);
         let total: u64 = servers.iter().map(|(_, s)| s.capacity_bytes).sum::<u64>() / replication;
         let free: u64 = servers.iter().map(|(_, s)| s.free_bytes).sum::<u64>() / replication;
         Ok(Response::new(pb::StatFsReply {
@@ -218,29 +218,33 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::PlaceBlocksRequest>,
     ) -> Result<Response<pb::PlaceBlocksReply>, Status> {
-        let count = request.into_inner().count;
+        let request = request.into_inner();
+        let count = request.count;
+        if request.exclude.len() > PLACEMENTS_PER_REQUEST_MAX as usize {
+            return Err(Status::invalid_argument("too many servers to exclude"));
+        }
         if count == 0 || count > PLACEMENTS_PER_REQUEST_MAX {
             return Err(Status::invalid_argument(format!("count must be 1..={PLACEMENTS_PER_REQUEST_MAX}")));
         }
         if !self.node.is_leader().await {
             return Err(status_of(MetaError::NotLeader { leader: None }));
         }
-        let replication = self.node.config.replication.max(1) as usize;
-        let live = self.node.live_data_servers();
-        if live.len() < replication {
+        let replication = self.node.replication().map_err(status_of)? as usize;
+        let chosen = self.node.place(replication, &request.exclude);
+        if chosen.len() < replication {
             return Err(Status::unavailable(format!(
                 "{} live data servers, {replication} needed for a new block",
-                live.len()
+                chosen.len()
             )));
         }
-        let servers = live
-            .iter()
-            .take(replication)
+        let servers = chosen
+            .into_iter()
             .map(|(id, s)| pb::DataServer {
-                id: *id,
-                address: s.address.clone(),
+                id,
+                address: s.address,
                 capacity_bytes: s.capacity_bytes,
                 used_bytes: s.used_bytes,
+                domain: s.domain,
             })
             .collect();
         Ok(Response::new(pb::PlaceBlocksReply { servers, replication: replication as u32 }))
@@ -278,8 +282,10 @@ impl Meta for MetaService {
                 request.fs_id
             )));
         }
-        if request.id == 0 || request.address.is_empty() || request.address.len() > 256 {
-            return Err(Status::invalid_argument("data server needs an id and an address"));
+        if request.id == 0 || request.address.is_empty() || request.address.len() > 256 || request.domain.len() > 256 {
+            return Err(Status::invalid_argument(
+                "data server needs an id and an address (and a domain of at most 256 bytes)",
+            ));
         }
         let known = query.data_servers().map_err(|e| status_of(e.into()))?;
         drop(query);
@@ -298,6 +304,7 @@ impl Meta for MetaService {
                     capacity_bytes: request.capacity_bytes,
                     used_bytes: request.used_bytes,
                     free_bytes: free,
+                    domain: request.domain,
                     last_seen: Instant::now(),
                 },
             );
@@ -328,6 +335,7 @@ impl Meta for MetaService {
                     address,
                     capacity_bytes: state.as_ref().map(|s| s.capacity_bytes).unwrap_or(0),
                     used_bytes: state.as_ref().map(|s| s.used_bytes).unwrap_or(0),
+                    domain: state.map(|s| s.domain).unwrap_or_default(),
                 }
             })
             .collect();
@@ -349,7 +357,24 @@ impl Meta for MetaService {
             members: self.members_pb(),
             pid: std::process::id(),
             state_digest,
+            under_replicated_blocks: self.node.under_replicated.load(std::sync::atomic::Ordering::Relaxed),
+            repair_scans: self.node.repair_scans.load(std::sync::atomic::Ordering::Relaxed),
         }))
+    }
+
+    async fn report_bad_block(
+        &self,
+        request: Request<pb::ReportBadBlockRequest>,
+    ) -> Result<Response<pb::ReportBadBlockReply>, Status> {
+        let request = request.into_inner();
+        let block = request.block.ok_or_else(|| Status::invalid_argument("no block named"))?;
+        if request.what.len() > 4096 {
+            return Err(Status::invalid_argument("report too long"));
+        }
+        let id = pb::BlockId::of(&block);
+        self.node.drop_bad_copy(id.0, request.server).await.map_err(status_of)?;
+        tracing::warn!(block = %id, server = request.server, what = %request.what, "bad copy reported and dropped");
+        Ok(Response::new(pb::ReportBadBlockReply {}))
     }
 
     async fn add_meta_server(

@@ -388,6 +388,13 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
             tables.forget_garbage(&ids)?;
             CommandReply::default()
         }
+        Command::SetReplication { copies } => {
+            tables.set_counter("replication", u64::from(copies.max(1)))?;
+            CommandReply::default()
+        }
+        Command::ReplaceCopies { id, added, dropped } => {
+            CommandReply { value: u64::from(tables.replace_copies(id, added, &dropped)?), ..Default::default() }
+        }
     };
     Ok(reply)
 }

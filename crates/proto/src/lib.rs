@@ -4,6 +4,11 @@
 
 pub mod net;
 
+/// gRPC metadata key naming the replica (address) whose failure broke a block upload chain.
+pub const FAILED_REPLICA_HEADER: &str = "cairn-failed-replica";
+/// Replicas a block upload may be forwarded to after its first.
+pub const FORWARD_MAX: usize = 8;
+
 pub mod pb {
     tonic::include_proto!("cairn.v1");
 }

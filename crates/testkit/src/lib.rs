@@ -218,11 +218,13 @@ impl std::ops::DerefMut for Server {
 pub struct ClusterSpec {
     pub metas: usize,
     pub datas: usize,
+    /// Copies of each block; 0 means as many as there are data servers, at most 3.
+    pub replication: u32,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { metas: 1, datas: 1 }
+        ClusterSpec { metas: 1, datas: 1, replication: 0 }
     }
 }
 
@@ -261,9 +263,10 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir()?;
         let mut cluster =
             Cluster { dir, bin, metas: Vec::new(), datas: Vec::new(), mounts: Vec::new(), faults: Faults::new() };
+        let replication = if spec.replication == 0 { spec.datas.clamp(1, 3) as u32 } else { spec.replication };
         for i in 0..spec.metas.max(1) {
             let join = if i == 0 { None } else { Some(cluster.metas[0].address.clone()) };
-            let server = cluster.start_meta(i, join)?;
+            let server = cluster.start_meta(i, join, replication)?;
             cluster.metas.push(server);
             if i == 0 {
                 cluster.wait_for_leader(Duration::from_secs(60))?;
@@ -296,11 +299,11 @@ impl Cluster {
         Ok(Server { process, address, ip, listen, dir, _proxy: proxy })
     }
 
-    fn start_meta(&self, index: usize, join: Option<String>) -> Result<Server> {
+    fn start_meta(&self, index: usize, join: Option<String>, replication: u32) -> Result<Server> {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 10, index as u8 + 1));
         let mut args = vec!["meta".to_string(), "--id".into(), (index + 1).to_string()];
         match join {
-            None => args.push("--init".into()),
+            None => args.extend(["--init".into(), "--replication".into(), replication.to_string()]),
             Some(join) => args.extend(["--join".into(), join]),
         }
         let name = if index == 0 { "meta".to_string() } else { format!("meta{index}") };

@@ -1,0 +1,142 @@
+//! Replicated data: copies written through a chain of data servers, a data server killed while
+//! writing, re-replication back to R copies, and a corrupt copy served around and repaired.
+
+mod common;
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use cairn_testkit::workload::Workload;
+use cairn_testkit::{Cluster, ClusterSpec, pattern, wait_until};
+
+fn cluster(datas: usize) -> Cluster {
+    Cluster::start_with(common::bin(), ClusterSpec { metas: 1, datas, replication: 3 }).expect("starting a cluster")
+}
+
+/// Blocks each data server holds, as `cairn status` reports them.
+fn blocks_per_server(cluster: &Cluster) -> Vec<u64> {
+    let status = cluster.status().expect("status");
+    cluster
+        .datas
+        .iter()
+        .map(|d| {
+            status["data_servers"]
+                .as_array()
+                .and_then(|servers| servers.iter().find(|s| s["address"] == d.address.as_str()))
+                .and_then(|s| s["blocks"].as_u64())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Waits until a repair scan that started after now found every block with its copies.
+fn wait_fully_replicated(cluster: &Cluster, timeout: Duration) {
+    let scans = || cluster.status().and_then(|s| s["repair_scans"].as_u64());
+    let start = scans().unwrap_or(0);
+    wait_until("every block to have its copies again", timeout, || {
+        cluster.status().is_some_and(|s| {
+            s["repair_scans"].as_u64().is_some_and(|n| n >= start + 2)
+                && s["under_replicated_blocks"].as_u64() == Some(0)
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+}
+
+/// Size of the file written before a data server is killed (MiB); `CAIRN_REPAIR_MIB` raises it
+/// to measure repair time.
+fn repair_mib() -> usize {
+    std::env::var("CAIRN_REPAIR_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
+}
+
+#[test]
+fn data_server_killed_mid_write_loses_nothing_and_copies_come_back() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = cluster(4);
+    let mount = cluster.mount().unwrap();
+    let big = pattern(5, repair_mib() * 1024 * 1024);
+    fs::write(mount.join("big"), &big).unwrap();
+    let copies: u64 = blocks_per_server(&cluster).iter().sum();
+    let blocks = big.len().div_ceil(4 * 1024 * 1024) as u64;
+    assert_eq!(copies, 3 * blocks, "every block of the file has three copies");
+
+    let mut workload = Workload::start(&mount, &cluster.dir.path().join("scratch")).unwrap();
+    wait_until("the workload to get going", Duration::from_secs(60), || workload.acks().len() >= 20).unwrap();
+    // Kill the server with the most copies, while the workload writes through it.
+    let held = blocks_per_server(&cluster);
+    let victim = (0..held.len()).max_by_key(|i| held[*i]).unwrap();
+    cluster.datas[victim].kill();
+    let killed_at = Instant::now();
+    let at_kill = workload.acks().len();
+    wait_until("the workload to go on without the dead server", Duration::from_secs(90), || {
+        workload.acks().len() >= at_kill + 20 || workload.failed()
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let acks = workload.stop().unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+
+    // Reads keep working with a replica gone, and nothing acknowledged is missing.
+    assert!(fs::read(mount.join("big")).unwrap() == big, "the big file reads back intact");
+    workload.verify(&mount, &acks).unwrap();
+
+    // Meta declares the server dead and copies its blocks from the survivors.
+    let victim_address = cluster.datas[victim].address.clone();
+    wait_until("meta to declare the killed server dead", Duration::from_secs(60), || {
+        cluster.status().is_some_and(|s| {
+            s["data_servers"].as_array().is_some_and(|d| {
+                d.iter().any(|d| d["address"] == victim_address.as_str() && d["live"] == serde_json::Value::Bool(false))
+            })
+        })
+    })
+    .unwrap();
+    wait_fully_replicated(&cluster, Duration::from_secs(180));
+    println!("repaired {} MiB in {:.1} s after the kill", repair_mib(), killed_at.elapsed().as_secs_f64());
+
+    // With another server gone, the file still reads from the copies the repair made.
+    let second = (0..cluster.datas.len()).find(|i| *i != victim).unwrap();
+    cluster.datas[second].kill();
+    let fresh = cluster.mount().unwrap();
+    assert!(fs::read(fresh.join("big")).unwrap() == big, "the repaired copies hold the file");
+}
+
+#[test]
+fn a_corrupt_copy_is_read_around_and_repaired() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = cluster(3);
+    let mount = cluster.mount().unwrap();
+    let content = pattern(8, 3 * 1024 * 1024);
+    fs::write(mount.join("file"), &content).unwrap();
+    // Flip one byte of the file's data in the first data server's segment.
+    let damaged = &cluster.datas[0];
+    let segment = fs::read_dir(damaged.dir.join("blocks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let bytes = fs::read(&segment).unwrap();
+    let needle = &content[1_000_000..1_000_064];
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("file data in the segment");
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[bytes[at] ^ 0xff], at as u64).unwrap();
+    file.sync_all().unwrap();
+
+    // A client with nothing cached reads correct data: the bad copy is detected and skipped.
+    for _ in 0..3 {
+        let reader = cluster.mount().unwrap();
+        assert!(fs::read(reader.join("file")).unwrap() == content, "a corrupt copy reached the reader");
+    }
+    // The report makes meta drop the bad copy and copy the block again onto that server.
+    wait_until("meta to drop the bad copy", Duration::from_secs(60), || {
+        cluster.metas[0].log().contains("bad copy reported and dropped")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    wait_fully_replicated(&cluster, Duration::from_secs(60));
+    // Proof of the repair: with the two good servers gone, the repaired copy serves the file.
+    cluster.datas[1].kill();
+    cluster.datas[2].kill();
+    let fresh = cluster.mount().unwrap();
+    assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+}

@@ -1,0 +1,155 @@
+//! Keeping R copies of every block: the leader declares data servers dead after missed
+//! heartbeats, copies their blocks from surviving replicas onto other servers, and drops
+//! copies that readers report as corrupt.
+//!
+//! A repair copies first and records after: the new copy is durable on its server before the
+//! Raft command that names it commits, so the block never has fewer good copies on record than
+//! on disk. Repairs are throttled (a few blocks at a time, a bounded scan per pass) so client
+//! traffic keeps flowing.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cairn_proto as pb;
+use futures::StreamExt;
+
+use crate::model::BlockRecord;
+use crate::node::{MetaError, MetaNode};
+use crate::raft_types::Command;
+
+/// Blocks looked at per pass.
+const SCAN_PER_PASS: usize = 20_000;
+/// Blocks copied at once.
+const REPAIRS_IN_FLIGHT: usize = 4;
+/// Blocks copied per pass at most, so a pass ends and the scan moves on.
+const REPAIRS_PER_PASS: usize = 1024;
+/// How long one block copy may take.
+const COPY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The leader's repair state: where the scan is and since when this server leads.
+#[derive(Default)]
+pub struct Repairer {
+    cursor: Option<u128>,
+    leader_since: Option<Instant>,
+    /// Blocks short of copies seen so far in this scan of all blocks.
+    short_in_scan: u64,
+}
+
+impl Repairer {
+    /// Called on every tick; `leading` says whether this server leads now.
+    pub async fn tick(&mut self, node: &MetaNode, leading: bool) -> Result<usize, MetaError> {
+        if !leading {
+            self.leader_since = None;
+            self.cursor = None;
+            self.short_in_scan = 0;
+            return Ok(0);
+        }
+        let leader_since = *self.leader_since.get_or_insert_with(Instant::now);
+        self.pass(node, leader_since).await
+    }
+
+    async fn pass(&mut self, node: &MetaNode, leader_since: Instant) -> Result<usize, MetaError> {
+        let replication = node.replication()? as usize;
+        let query = node.local_read()?;
+        let page = query.blocks_after(self.cursor, SCAN_PER_PASS)?;
+        let addresses: HashMap<u64, String> = query.data_servers()?.into_iter().collect();
+        drop(query);
+        let scan_done = page.len() < SCAN_PER_PASS;
+        self.cursor = if scan_done { None } else { page.last().map(|(id, _)| *id) };
+        let dead = |server: u64| node.is_dead(server, leader_since);
+        let mut work = Vec::new();
+        for (id, record) in page {
+            let dead_copies: Vec<u64> = record.servers.iter().copied().filter(|s| dead(*s)).collect();
+            let live_copies = record.servers.len() - dead_copies.len();
+            if live_copies < replication {
+                self.short_in_scan += 1;
+            }
+            if live_copies == 0 || work.len() >= REPAIRS_PER_PASS {
+                // Nothing to copy from (a copy may come back with its server), or enough work
+                // for this pass.
+                continue;
+            }
+            if live_copies < replication || !dead_copies.is_empty() {
+                work.push((id, record, dead_copies, live_copies < replication));
+            }
+        }
+        if scan_done {
+            node.under_replicated.store(std::mem::take(&mut self.short_in_scan), Ordering::Relaxed);
+            node.repair_scans.fetch_add(1, Ordering::Relaxed);
+        }
+        if work.is_empty() {
+            return Ok(0);
+        }
+        let results: Vec<Result<bool, MetaError>> = futures::stream::iter(work)
+            .map(|(id, record, dead_copies, needs_copy)| {
+                let addresses = &addresses;
+                async move {
+                    if !needs_copy {
+                        // Enough copies live: only forget the dead ones.
+                        node.propose(Command::ReplaceCopies { id, added: None, dropped: dead_copies }).await?;
+                        return Ok(false);
+                    }
+                    let added = copy_block(node, id, &record, &dead_copies, addresses).await?;
+                    node.propose(Command::ReplaceCopies { id, added: Some(added), dropped: dead_copies }).await?;
+                    Ok(true)
+                }
+            })
+            .buffer_unordered(REPAIRS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut copied = 0;
+        for result in results {
+            match result {
+                Ok(true) => copied += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "block repair failed; will retry"),
+            }
+        }
+        if copied > 0 {
+            tracing::info!(copied, "re-replicated blocks");
+        }
+        Ok(copied)
+    }
+}
+
+/// Copies block `id` from a live replica onto a server that holds none; returns that server.
+async fn copy_block(
+    node: &MetaNode,
+    id: u128,
+    record: &BlockRecord,
+    dead_copies: &[u64],
+    addresses: &HashMap<u64, String>,
+) -> Result<u64, MetaError> {
+    let source = record
+        .servers
+        .iter()
+        .find(|s| !dead_copies.contains(s))
+        .and_then(|s| addresses.get(s))
+        .ok_or_else(|| MetaError::Store(format!("block {id:032x} has no live copy to repair from")))?;
+    let (target, target_state) = node
+        .place(1, &record.servers)
+        .into_iter()
+        .next()
+        .ok_or_else(|| MetaError::Store(format!("no live data server can take a copy of block {id:032x}")))?;
+    let block = pb::BlockId(id);
+    let request = pb::ReplicateBlockRequest {
+        block: Some(pb::BlockRef {
+            id_hi: block.hi(),
+            id_lo: block.lo(),
+            len: record.len,
+            digest: record.digest.to_vec(),
+            servers: Vec::new(),
+        }),
+        source: source.clone(),
+    };
+    let copied = async {
+        let channel = pb::net::endpoint(&target_state.address)?.timeout(COPY_TIMEOUT).connect().await?;
+        let mut client = pb::data_client::DataClient::new(channel);
+        client.replicate_block(request).await?;
+        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
+    }
+    .await;
+    copied.map_err(|e| MetaError::Store(format!("copying block {id:032x} to {}: {e}", target_state.address)))?;
+    Ok(target)
+}
