@@ -3,6 +3,10 @@
 //! as the local workload, so the ratio measures what Cairn costs over the disk it sits on.
 //!
 //! Cold reads drop the kernel's page cache and remount Cairn (a new client, empty caches).
+//!
+//! With `--mount`, the Cairn side is an existing mount (a cluster, say) instead: the kernel's
+//! cache is still dropped before reads, but that mount's client keeps its caches, so its read
+//! figures are not cold and the report says so.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -21,6 +25,8 @@ pub struct BenchOptions {
     pub files: u64,
     pub random_reads: u64,
     pub runs: usize,
+    /// An existing Cairn mount to measure instead of a one-node file system in this process.
+    pub mount: Option<PathBuf>,
 }
 
 const CHUNK: usize = 1024 * 1024;
@@ -169,32 +175,64 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// The Cairn side of the comparison.
+enum Side {
+    /// A one-node file system served and mounted by this process, remounted to go cold.
+    InProcess { local: Box<LocalNode>, mounted: Option<Mounted>, mount_dir: PathBuf },
+    /// A mount someone else runs.
+    External,
+}
+
+impl Side {
+    fn remount(&mut self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        if let Side::InProcess { local, mounted, mount_dir, .. } = self {
+            if let Some(m) = mounted.take() {
+                m.unmount()?;
+            }
+            drop_page_cache();
+            let client = runtime.block_on(local.client("bench"))?;
+            *mounted = Some(cairn_mount::mount(client, runtime.handle().clone(), mount_dir, MountOptions::default())?);
+        } else {
+            drop_page_cache();
+        }
+        Ok(())
+    }
+
+    fn stop(self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        if let Side::InProcess { local, mut mounted, .. } = self {
+            if let Some(m) = mounted.take() {
+                m.unmount()?;
+            }
+            runtime.block_on(local.stop());
+        }
+        Ok(())
+    }
+}
+
 pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result<()> {
     let local_dir = options.dir.join("local");
-    let data_dir = options.dir.join("cairn-data");
-    let mount_dir = options.dir.join("cairn-mount");
-    for dir in [&local_dir, &mount_dir] {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?.to_string()
-    };
-    let local = runtime.block_on(LocalNode::start(&data_dir, &listen))?;
-    let mount = |runtime: &tokio::runtime::Runtime| -> Result<Mounted> {
-        let client = runtime.block_on(local.client("bench"))?;
-        Ok(cairn_mount::mount(client, runtime.handle().clone(), &mount_dir, MountOptions::default())?)
-    };
-    let mut mounted = Some(mount(runtime)?);
-    // Cold: no page cache, and a Cairn client with empty caches.
-    let go_cold = |mounted: &mut Option<Mounted>| -> Result<()> {
-        if let Some(m) = mounted.take() {
-            m.unmount()?;
+    fs::create_dir_all(&local_dir).with_context(|| format!("creating {}", local_dir.display()))?;
+    let (mut side, mount_dir) = match &options.mount {
+        Some(mount) => {
+            let dir = mount.join("cairn-bench");
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            (Side::External, dir)
         }
-        drop_page_cache();
-        *mounted = Some(mount(runtime)?);
-        Ok(())
+        None => {
+            let data_dir = options.dir.join("cairn-data");
+            let mount_dir = options.dir.join("cairn-mount");
+            fs::create_dir_all(&mount_dir).with_context(|| format!("creating {}", mount_dir.display()))?;
+            let listen = {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+                probe.local_addr()?.to_string()
+            };
+            let local = runtime.block_on(LocalNode::start(&data_dir, &listen))?;
+            let mut side = Side::InProcess { local: Box::new(local), mounted: None, mount_dir: mount_dir.clone() };
+            side.remount(runtime)?;
+            (side, mount_dir)
+        }
     };
+    let go_cold = |side: &mut Side| side.remount(runtime);
     let targets = [Target { dir: local_dir.clone() }, Target { dir: mount_dir.clone() }];
     let size = options.size_mib * 1024 * 1024;
     let chunk = pattern(CHUNK, 42);
@@ -208,11 +246,11 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
         for (i, target) in targets.iter().enumerate() {
             figures[i].write_mb_s = sequential_write(&target.dir.join("big"), size, &chunk)?;
         }
-        go_cold(&mut mounted)?;
+        go_cold(&mut side)?;
         for (i, target) in targets.iter().enumerate() {
             figures[i].read_mb_s = sequential_read(&target.dir.join("big"), size, &chunk)?;
         }
-        go_cold(&mut mounted)?;
+        go_cold(&mut side)?;
         for (i, target) in targets.iter().enumerate() {
             figures[i].random_read_iops = random_reads(&target.dir.join("big"), size, options.random_reads, &chunk)?;
             fs::remove_file(target.dir.join("big"))?;
@@ -229,10 +267,7 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
             results[i].push(f);
         }
     }
-    if let Some(m) = mounted.take() {
-        m.unmount()?;
-    }
-    runtime.block_on(local.stop());
+    side.stop(runtime)?;
     report(&options, &results);
     Ok(())
 }
@@ -254,6 +289,9 @@ fn report(options: &BenchOptions, results: &[Vec<Figures>]) {
         "workloads: {} MiB file, {} random reads, {} small files; median of {} runs",
         options.size_mib, options.random_reads, options.files, options.runs
     );
+    if let Some(mount) = &options.mount {
+        println!("cairn: the mount at {} (its client caches stay warm: read figures are not cold)", mount.display());
+    }
     println!("{:<26} {:>14} {:>14} {:>8}", "workload", "local disk", "cairn", "ratio");
     for (name, unit, get) in rows {
         let local = median(results[0].iter().map(get).collect());

@@ -120,6 +120,10 @@ enum Command {
         /// Runs; the median is reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Measure this existing Cairn mount (a cluster, say) instead of a one-node file system
+        /// started in this process.
+        #[arg(long)]
+        mount: Option<PathBuf>,
     },
     /// Show the state of a file system.
     Status {
@@ -199,8 +203,8 @@ fn run(cli: Cli) -> Result<()> {
             runtime.block_on(roles::data(roles::DataStart { dir, listen, advertise, meta: split(&meta), domain }))
         }
         Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
-        Command::Bench { dir, size_mib, files, random_reads, runs } => {
-            bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1) })
+        Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
+            bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1), mount })
         }
         Command::Status { meta, json } => runtime.block_on(status::status(split(&meta), json)),
     }
