@@ -50,6 +50,9 @@ enum Command {
         /// Copies of each block (with --init): 3 suits a cluster of three or more data servers.
         #[arg(long, default_value_t = 3)]
         replication: u32,
+        /// Raft log entries between snapshots; the log before a snapshot is purged.
+        #[arg(long, default_value_t = 20_000)]
+        snapshot_every: u64,
     },
     /// Start a whole cluster on this machine (separate processes, ports and directories) and
     /// mount it; Ctrl-C stops it all. Running it again on the same --dir brings it back.
@@ -178,7 +181,7 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(4).build()?;
     match cli.command {
         Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen),
-        Command::Meta { dir, listen, init, join, id, advertise, replication } => {
+        Command::Meta { dir, listen, init, join, id, advertise, replication, snapshot_every } => {
             runtime.block_on(roles::meta(roles::MetaStart {
                 dir,
                 listen,
@@ -187,6 +190,7 @@ fn run(cli: Cli) -> Result<()> {
                 id,
                 advertise,
                 replication,
+                snapshot_every,
             }))
         }
         Command::DevCluster { meta, data, dir, mount, base_port, replication } => dev_cluster::run(

@@ -280,10 +280,12 @@ pub struct MetaStart {
     pub advertise: Option<String>,
     /// Copies of each block, for a new file system (--init).
     pub replication: u32,
+    /// Raft log entries between snapshots.
+    pub snapshot_every: u64,
 }
 
 pub async fn meta(start: MetaStart) -> Result<()> {
-    let MetaStart { dir, listen, init, join, id, advertise, replication } = start;
+    let MetaStart { dir, listen, init, join, id, advertise, replication, snapshot_every } = start;
     if !(1..=cairn_meta::node::REPLICATION_MAX).contains(&replication) {
         bail!("--replication must be 1 to {}", cairn_meta::node::REPLICATION_MAX);
     }
@@ -315,7 +317,7 @@ pub async fn meta(start: MetaStart) -> Result<()> {
     let listener = bind(&listen).await?;
     let address = advertised(&listener, advertise)?;
     tracing::info!(%address, id, "listening; starting the meta store and raft");
-    let config = MetaConfig::new(id, address.clone(), layout::meta_dir(&dir));
+    let config = MetaConfig { snapshot_every, ..MetaConfig::new(id, address.clone(), layout::meta_dir(&dir)) };
     let bootstrap = init.then(|| Bootstrap { fs_id: marker.fs_id.clone(), replication });
     let node = MetaNode::start(config, bootstrap).await.context("starting meta")?;
     let (shutdown_tx, shutdown) = watch::channel(false);

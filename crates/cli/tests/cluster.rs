@@ -12,7 +12,7 @@ use cairn_testkit::workload::{Workload, now_seconds, pause_around};
 use cairn_testkit::{Cluster, ClusterSpec, wait_until};
 
 fn three_metas() -> Cluster {
-    Cluster::start_with(common::bin(), ClusterSpec { metas: 3, datas: 1, replication: 0 })
+    Cluster::start_with(common::bin(), ClusterSpec { metas: 3, datas: 1, ..Default::default() })
         .expect("starting a three-meta cluster")
 }
 
@@ -229,4 +229,38 @@ async fn futures_join<F: Future<Output = pb::MutateReply>>(futures: impl Iterato
         out.push(future.await);
     }
     out
+}
+
+#[test]
+fn a_new_meta_server_catches_up_from_a_snapshot() {
+    let spec = ClusterSpec { metas: 3, datas: 1, snapshot_every: 50, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
+        let mut client = MetaClient::connect(format!("http://{}", cluster.metas[leader].address)).await.unwrap();
+        let session =
+            client.open_session(pb::OpenSessionRequest { client_name: "history".into() }).await.unwrap().into_inner();
+        let root = session.root.unwrap();
+        // Enough history that the log before it has been purged behind a snapshot.
+        for i in 1..=400u64 {
+            let op = Op::Create(pb::CreateOp {
+                parent: Some(root),
+                name: format!("d{i}").into_bytes(),
+                kind: pb::FileKind::Directory as i32,
+                perm: 0o755,
+                exclusive: true,
+                ..Default::default()
+            });
+            let reply = client.mutate(mutate(session.session, i, op)).await.unwrap().into_inner();
+            assert_eq!(reply.errno, 0);
+        }
+    });
+    let new = cluster.add_meta().unwrap();
+    wait_converged(&cluster);
+    assert!(
+        cluster.metas[new].log().contains("installed a snapshot from the leader"),
+        "the new member caught up from a snapshot:\n{}",
+        cluster.metas[new].log()
+    );
 }

@@ -11,7 +11,8 @@ use cairn_testkit::workload::Workload;
 use cairn_testkit::{Cluster, ClusterSpec, pattern, wait_until};
 
 fn cluster(datas: usize) -> Cluster {
-    Cluster::start_with(common::bin(), ClusterSpec { metas: 1, datas, replication: 3 }).expect("starting a cluster")
+    Cluster::start_with(common::bin(), ClusterSpec { metas: 1, datas, replication: 3, ..Default::default() })
+        .expect("starting a cluster")
 }
 
 /// Blocks each data server holds, as `cairn status` reports them.

@@ -61,7 +61,16 @@ impl Peer {
         let reply = match method {
             RaftMethod::Append => client.raft_append(message).await,
             RaftMethod::Vote => client.raft_vote(message).await,
-            RaftMethod::Snapshot => client.raft_snapshot(message).await,
+            RaftMethod::Snapshot => {
+                let payload = message.into_inner().payload;
+                let pieces: Vec<RaftBytes> = payload
+                    .chunks(cairn_proto::SNAPSHOT_PIECE_BYTES)
+                    .map(|piece| RaftBytes { payload: piece.to_vec() })
+                    .collect();
+                let mut streamed = tonic::Request::new(tokio_stream::iter(pieces));
+                streamed.set_timeout(timeout);
+                client.raft_snapshot(streamed).await
+            }
         };
         let reply = reply.map_err(|status| {
             // A broken connection is dropped so the next call reconnects.

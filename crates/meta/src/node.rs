@@ -31,6 +31,8 @@ pub struct MetaConfig {
     /// A data server not heard from for this long gets no new blocks, and its copies are
     /// made again elsewhere.
     pub data_server_timeout: Duration,
+    /// Raft log entries between snapshots (the log before a snapshot is then purged).
+    pub snapshot_every: u64,
 }
 
 impl MetaConfig {
@@ -41,6 +43,7 @@ impl MetaConfig {
             dir,
             session_lease: Duration::from_secs(60),
             data_server_timeout: Duration::from_secs(10),
+            snapshot_every: 20_000,
         }
     }
 }
@@ -139,14 +142,16 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
 }
 
-fn raft_config() -> Result<Arc<Config>, MetaError> {
+fn raft_config(snapshot_every: u64) -> Result<Arc<Config>, MetaError> {
     let config = Config {
         cluster_name: "cairn-meta".into(),
         heartbeat_interval: 100,
         election_timeout_min: 400,
         election_timeout_max: 800,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_every.max(1)),
+        // A follower a little behind catches up from the log; one further behind gets the
+        // snapshot.
+        max_in_snapshot_log_to_keep: snapshot_every.clamp(1, 1_000),
         ..Default::default()
     };
     Ok(Arc::new(config.validate().map_err(|e| MetaError::Raft(e.to_string()))?))
@@ -165,9 +170,15 @@ impl MetaNode {
         let db = open_database(&config.dir).map_err(|e| MetaError::Store(e.to_string()))?;
         let log_store = LogStore::new(db.clone());
         let state_machine = StateMachineStore::new(db.clone(), &config.dir);
-        let raft = MetaRaft::new(config.node_id, raft_config()?, NetworkFactory, log_store, state_machine)
-            .await
-            .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let raft = MetaRaft::new(
+            config.node_id,
+            raft_config(config.snapshot_every)?,
+            NetworkFactory,
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| MetaError::Raft(e.to_string()))?;
         let node = Arc::new(MetaNode {
             config,
             raft,

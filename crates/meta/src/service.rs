@@ -413,9 +413,20 @@ impl Meta for MetaService {
         Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
     }
 
-    async fn raft_snapshot(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {
+    async fn raft_snapshot(
+        &self,
+        request: Request<tonic::Streaming<pb::RaftBytes>>,
+    ) -> Result<Response<pb::RaftBytes>, Status> {
+        let mut stream = request.into_inner();
+        let mut encoded = Vec::new();
+        while let Some(piece) = stream.message().await? {
+            if encoded.len() + piece.payload.len() > pb::SNAPSHOT_BYTES_MAX {
+                return Err(Status::invalid_argument("snapshot larger than a meta server accepts"));
+            }
+            encoded.extend_from_slice(&piece.payload);
+        }
         let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) =
-            decode(&request.into_inner().payload).map_err(raft_status)?;
+            decode(&encoded).map_err(raft_status)?;
         let snapshot = SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data };
         let result = self.node.raft.install_full_snapshot(vote, snapshot).await;
         Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))

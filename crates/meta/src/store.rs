@@ -345,6 +345,7 @@ impl StateMachineStore {
             table.insert(b"last_membership".as_slice(), encode(&meta.last_membership).as_slice()).map_err(io_err)?;
         }
         txn.commit().map_err(io_err)?;
+        tracing::info!(last_log_id = ?meta.last_log_id, bytes = data.len(), "installed a snapshot from the leader");
         self.save_snapshot(meta, data)
     }
 }

@@ -18,6 +18,10 @@ pub use pb::*;
 /// Largest gRPC message any Cairn endpoint accepts or sends: a block travels in chunks well
 /// under this, and directory listings are paged.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Bytes of a Raft snapshot sent per stream message.
+pub const SNAPSHOT_PIECE_BYTES: usize = 4 * 1024 * 1024;
+/// Largest Raft snapshot a meta server accepts (the whole metadata of a file system).
+pub const SNAPSHOT_BYTES_MAX: usize = 16 * 1024 * 1024 * 1024;
 
 /// HTTP/2 flow-control windows: large enough that a block streams without waiting for window
 /// updates on a fast link.

@@ -185,6 +185,7 @@ pub struct Cluster {
     pub datas: Vec<Server>,
     pub mounts: Vec<Mount>,
     pub faults: Arc<Faults>,
+    snapshot_every: u64,
 }
 
 /// One server process, the address it is reached at (its proxy) and its directory.
@@ -220,11 +221,13 @@ pub struct ClusterSpec {
     pub datas: usize,
     /// Copies of each block; 0 means as many as there are data servers, at most 3.
     pub replication: u32,
+    /// Raft log entries between snapshots; 0 keeps the server's default.
+    pub snapshot_every: u64,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { metas: 1, datas: 1, replication: 0 }
+        ClusterSpec { metas: 1, datas: 1, replication: 0, snapshot_every: 0 }
     }
 }
 
@@ -261,8 +264,15 @@ impl Cluster {
     /// and `spec.datas` data servers, and waits until every one of them reports in.
     pub fn start_with(bin: PathBuf, spec: ClusterSpec) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir()?;
-        let mut cluster =
-            Cluster { dir, bin, metas: Vec::new(), datas: Vec::new(), mounts: Vec::new(), faults: Faults::new() };
+        let mut cluster = Cluster {
+            dir,
+            bin,
+            metas: Vec::new(),
+            datas: Vec::new(),
+            mounts: Vec::new(),
+            faults: Faults::new(),
+            snapshot_every: spec.snapshot_every,
+        };
         let replication = if spec.replication == 0 { spec.datas.clamp(1, 3) as u32 } else { spec.replication };
         for i in 0..spec.metas.max(1) {
             let join = if i == 0 { None } else { Some(cluster.metas[0].address.clone()) };
@@ -306,6 +316,9 @@ impl Cluster {
             None => args.extend(["--init".into(), "--replication".into(), replication.to_string()]),
             Some(join) => args.extend(["--join".into(), join]),
         }
+        if self.snapshot_every > 0 {
+            args.extend(["--snapshot-every".into(), self.snapshot_every.to_string()]);
+        }
         let name = if index == 0 { "meta".to_string() } else { format!("meta{index}") };
         self.server(&name, ip, args)
     }
@@ -314,6 +327,15 @@ impl Cluster {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 20, index as u8 + 1));
         let name = if index == 0 { "data".to_string() } else { format!("data{index}") };
         self.server(&name, ip, vec!["data".into(), "--meta".into(), self.meta_addresses()])
+    }
+
+    /// Starts one more meta server, which joins the group, and waits until it is a voter.
+    pub fn add_meta(&mut self) -> Result<usize> {
+        let index = self.metas.len();
+        let server = self.start_meta(index, Some(self.metas[0].address.clone()), 0)?;
+        self.metas.push(server);
+        self.wait_healthy(Duration::from_secs(120))?;
+        Ok(index)
     }
 
     /// Every meta server's address, comma separated (what `--meta` takes).
