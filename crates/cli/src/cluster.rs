@@ -13,7 +13,7 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Sends a membership request to the leader: starts at the given addresses and follows the
 /// leader named in "not leader" answers, retrying with backoff until `deadline`.
-async fn on_leader<T, F, Fut>(meta: &[String], deadline: Duration, mut call: F) -> Result<T>
+pub(crate) async fn on_leader<T, F, Fut>(meta: &[String], deadline: Duration, mut call: F) -> Result<T>
 where
     F: FnMut(pb::meta_client::MetaClient<tonic::transport::Channel>) -> Fut,
     Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use cairn::{bench, cluster, dev_cluster, roles, status};
+use cairn_data::scrub::ScrubPolicy;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -53,6 +54,10 @@ enum Command {
         /// Raft log entries between snapshots; the log before a snapshot is purged.
         #[arg(long, default_value_t = 20_000)]
         snapshot_every: u64,
+        /// How long a client session lives without a heartbeat (its open unlinked files and
+        /// uncommitted uploads go when it expires).
+        #[arg(long, default_value_t = 60)]
+        session_lease_secs: u64,
     },
     /// Start a whole cluster on this machine (separate processes, ports and directories) and
     /// mount it; Ctrl-C stops it all. Running it again on the same --dir brings it back.
@@ -97,6 +102,16 @@ enum Command {
         /// there are enough. Default: the host name.
         #[arg(long)]
         domain: Option<String>,
+        /// How fast the scrubber re-reads stored blocks to find corrupt ones.
+        #[arg(long, default_value_t = 16)]
+        scrub_mib_per_s: u64,
+        /// Pause between two scrubs of the whole volume.
+        #[arg(long, default_value_t = 60)]
+        scrub_pause_secs: u64,
+        /// How long a block must have been stored before meta is asked whether anything still
+        /// needs it (uploads never committed, copies moved elsewhere are then deleted).
+        #[arg(long, default_value_t = roles::ORPHAN_GRACE.as_secs())]
+        orphan_grace_secs: u64,
     },
     /// Mount a Cairn file system served by --meta.
     Mount {
@@ -181,7 +196,7 @@ fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(4).build()?;
     match cli.command {
         Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen),
-        Command::Meta { dir, listen, init, join, id, advertise, replication, snapshot_every } => {
+        Command::Meta { dir, listen, init, join, id, advertise, replication, snapshot_every, session_lease_secs } => {
             runtime.block_on(roles::meta(roles::MetaStart {
                 dir,
                 listen,
@@ -191,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
                 advertise,
                 replication,
                 snapshot_every,
+                session_lease: std::time::Duration::from_secs(session_lease_secs.max(1)),
             }))
         }
         Command::DevCluster { meta, data, dir, mount, base_port, replication } => dev_cluster::run(
@@ -203,8 +219,29 @@ fn run(cli: Cli) -> Result<()> {
             }
             ClusterChange::RemoveMeta { meta, id } => runtime.block_on(cluster::remove_meta_command(split(&meta), id)),
         },
-        Command::Data { dir, listen, meta, advertise, domain } => {
-            runtime.block_on(roles::data(roles::DataStart { dir, listen, advertise, meta: split(&meta), domain }))
+        Command::Data {
+            dir,
+            listen,
+            meta,
+            advertise,
+            domain,
+            scrub_mib_per_s,
+            scrub_pause_secs,
+            orphan_grace_secs,
+        } => {
+            let scrub = ScrubPolicy {
+                bytes_per_second: scrub_mib_per_s.max(1) * 1024 * 1024,
+                pause: std::time::Duration::from_secs(scrub_pause_secs),
+            };
+            runtime.block_on(roles::data(roles::DataStart {
+                dir,
+                listen,
+                advertise,
+                meta: split(&meta),
+                domain,
+                scrub,
+                orphan_grace: std::time::Duration::from_secs(orphan_grace_secs),
+            }))
         }
         Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {

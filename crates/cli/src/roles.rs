@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cairn_client::{Client, ClientOptions};
+use cairn_data::scrub::ScrubPolicy;
 use cairn_data::{DataService, Volume};
 use cairn_meta::{Bootstrap, MetaConfig, MetaNode, MetaService};
 use cairn_mount::MountOptions;
@@ -22,6 +23,9 @@ use crate::layout::{self, Marker};
 const STREAMS_PER_CONNECTION_MAX: usize = 256;
 /// How often a data server reports to meta.
 const REGISTER_PERIOD: Duration = Duration::from_secs(1);
+/// How long a block stays on a data server before meta is asked whether anything needs it:
+/// longer than any repair or upload takes to be recorded.
+pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
 /// How long a new meta server keeps asking the group to take it in.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -181,6 +185,97 @@ pub fn check_mount_point(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Runs the scrubber over `volume` and reports every corrupt block to the meta leader.
+async fn scrub_and_report(
+    volume: Arc<Volume>,
+    policy: ScrubPolicy,
+    shutdown: watch::Receiver<bool>,
+    meta: Vec<String>,
+    server: u64,
+) {
+    let report = |id: pb::BlockId, len: u32, what: String| {
+        let meta = meta.clone();
+        async move {
+            let request = pb::ReportBadBlockRequest {
+                block: Some(pb::BlockRef { id_hi: id.hi(), id_lo: id.lo(), len, ..Default::default() }),
+                server,
+                what,
+            };
+            let sent = crate::cluster::on_leader(&meta, Duration::from_secs(30), |mut c| {
+                let request = request.clone();
+                async move { c.report_bad_block(request).await }
+            })
+            .await;
+            if let Err(e) = sent {
+                tracing::warn!(block = %id, error = %e, "could not report a corrupt block to meta");
+            }
+        }
+    };
+    cairn_data::scrub::scrub(volume, policy, shutdown, report).await;
+}
+
+/// Deletes blocks meta no longer wants on this server: uploads whose session died before
+/// committing them, and copies meta's records moved elsewhere. A block is asked about only
+/// after it has been here for `grace`, so a copy whose record is still being written is safe.
+async fn collect_orphans(
+    volume: Arc<Volume>,
+    grace: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    meta: Vec<String>,
+    server: u64,
+) {
+    let period = (grace / 2).clamp(Duration::from_millis(500), Duration::from_secs(300));
+    let mut first_seen: std::collections::HashMap<u128, std::time::Instant> = std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let held = volume.blocks();
+        let now = std::time::Instant::now();
+        let mut still_here = std::collections::HashMap::with_capacity(held.len());
+        let mut ripe = Vec::new();
+        for (id, _) in held {
+            let seen = first_seen.get(&id.0).copied().unwrap_or(now);
+            still_here.insert(id.0, seen);
+            if now.duration_since(seen) >= grace {
+                ripe.push(id);
+            }
+        }
+        first_seen = still_here;
+        for batch in ripe.chunks(cairn_meta::service::ORPHAN_QUERY_MAX) {
+            let request = pb::FindOrphansRequest {
+                server,
+                blocks: batch
+                    .iter()
+                    .map(|id| pb::BlockRef { id_hi: id.hi(), id_lo: id.lo(), ..Default::default() })
+                    .collect(),
+            };
+            let answer = crate::cluster::on_leader(&meta, Duration::from_secs(30), |mut c| {
+                let request = request.clone();
+                async move { c.find_orphans(request).await }
+            })
+            .await;
+            let orphans: Vec<pb::BlockId> = match answer {
+                Ok(reply) => reply.orphans.iter().map(pb::BlockId::of).collect(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "meta did not answer about orphan blocks");
+                    break;
+                }
+            };
+            if orphans.is_empty() {
+                continue;
+            }
+            let target = volume.clone();
+            match tokio::task::spawn_blocking(move || target.delete(&orphans)).await {
+                Ok(Ok(deleted)) => tracing::info!(deleted, "deleted blocks nothing refers to"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "deleting orphan blocks failed"),
+                Err(e) => tracing::warn!(error = %e, "orphan deletion task failed"),
+            }
+        }
+    }
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
@@ -214,6 +309,22 @@ impl LocalNode {
         let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
         tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone()));
         tokio::spawn(node.clone().run_background(shutdown.clone()));
+        let scrubbing = scrub_and_report(
+            volume.clone(),
+            ScrubPolicy::default(),
+            shutdown.clone(),
+            vec![address.clone()],
+            marker.data_server_id,
+        );
+        tokio::spawn(scrubbing);
+        let collection = collect_orphans(
+            volume.clone(),
+            ORPHAN_GRACE,
+            shutdown.clone(),
+            vec![address.clone()],
+            marker.data_server_id,
+        );
+        tokio::spawn(collection);
         let registration = register_loop(
             vec![address.clone()],
             data.to_path_buf(),
@@ -282,10 +393,11 @@ pub struct MetaStart {
     pub replication: u32,
     /// Raft log entries between snapshots.
     pub snapshot_every: u64,
+    pub session_lease: Duration,
 }
 
 pub async fn meta(start: MetaStart) -> Result<()> {
-    let MetaStart { dir, listen, init, join, id, advertise, replication, snapshot_every } = start;
+    let MetaStart { dir, listen, init, join, id, advertise, replication, snapshot_every, session_lease } = start;
     if !(1..=cairn_meta::node::REPLICATION_MAX).contains(&replication) {
         bail!("--replication must be 1 to {}", cairn_meta::node::REPLICATION_MAX);
     }
@@ -317,7 +429,8 @@ pub async fn meta(start: MetaStart) -> Result<()> {
     let listener = bind(&listen).await?;
     let address = advertised(&listener, advertise)?;
     tracing::info!(%address, id, "listening; starting the meta store and raft");
-    let config = MetaConfig { snapshot_every, ..MetaConfig::new(id, address.clone(), layout::meta_dir(&dir)) };
+    let config =
+        MetaConfig { snapshot_every, session_lease, ..MetaConfig::new(id, address.clone(), layout::meta_dir(&dir)) };
     let bootstrap = init.then(|| Bootstrap { fs_id: marker.fs_id.clone(), replication });
     let node = MetaNode::start(config, bootstrap).await.context("starting meta")?;
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -352,6 +465,9 @@ pub async fn meta(start: MetaStart) -> Result<()> {
 
 /// How `cairn data` starts.
 pub struct DataStart {
+    pub scrub: ScrubPolicy,
+    /// How long a block must have been here before meta is asked whether it is still wanted.
+    pub orphan_grace: Duration,
     pub dir: PathBuf,
     pub listen: String,
     pub advertise: Option<String>,
@@ -361,7 +477,7 @@ pub struct DataStart {
 }
 
 pub async fn data(start: DataStart) -> Result<()> {
-    let DataStart { dir, listen, advertise, meta, domain } = start;
+    let DataStart { dir, listen, advertise, meta, domain, scrub, orphan_grace } = start;
     let domain = domain.unwrap_or_else(host_name);
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
@@ -373,6 +489,10 @@ pub async fn data(start: DataStart) -> Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
     let server = tokio::spawn(serve(listener, None, Some(service), shutdown));
+    tokio::spawn(scrub_and_report(volume.clone(), scrub, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id));
+    let collection =
+        collect_orphans(volume.clone(), orphan_grace, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id);
+    tokio::spawn(collection);
     tokio::spawn(register_loop(meta, dir.clone(), marker.clone(), address.clone(), domain, volume));
     println!("cairn data server {} serving {} at {address}", marker.data_server_id, dir.display());
     wait_for_signal().await?;

@@ -101,6 +101,21 @@ fn data_server_killed_mid_write_loses_nothing_and_copies_come_back() {
     assert!(fs::read(fresh.join("big")).unwrap() == big, "the repaired copies hold the file");
 }
 
+/// Flips one byte of `content` (at `offset` in the file) inside a data server's segment.
+fn flip_byte(server_dir: &std::path::Path, content: &[u8], offset: usize) {
+    let segment = fs::read_dir(server_dir.join("blocks"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let bytes = fs::read(&segment).unwrap();
+    let needle = &content[offset..offset + 64];
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("file data in the segment");
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[bytes[at] ^ 0xff], at as u64).unwrap();
+    file.sync_all().unwrap();
+}
+
 #[test]
 fn a_corrupt_copy_is_read_around_and_repaired() {
     if !common::can_mount() {
@@ -110,19 +125,7 @@ fn a_corrupt_copy_is_read_around_and_repaired() {
     let mount = cluster.mount().unwrap();
     let content = pattern(8, 3 * 1024 * 1024);
     fs::write(mount.join("file"), &content).unwrap();
-    // Flip one byte of the file's data in the first data server's segment.
-    let damaged = &cluster.datas[0];
-    let segment = fs::read_dir(damaged.dir.join("blocks"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "log"))
-        .unwrap();
-    let bytes = fs::read(&segment).unwrap();
-    let needle = &content[1_000_000..1_000_064];
-    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("file data in the segment");
-    let file = OpenOptions::new().write(true).open(&segment).unwrap();
-    file.write_all_at(&[bytes[at] ^ 0xff], at as u64).unwrap();
-    file.sync_all().unwrap();
+    flip_byte(&cluster.datas[0].dir, &content, 1_000_000);
 
     // A client with nothing cached reads correct data: the bad copy is detected and skipped.
     for _ in 0..3 {
@@ -140,4 +143,67 @@ fn a_corrupt_copy_is_read_around_and_repaired() {
     cluster.datas[2].kill();
     let fresh = cluster.mount().unwrap();
     assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+}
+
+#[test]
+fn the_scrubber_finds_a_corrupt_copy_nobody_reads_and_it_is_repaired() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 3, replication: 3, fast_scrub: true, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let mount = cluster.mount().unwrap();
+    let content = pattern(9, 3 * 1024 * 1024);
+    fs::write(mount.join("file"), &content).unwrap();
+    flip_byte(&cluster.datas[0].dir, &content, 2_000_000);
+    // Nobody reads the file: the data server's own scrub finds the damage and reports it.
+    wait_until("the scrubber to report the bad copy", Duration::from_secs(60), || {
+        cluster.datas[0].log().contains("scrub found a corrupt block")
+            && cluster.metas[0].log().contains("bad copy reported and dropped")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    wait_fully_replicated(&cluster, Duration::from_secs(60));
+    cluster.datas[1].kill();
+    cluster.datas[2].kill();
+    let fresh = cluster.mount().unwrap();
+    assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+}
+
+#[test]
+fn uploads_of_a_client_that_died_before_committing_are_collected() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec {
+        metas: 1,
+        datas: 1,
+        replication: 1,
+        session_lease_secs: 3,
+        orphan_grace_secs: 1,
+        ..Default::default()
+    };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let kept = cluster.mount().unwrap();
+    let content = pattern(10, 8 * 1024 * 1024);
+    fs::write(kept.join("kept"), &content).unwrap();
+    let blocks =
+        |cluster: &Cluster| cluster.status().and_then(|s| s["data_servers"][0]["blocks"].as_u64()).unwrap_or(u64::MAX);
+    assert_eq!(blocks(&cluster), 2, "the committed file is two blocks");
+    // A writer on a second mount fills three blocks and never closes its file; then that
+    // mount's client dies without committing them.
+    let doomed = cluster.mount().unwrap();
+    let script = format!("exec 3>{}/lost; head -c 12582912 /dev/zero >&3; exec sleep 600", doomed.display());
+    let mut writer = std::process::Command::new("bash").arg("-c").arg(script).spawn().unwrap();
+    wait_until("the writer's full blocks to upload", Duration::from_secs(60), || {
+        let held = blocks(&cluster);
+        held != u64::MAX && held >= 4
+    })
+    .unwrap();
+    cluster.mounts[1].process.kill();
+    let _ = writer.kill();
+    let _ = writer.wait();
+    // Its session expires, and the data server learns its uploads are wanted by nobody.
+    wait_until("the dead client's uploads to be deleted", Duration::from_secs(60), || blocks(&cluster) == 2)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(fs::read(kept.join("kept")).unwrap() == content, "committed blocks are kept");
 }

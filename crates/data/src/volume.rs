@@ -111,6 +111,9 @@ pub struct VolumeUsage {
     pub free_bytes: u64,
 }
 
+/// Pieces read at once when verifying a whole block (bounds the memory of a scrub).
+const VERIFY_PIECES: usize = 16;
+
 pub struct Volume {
     dir: PathBuf,
     index: RwLock<HashMap<BlockId, Location>>,
@@ -428,6 +431,30 @@ impl Volume {
 
     fn locate(&self, id: BlockId) -> Result<Location, VolumeError> {
         self.index.read().map_err(|_| poisoned())?.get(&id).cloned().ok_or(VolumeError::NotFound(id))
+    }
+
+    /// Every block held, with its length, in id order.
+    pub fn blocks(&self) -> Vec<(BlockId, u32)> {
+        let mut blocks: Vec<(BlockId, u32)> = match self.index.read() {
+            Ok(index) => index.iter().map(|(id, location)| (*id, location.len)).collect(),
+            Err(_) => Vec::new(),
+        };
+        blocks.sort_by_key(|(id, _)| id.0);
+        blocks
+    }
+
+    /// Reads a whole block back and checks every piece (and the piece list) against the
+    /// hashes stored with it.
+    pub fn verify(&self, id: BlockId) -> Result<(), VolumeError> {
+        let location = self.locate(id)?;
+        if digest_of_pieces(location.pieces.iter()) != location.digest {
+            return Err(VolumeError::Corrupt { id, what: "piece list does not match the digest".into() });
+        }
+        let pieces = location.pieces.len();
+        for first in (0..pieces).step_by(VERIFY_PIECES) {
+            self.read_pieces(id, first, (first + VERIFY_PIECES).min(pieces) - 1)?;
+        }
+        Ok(())
     }
 
     pub fn contains(&self, id: BlockId) -> bool {

@@ -443,7 +443,7 @@ impl<'t> Tables<'t> {
             Some(Op::SetAttr(op)) => self.set_attr(op, &caller, now),
             Some(Op::SetXattr(op)) => self.set_xattr(op, now),
             Some(Op::RemoveXattr(op)) => self.remove_xattr(op, now),
-            Some(Op::Commit(op)) => self.commit(op, now),
+            Some(Op::Commit(op)) => self.commit(op, request.session, now),
             Some(Op::Fallocate(op)) => self.fallocate(op, now),
             Some(Op::Release(op)) => self.release(op, request.session),
             None => fail(errno::EINVAL),
@@ -881,7 +881,10 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
     }
 
-    fn commit(&self, op: &pb::CommitOp, now: Time) -> ApplyResult<pb::MutateReply> {
+    /// A commit may name a block new to meta only if `session` uploaded it (a block id starts
+    /// with the id of the session that made it): once a session has expired, nothing can make
+    /// its uncommitted uploads live, so data servers may collect them.
+    fn commit(&self, op: &pb::CommitOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
         if inode.is_dir() {
@@ -914,6 +917,9 @@ impl<'t> Tables<'t> {
                     }
                     let id = pb::BlockId::of(block).0;
                     if self.get(BLOCKS, &key_u128(id))?.is_none() && !new_blocks.iter().any(|(b, _)| *b == id) {
+                        if block.id_hi != session {
+                            return fail(errno::ESTALE);
+                        }
                         let mut digest = [0u8; 32];
                         digest.copy_from_slice(&block.digest);
                         new_blocks.push((

@@ -267,6 +267,28 @@ impl Query {
         Ok(blocks)
     }
 
+    /// Which of `ids`, held by data server `server`, no longer need to be there: meta's record
+    /// of the block does not list that server, or meta has no record and the session that
+    /// uploaded it is gone (so no commit can ever name it).
+    pub fn orphan_copies(&self, server: u64, ids: &[u128]) -> QueryResult<Vec<u128>> {
+        let mut orphans = Vec::new();
+        for &id in ids {
+            let key = key_u128(id);
+            let record = match self.decoded::<BlockRecord>(BLOCKS, &key)? {
+                Some(record) => Some(record),
+                None => self.decoded::<BlockRecord>(GARBAGE, &key)?,
+            };
+            let orphan = match record {
+                Some(record) => !record.servers.contains(&server),
+                None => self.get(SESSIONS, &key_u64((id >> 64) as u64))?.is_none(),
+            };
+            if orphan {
+                orphans.push(id);
+            }
+        }
+        Ok(orphans)
+    }
+
     pub fn block(&self, id: u128) -> QueryResult<Option<BlockRecord>> {
         self.decoded(BLOCKS, &key_u128(id))
     }

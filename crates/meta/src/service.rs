@@ -23,6 +23,8 @@ pub const LEADER_HEADER: &str = "cairn-leader";
 pub const SESSION_EXPIRED_MESSAGE: &str = "session expired";
 /// Orphans reported per heartbeat at most.
 const ORPHANS_PER_HEARTBEAT_MAX: usize = 1024;
+/// Blocks one orphan question may name.
+pub const ORPHAN_QUERY_MAX: usize = 4096;
 /// Blocks placed per request at most.
 const PLACEMENTS_PER_REQUEST_MAX: u32 = 1024;
 
@@ -230,7 +232,12 @@ impl Meta for MetaService {
             return Err(status_of(MetaError::NotLeader { leader: None }));
         }
         let replication = self.node.replication().map_err(status_of)? as usize;
-        let chosen = self.node.place(replication, &request.exclude);
+        // Servers the client saw fail are avoided while there are enough others; with too few
+        // left they are tried again (they may be back), rather than failing the write.
+        let mut chosen = self.node.place(replication, &request.exclude);
+        if chosen.len() < replication {
+            chosen = self.node.place(replication, &[]);
+        }
         if chosen.len() < replication {
             return Err(Status::unavailable(format!(
                 "{} live data servers, {replication} needed for a new block",
@@ -375,6 +382,28 @@ impl Meta for MetaService {
         self.node.drop_bad_copy(id.0, request.server).await.map_err(status_of)?;
         tracing::warn!(block = %id, server = request.server, what = %request.what, "bad copy reported and dropped");
         Ok(Response::new(pb::ReportBadBlockReply {}))
+    }
+
+    async fn find_orphans(
+        &self,
+        request: Request<pb::FindOrphansRequest>,
+    ) -> Result<Response<pb::FindOrphansReply>, Status> {
+        let request = request.into_inner();
+        if request.blocks.len() > ORPHAN_QUERY_MAX {
+            return Err(Status::invalid_argument(format!("at most {ORPHAN_QUERY_MAX} blocks per question")));
+        }
+        let ids: Vec<u128> = request.blocks.iter().map(|b| pb::BlockId::of(b).0).collect();
+        // A linearizable read: a copy a commit just made live must not look orphaned.
+        let query = self.node.read().await.map_err(status_of)?;
+        let orphans = query.orphan_copies(request.server, &ids).map_err(|e| status_of(e.into()))?;
+        let orphans = orphans
+            .into_iter()
+            .map(|id| {
+                let id = pb::BlockId(id);
+                pb::BlockRef { id_hi: id.hi(), id_lo: id.lo(), ..Default::default() }
+            })
+            .collect();
+        Ok(Response::new(pb::FindOrphansReply { orphans }))
     }
 
     async fn add_meta_server(

@@ -216,7 +216,7 @@ fn committed_blocks_become_garbage_when_no_extent_references_them() {
     let mut fs = Fixture::new();
     let root = fs.root();
     let f = fs.create(root, "f", pb::FileKind::Regular).unwrap();
-    let block = pb::BlockRef { id_hi: 1, id_lo: 1, len: 8192, digest: vec![7; 32], servers: vec![1] };
+    let block = pb::BlockRef { id_hi: fs.session, id_lo: 1, len: 8192, digest: vec![7; 32], servers: vec![1] };
     let extent = |offset: u64, len: u64, block_offset: u32| pb::Extent {
         offset,
         len,

@@ -185,7 +185,7 @@ pub struct Cluster {
     pub datas: Vec<Server>,
     pub mounts: Vec<Mount>,
     pub faults: Arc<Faults>,
-    snapshot_every: u64,
+    spec: ClusterSpec,
 }
 
 /// One server process, the address it is reached at (its proxy) and its directory.
@@ -223,11 +223,27 @@ pub struct ClusterSpec {
     pub replication: u32,
     /// Raft log entries between snapshots; 0 keeps the server's default.
     pub snapshot_every: u64,
+    /// Scrub every data server's volume continuously (one pass a second, fast) instead of the
+    /// servers' default pace.
+    pub fast_scrub: bool,
+    /// Client session lease in seconds; 0 keeps the server's default.
+    pub session_lease_secs: u64,
+    /// How long data servers keep a block before asking meta whether it is wanted; 0 keeps
+    /// the default.
+    pub orphan_grace_secs: u64,
 }
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { metas: 1, datas: 1, replication: 0, snapshot_every: 0 }
+        ClusterSpec {
+            metas: 1,
+            datas: 1,
+            replication: 0,
+            snapshot_every: 0,
+            fast_scrub: false,
+            session_lease_secs: 0,
+            orphan_grace_secs: 0,
+        }
     }
 }
 
@@ -264,15 +280,8 @@ impl Cluster {
     /// and `spec.datas` data servers, and waits until every one of them reports in.
     pub fn start_with(bin: PathBuf, spec: ClusterSpec) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir()?;
-        let mut cluster = Cluster {
-            dir,
-            bin,
-            metas: Vec::new(),
-            datas: Vec::new(),
-            mounts: Vec::new(),
-            faults: Faults::new(),
-            snapshot_every: spec.snapshot_every,
-        };
+        let mut cluster =
+            Cluster { dir, bin, metas: Vec::new(), datas: Vec::new(), mounts: Vec::new(), faults: Faults::new(), spec };
         let replication = if spec.replication == 0 { spec.datas.clamp(1, 3) as u32 } else { spec.replication };
         for i in 0..spec.metas.max(1) {
             let join = if i == 0 { None } else { Some(cluster.metas[0].address.clone()) };
@@ -316,8 +325,11 @@ impl Cluster {
             None => args.extend(["--init".into(), "--replication".into(), replication.to_string()]),
             Some(join) => args.extend(["--join".into(), join]),
         }
-        if self.snapshot_every > 0 {
-            args.extend(["--snapshot-every".into(), self.snapshot_every.to_string()]);
+        if self.spec.snapshot_every > 0 {
+            args.extend(["--snapshot-every".into(), self.spec.snapshot_every.to_string()]);
+        }
+        if self.spec.session_lease_secs > 0 {
+            args.extend(["--session-lease-secs".into(), self.spec.session_lease_secs.to_string()]);
         }
         let name = if index == 0 { "meta".to_string() } else { format!("meta{index}") };
         self.server(&name, ip, args)
@@ -326,7 +338,14 @@ impl Cluster {
     fn start_data(&self, index: usize) -> Result<Server> {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 20, index as u8 + 1));
         let name = if index == 0 { "data".to_string() } else { format!("data{index}") };
-        self.server(&name, ip, vec!["data".into(), "--meta".into(), self.meta_addresses()])
+        let mut args = vec!["data".into(), "--meta".into(), self.meta_addresses()];
+        if self.spec.fast_scrub {
+            args.extend(["--scrub-mib-per-s".into(), "1024".into(), "--scrub-pause-secs".into(), "1".into()]);
+        }
+        if self.spec.orphan_grace_secs > 0 {
+            args.extend(["--orphan-grace-secs".into(), self.spec.orphan_grace_secs.to_string()]);
+        }
+        self.server(&name, ip, args)
     }
 
     /// Starts one more meta server, which joins the group, and waits until it is a voter.
