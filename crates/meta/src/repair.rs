@@ -26,6 +26,11 @@ const REPAIRS_IN_FLIGHT: usize = 4;
 const REPAIRS_PER_PASS: usize = 1024;
 /// How long one block copy may take.
 const COPY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Blocks moved per pass by balancing (after repairs, which come first).
+const MOVES_PER_PASS: usize = 8;
+/// Servers count as balanced when their stored bytes differ by less than this many blocks'
+/// worth (of the largest size).
+const BALANCE_SLACK_BLOCKS: u64 = 4;
 
 /// The leader's repair state: where the scan is and since when this server leads.
 #[derive(Default)]
@@ -34,6 +39,10 @@ pub struct Repairer {
     leader_since: Option<Instant>,
     /// Blocks short of copies seen so far in this scan of all blocks.
     short_in_scan: u64,
+    /// Bytes of blocks each server holds according to meta's records, so far in this scan.
+    stored_in_scan: HashMap<u64, u64>,
+    /// The same, from the last complete scan, kept up to date with the moves made since.
+    stored: HashMap<u64, u64>,
 }
 
 impl Repairer {
@@ -43,6 +52,8 @@ impl Repairer {
             self.leader_since = None;
             self.cursor = None;
             self.short_in_scan = 0;
+            self.stored_in_scan.clear();
+            self.stored.clear();
             return Ok(0);
         }
         let leader_since = *self.leader_since.get_or_insert_with(Instant::now);
@@ -65,6 +76,9 @@ impl Repairer {
             if live_copies < replication {
                 self.short_in_scan += 1;
             }
+            for server in &record.servers {
+                *self.stored_in_scan.entry(*server).or_default() += u64::from(record.len);
+            }
             if live_copies == 0 || work.len() >= REPAIRS_PER_PASS {
                 // Nothing to copy from (a copy may come back with its server), or enough work
                 // for this pass.
@@ -77,9 +91,11 @@ impl Repairer {
         if scan_done {
             node.under_replicated.store(std::mem::take(&mut self.short_in_scan), Ordering::Relaxed);
             node.repair_scans.fetch_add(1, Ordering::Relaxed);
+            self.stored = std::mem::take(&mut self.stored_in_scan);
         }
         if work.is_empty() {
-            return Ok(0);
+            // Nothing to repair: even out how much each live server stores.
+            return self.balance(node, leader_since).await;
         }
         let results: Vec<Result<bool, MetaError>> = futures::stream::iter(work)
             .map(|(id, record, dead_copies, needs_copy)| {
@@ -113,6 +129,90 @@ impl Repairer {
     }
 }
 
+impl Repairer {
+    /// Moves a few blocks from the live server storing the most to the one storing the least
+    /// (by meta's records), when they differ by more than the slack: copy, then record the new
+    /// copy in place of the old one. The old copy becomes an orphan that its server deletes
+    /// after the grace period.
+    async fn balance(&mut self, node: &MetaNode, leader_since: Instant) -> Result<usize, MetaError> {
+        let live: Vec<(u64, u64)> = node
+            .live_data_servers()
+            .into_iter()
+            .filter(|(id, _)| !node.is_dead(*id, leader_since))
+            .map(|(id, _)| (id, self.stored.get(&id).copied().unwrap_or(0)))
+            .collect();
+        let (Some(&(from, most)), Some(&(to, least))) =
+            (live.iter().max_by_key(|(_, b)| *b), live.iter().min_by_key(|(_, b)| *b))
+        else {
+            return Ok(0);
+        };
+        let slack = BALANCE_SLACK_BLOCKS * pb::BLOCK_BYTES_MAX as u64;
+        if from == to || most < least + slack {
+            return Ok(0);
+        }
+        let query = node.local_read()?;
+        let addresses: HashMap<u64, String> = query.data_servers()?.into_iter().collect();
+        let mut candidates = Vec::new();
+        let mut after = None;
+        // Blocks on the full server that the empty one lacks.
+        while candidates.len() < MOVES_PER_PASS {
+            let page = query.blocks_after(after, SCAN_PER_PASS)?;
+            let last = page.last().map(|(id, _)| *id);
+            candidates.extend(
+                page.into_iter()
+                    .filter(|(_, r)| r.servers.contains(&from) && !r.servers.contains(&to))
+                    .take(MOVES_PER_PASS - candidates.len()),
+            );
+            if last.is_none() || after == last {
+                break;
+            }
+            after = last;
+        }
+        drop(query);
+        let (Some(from_address), Some(to_address)) = (addresses.get(&from), addresses.get(&to)) else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        for (id, record) in candidates {
+            let block = pb::BlockId(id);
+            let request = pb::ReplicateBlockRequest {
+                block: Some(pb::BlockRef {
+                    id_hi: block.hi(),
+                    id_lo: block.lo(),
+                    len: record.len,
+                    digest: record.digest.to_vec(),
+                    servers: Vec::new(),
+                }),
+                source: from_address.clone(),
+            };
+            if let Err(e) = replicate(to_address, request).await {
+                tracing::warn!(block = %block, error = %e, "balancing copy failed");
+                break;
+            }
+            node.propose(Command::ReplaceCopies { id, added: Some(to), dropped: vec![from] }).await?;
+            moved += 1;
+            let len = u64::from(record.len);
+            let held = self.stored.entry(from).or_default();
+            *held = held.saturating_sub(len);
+            *self.stored.entry(to).or_default() += len;
+        }
+        if moved > 0 {
+            tracing::info!(moved, from, to, "moved blocks to balance data servers");
+        }
+        Ok(moved)
+    }
+}
+
+/// Asks the data server at `target` to copy a block from its source.
+async fn replicate(
+    target: &str,
+    request: pb::ReplicateBlockRequest,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let channel = pb::net::endpoint(target)?.timeout(COPY_TIMEOUT).connect().await?;
+    pb::data_client::DataClient::new(channel).replicate_block(request).await?;
+    Ok(())
+}
+
 /// Copies block `id` from a live replica onto a server that holds none; returns that server.
 async fn copy_block(
     node: &MetaNode,
@@ -143,13 +243,8 @@ async fn copy_block(
         }),
         source: source.clone(),
     };
-    let copied = async {
-        let channel = pb::net::endpoint(&target_state.address)?.timeout(COPY_TIMEOUT).connect().await?;
-        let mut client = pb::data_client::DataClient::new(channel);
-        client.replicate_block(request).await?;
-        Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-    }
-    .await;
-    copied.map_err(|e| MetaError::Store(format!("copying block {id:032x} to {}: {e}", target_state.address)))?;
+    replicate(&target_state.address, request)
+        .await
+        .map_err(|e| MetaError::Store(format!("copying block {id:032x} to {}: {e}", target_state.address)))?;
     Ok(target)
 }

@@ -357,6 +357,15 @@ impl Cluster {
         Ok(index)
     }
 
+    /// Starts one more data server and waits until meta hears from it.
+    pub fn add_data(&mut self) -> Result<usize> {
+        let index = self.datas.len();
+        let server = self.start_data(index)?;
+        self.datas.push(server);
+        self.wait_healthy(Duration::from_secs(60))?;
+        Ok(index)
+    }
+
     /// Every meta server's address, comma separated (what `--meta` takes).
     pub fn meta_addresses(&self) -> String {
         self.metas.iter().map(|m| m.address.as_str()).collect::<Vec<_>>().join(",")
