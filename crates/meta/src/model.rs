@@ -123,6 +123,21 @@ pub struct BlockRecord {
     pub refs: u64,
 }
 
+impl BlockRecord {
+    /// How block `id` is named to a data server: id, length and digest (servers are meta's
+    /// business).
+    pub fn block_ref(&self, id: u128) -> pb::BlockRef {
+        let block = pb::BlockId(id);
+        pb::BlockRef {
+            id_hi: block.hi(),
+            id_lo: block.lo(),
+            len: self.len,
+            digest: self.digest.to_vec(),
+            servers: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Session {
     pub client_name: String,

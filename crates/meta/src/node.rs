@@ -296,14 +296,7 @@ impl MetaNode {
         }
         let address = self.local_read()?.data_servers()?.into_iter().find(|(s, _)| *s == server).map(|(_, a)| a);
         if let Some(address) = address {
-            let block = pb::BlockId(id);
-            let doomed = pb::BlockRef {
-                id_hi: block.hi(),
-                id_lo: block.lo(),
-                len: record.len,
-                digest: record.digest.to_vec(),
-                servers: Vec::new(),
-            };
+            let doomed = record.block_ref(id);
             tokio::spawn(async move {
                 let result = async {
                     let mut client = pb::data_client::DataClient::new(pb::net::endpoint(&address)?.connect().await?);
@@ -386,15 +379,8 @@ impl MetaNode {
         drop(query);
         let mut by_server: HashMap<u64, Vec<pb::BlockRef>> = HashMap::new();
         for (id, record) in &garbage {
-            let block = pb::BlockId(*id);
             for &server in &record.servers {
-                by_server.entry(server).or_default().push(pb::BlockRef {
-                    id_hi: block.hi(),
-                    id_lo: block.lo(),
-                    len: record.len,
-                    digest: record.digest.to_vec(),
-                    servers: Vec::new(),
-                });
+                by_server.entry(server).or_default().push(record.block_ref(*id));
             }
         }
         let mut failed_servers = Vec::new();

@@ -175,16 +175,7 @@ impl Repairer {
         let mut moved = 0;
         for (id, record) in candidates {
             let block = pb::BlockId(id);
-            let request = pb::ReplicateBlockRequest {
-                block: Some(pb::BlockRef {
-                    id_hi: block.hi(),
-                    id_lo: block.lo(),
-                    len: record.len,
-                    digest: record.digest.to_vec(),
-                    servers: Vec::new(),
-                }),
-                source: from_address.clone(),
-            };
+            let request = pb::ReplicateBlockRequest { block: Some(record.block_ref(id)), source: from_address.clone() };
             if let Err(e) = replicate(to_address, request).await {
                 tracing::warn!(block = %block, error = %e, "balancing copy failed");
                 break;
@@ -232,17 +223,7 @@ async fn copy_block(
         .into_iter()
         .next()
         .ok_or_else(|| MetaError::Store(format!("no live data server can take a copy of block {id:032x}")))?;
-    let block = pb::BlockId(id);
-    let request = pb::ReplicateBlockRequest {
-        block: Some(pb::BlockRef {
-            id_hi: block.hi(),
-            id_lo: block.lo(),
-            len: record.len,
-            digest: record.digest.to_vec(),
-            servers: Vec::new(),
-        }),
-        source: source.clone(),
-    };
+    let request = pb::ReplicateBlockRequest { block: Some(record.block_ref(id)), source: source.clone() };
     replicate(&target_state.address, request)
         .await
         .map_err(|e| MetaError::Store(format!("copying block {id:032x} to {}: {e}", target_state.address)))?;
