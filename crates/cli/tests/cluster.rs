@@ -16,6 +16,15 @@ fn three_metas() -> Cluster {
         .expect("starting a three-meta cluster")
 }
 
+/// Three meta servers, a mount, and a create-and-fsync workload on it that has got going.
+fn three_metas_under_load() -> (Cluster, std::path::PathBuf, Workload) {
+    let mut cluster = three_metas();
+    let mount = cluster.mount().unwrap();
+    let workload = Workload::start(&mount, &cluster.dir.path().join("scratch")).unwrap();
+    wait_until("the workload to get going", Duration::from_secs(60), || workload.acks().len() >= 30).unwrap();
+    (cluster, mount, workload)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
@@ -54,10 +63,7 @@ fn leader_killed_under_load_loses_nothing_acknowledged() {
     if !common::can_mount() {
         return;
     }
-    let mut cluster = three_metas();
-    let mount = cluster.mount().unwrap();
-    let mut workload = Workload::start(&mount, &cluster.dir.path().join("scratch")).unwrap();
-    wait_until("the workload to get going", Duration::from_secs(60), || workload.acks().len() >= 30).unwrap();
+    let (mut cluster, mount, mut workload) = three_metas_under_load();
     let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
     cluster.metas[leader].kill();
     let killed_at = now_seconds();
@@ -122,10 +128,7 @@ fn every_server_killed_at_once_comes_back_healthy_with_every_acknowledged_file()
     if !common::can_mount() {
         return;
     }
-    let mut cluster = three_metas();
-    let mount = cluster.mount().unwrap();
-    let mut workload = Workload::start(&mount, &cluster.dir.path().join("scratch")).unwrap();
-    wait_until("the workload to get going", Duration::from_secs(60), || workload.acks().len() >= 30).unwrap();
+    let (mut cluster, mount, mut workload) = three_metas_under_load();
     for server in cluster.metas.iter_mut().chain(cluster.datas.iter_mut()) {
         server.kill();
     }

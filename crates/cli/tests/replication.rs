@@ -116,6 +116,15 @@ fn flip_byte(server_dir: &std::path::Path, content: &[u8], offset: usize) {
     file.sync_all().unwrap();
 }
 
+/// Proof of a repair onto the first data server: with the other two gone, a fresh mount reads
+/// `content` from the repaired copy.
+fn assert_first_server_alone_serves(cluster: &mut Cluster, content: &[u8]) {
+    cluster.datas[1].kill();
+    cluster.datas[2].kill();
+    let fresh = cluster.mount().unwrap();
+    assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+}
+
 #[test]
 fn a_corrupt_copy_is_read_around_and_repaired() {
     if !common::can_mount() {
@@ -138,11 +147,7 @@ fn a_corrupt_copy_is_read_around_and_repaired() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     wait_fully_replicated(&cluster, Duration::from_secs(60));
-    // Proof of the repair: with the two good servers gone, the repaired copy serves the file.
-    cluster.datas[1].kill();
-    cluster.datas[2].kill();
-    let fresh = cluster.mount().unwrap();
-    assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+    assert_first_server_alone_serves(&mut cluster, &content);
 }
 
 #[test]
@@ -163,10 +168,7 @@ fn the_scrubber_finds_a_corrupt_copy_nobody_reads_and_it_is_repaired() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     wait_fully_replicated(&cluster, Duration::from_secs(60));
-    cluster.datas[1].kill();
-    cluster.datas[2].kill();
-    let fresh = cluster.mount().unwrap();
-    assert!(fs::read(fresh.join("file")).unwrap() == content, "the repaired copy holds the file");
+    assert_first_server_alone_serves(&mut cluster, &content);
 }
 
 #[test]
