@@ -1,5 +1,5 @@
-//! Changing the meta group: `cairn cluster add-meta | remove-meta`, and the join a new meta
-//! server performs itself (`cairn meta --join`).
+//! Changing the cluster: `cairn cluster add-meta | remove-meta | remove-data`, and the join a
+//! new meta server performs itself (`cairn meta --join`).
 
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,9 @@ where
         let outcome = match endpoint.connect().await {
             Ok(channel) => match call(pb::meta_client::MetaClient::new(channel)).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) if status.code() == Code::InvalidArgument => bail!("{}", status.message()),
+                Err(status) if matches!(status.code(), Code::InvalidArgument | Code::NotFound) => {
+                    bail!("{}", status.message())
+                }
                 Err(status) => {
                     let leader = status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok());
                     match leader {
@@ -92,4 +94,46 @@ pub async fn remove_meta_command(meta: Vec<String>, id: u64) -> Result<()> {
     println!("meta server {id} removed; the group is now:");
     print_members(&members);
     Ok(())
+}
+
+/// How often `remove-data` asks how the drain goes.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+
+/// `cairn cluster remove-data`: drains data server `id` (its copies are made again elsewhere)
+/// and waits until meta removed it, or removes it at once with `force`.
+pub async fn remove_data_command(meta: Vec<String>, id: u64, force: bool, wait: Option<Duration>) -> Result<()> {
+    let started = Instant::now();
+    let mut reported = None;
+    loop {
+        let reply = on_leader(&meta, CHANGE_TIMEOUT, |mut c| async move {
+            c.remove_data_server(pb::RemoveDataServerRequest { id, force }).await
+        })
+        .await?;
+        if reply.removed {
+            if reply.blocks_left > 0 {
+                println!(
+                    "data server {id} removed; {} blocks still listed a copy there, and those with no other copy are lost",
+                    reply.blocks_left
+                );
+            } else {
+                println!("data server {id} removed; every block has its copies on other servers");
+            }
+            return Ok(());
+        }
+        if reported != Some(reply.blocks_left) {
+            println!("data server {id} draining: {} blocks still to copy elsewhere", reply.blocks_left);
+            reported = Some(reply.blocks_left);
+        }
+        let Some(wait) = wait else {
+            println!("meta goes on draining it; run this again to see how far it got");
+            return Ok(());
+        };
+        if started.elapsed() > wait {
+            bail!(
+                "data server {id} still holds {} blocks after {wait:?}: are there enough other live data servers (`cairn status`)?",
+                reply.blocks_left
+            );
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
 }

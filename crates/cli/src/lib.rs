@@ -5,5 +5,6 @@ pub mod bench;
 pub mod cluster;
 pub mod dev_cluster;
 pub mod layout;
+pub mod registration;
 pub mod roles;
 pub mod status;

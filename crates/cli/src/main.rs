@@ -175,6 +175,25 @@ enum ClusterChange {
         #[arg(long)]
         id: u64,
     },
+    /// Take a data server out for good: its blocks are copied to the other servers first (from
+    /// it if it still runs, else from their other copies), then it is removed.
+    RemoveData {
+        /// Any meta server of the group, comma separated.
+        #[arg(long)]
+        meta: String,
+        /// The data server's id (`cairn status` lists them).
+        #[arg(long)]
+        id: u64,
+        /// Remove it at once: blocks with no copy on another server are lost.
+        #[arg(long)]
+        force: bool,
+        /// Start the drain and return instead of waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the drain before giving up (it goes on regardless).
+        #[arg(long, default_value_t = 3600)]
+        wait_secs: u64,
+    },
 }
 
 fn main() {
@@ -218,6 +237,10 @@ fn run(cli: Cli) -> Result<()> {
                 runtime.block_on(cluster::add_meta_command(split(&meta), id, address))
             }
             ClusterChange::RemoveMeta { meta, id } => runtime.block_on(cluster::remove_meta_command(split(&meta), id)),
+            ClusterChange::RemoveData { meta, id, force, no_wait, wait_secs } => {
+                let wait = (!no_wait).then(|| std::time::Duration::from_secs(wait_secs));
+                runtime.block_on(cluster::remove_data_command(split(&meta), id, force, wait))
+            }
         },
         Command::Data {
             dir,

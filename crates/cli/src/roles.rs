@@ -18,11 +18,10 @@ use tokio_stream::StreamExt;
 use tonic::transport::Server;
 
 use crate::layout::{self, Marker};
+use crate::registration::{Report, report_loop};
 
 /// Streams each client connection may have open at once.
 const STREAMS_PER_CONNECTION_MAX: usize = 256;
-/// How often a data server reports to meta.
-const REGISTER_PERIOD: Duration = Duration::from_secs(1);
 /// How long a block stays on a data server before meta is asked whether anything needs it:
 /// longer than any repair or upload takes to be recorded.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(600);
@@ -97,70 +96,6 @@ pub async fn wait_for_signal() -> Result<()> {
         _ = int.recv() => {}
     }
     Ok(())
-}
-
-/// Tells meta about this data server every few seconds (its address and free space).
-async fn register_loop(
-    meta: Vec<String>,
-    dir: PathBuf,
-    mut marker: Marker,
-    address: String,
-    domain: String,
-    volume: Arc<Volume>,
-) {
-    let mut leader = meta.first().cloned().unwrap_or_default();
-    let mut attempt = 0usize;
-    loop {
-        let usage = volume.usage();
-        let request = pb::RegisterDataServerRequest {
-            id: marker.data_server_id,
-            address: address.clone(),
-            capacity_bytes: usage.capacity_bytes,
-            used_bytes: usage.capacity_bytes.saturating_sub(usage.free_bytes),
-            fs_id: marker.fs_id.clone(),
-            domain: domain.clone(),
-        };
-        let result = async {
-            let mut client = pb::meta_client::MetaClient::new(pb::net::endpoint(&leader)?.connect().await?);
-            let mut call = tonic::Request::new(request);
-            call.set_timeout(Duration::from_secs(5));
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(client.register_data_server(call).await)
-        }
-        .await;
-        let period = match result {
-            Ok(Ok(reply)) => {
-                let fs_id = reply.into_inner().fs_id;
-                if marker.fs_id.is_empty() && !fs_id.is_empty() {
-                    marker.fs_id = fs_id;
-                    if let Err(e) = layout::update(&dir, &marker) {
-                        tracing::error!(error = %e, "could not record the file system id");
-                    }
-                }
-                REGISTER_PERIOD
-            }
-            Ok(Err(status)) if status.code() == tonic::Code::PermissionDenied => {
-                tracing::error!(%status, "meta refused this data server");
-                REGISTER_PERIOD
-            }
-            Ok(Err(status)) => {
-                match status.metadata().get(cairn_meta::service::LEADER_HEADER).and_then(|v| v.to_str().ok()) {
-                    Some(next) => leader = next.to_string(),
-                    None => {
-                        attempt += 1;
-                        leader = meta[attempt % meta.len()].clone();
-                    }
-                }
-                Duration::from_millis(200)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, meta = %leader, "meta unreachable");
-                attempt += 1;
-                leader = meta[attempt % meta.len()].clone();
-                Duration::from_millis(500)
-            }
-        };
-        tokio::time::sleep(period).await;
-    }
 }
 
 pub fn check_mount_point(path: &std::path::Path) -> Result<()> {
@@ -325,14 +260,8 @@ impl LocalNode {
             marker.data_server_id,
         );
         tokio::spawn(collection);
-        let registration = register_loop(
-            vec![address.clone()],
-            data.to_path_buf(),
-            marker.clone(),
-            address.clone(),
-            host_name(),
-            volume,
-        );
+        let report = Report { address: address.clone(), domain: host_name(), volume };
+        let registration = report_loop(vec![address.clone()], data.to_path_buf(), marker.clone(), report);
         tokio::spawn(registration);
         Ok(LocalNode { node, address, marker, fresh, shutdown: shutdown_tx })
     }
@@ -493,7 +422,8 @@ pub async fn data(start: DataStart) -> Result<()> {
     let collection =
         collect_orphans(volume.clone(), orphan_grace, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id);
     tokio::spawn(collection);
-    tokio::spawn(register_loop(meta, dir.clone(), marker.clone(), address.clone(), domain, volume));
+    let report = Report { address: address.clone(), domain, volume };
+    tokio::spawn(report_loop(meta, dir.clone(), marker.clone(), report));
     println!("cairn data server {} serving {} at {address}", marker.data_server_id, dir.display());
     wait_for_signal().await?;
     let _ = shutdown_tx.send(true);

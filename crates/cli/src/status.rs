@@ -140,6 +140,7 @@ fn print_json(report: &Report) -> Result<()> {
                 "address": d.server.address,
                 "role": "data",
                 "live": d.live,
+                "draining": d.server.draining,
                 "reachable": r.is_some(),
                 "pid": r.map(|r| r.pid),
                 "blocks": r.map(|r| r.blocks),
@@ -176,9 +177,10 @@ fn print_text(report: &Report) -> Result<()> {
     }
     for d in &report.data {
         let state = if d.live { "live" } else { "not heard from" };
+        let draining = if d.server.draining { ", draining" } else { "" };
         let pid = d.reply.as_ref().map(|r| r.pid.to_string()).unwrap_or_else(|| "?".into());
         println!(
-            "data {:016x} {} {state}, pid {pid}, {} of {} bytes used",
+            "data {}    {} {state}{draining}, pid {pid}, {} of {} bytes used",
             d.server.id, d.server.address, d.server.used_bytes, d.server.capacity_bytes
         );
     }

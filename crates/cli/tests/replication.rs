@@ -232,3 +232,70 @@ fn a_new_data_server_takes_its_share_of_existing_blocks() {
     let fresh = cluster.mount().unwrap();
     assert!(fs::read(fresh.join("big")).unwrap() == content, "the moved blocks hold the file");
 }
+
+/// The id meta knows data server `index` by, from `cairn status`.
+fn data_server_id(cluster: &Cluster, index: usize) -> u64 {
+    let status = cluster.status().expect("status");
+    let address = cluster.datas[index].address.as_str();
+    status["data_servers"]
+        .as_array()
+        .and_then(|servers| servers.iter().find(|s| s["address"] == address))
+        .and_then(|s| s["id"].as_u64())
+        .unwrap_or_else(|| panic!("no data server at {address} in {status}"))
+}
+
+/// `cairn cluster remove-data` for data server `index`: its output, or the error it printed.
+fn remove_data(cluster: &Cluster, id: u64) -> Result<String, String> {
+    let output = std::process::Command::new(common::bin())
+        .args(["cluster", "remove-data", "--meta", &cluster.meta_addresses(), "--id", &id.to_string()])
+        .args(["--wait-secs", "180"])
+        .output()
+        .expect("running cairn");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if output.status.success() { Ok(stdout) } else { Err(format!("{stdout}{stderr}")) }
+}
+
+#[test]
+fn data_servers_are_removed_for_good_whether_running_or_dead() {
+    if !common::can_mount() {
+        return;
+    }
+    let mut cluster = cluster(4);
+    let mount = cluster.mount().unwrap();
+    let content = pattern(13, 32 * 1024 * 1024);
+    fs::write(mount.join("kept"), &content).unwrap();
+    let unknown = remove_data(&cluster, 42).expect_err("an unknown id is refused");
+    assert!(unknown.contains("no data server 42"), "{unknown}");
+
+    // A running server is drained: its copies are made on the others, then it is removed and
+    // its reports are refused from then on.
+    let running = 0;
+    let id = data_server_id(&cluster, running);
+    let out = remove_data(&cluster, id).unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(out.contains(&format!("data server {id} removed")), "{out}");
+    wait_until("the removed server's reports to be refused", Duration::from_secs(30), || {
+        cluster.datas[running].log().contains("was removed from this file system")
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    let status = cluster.status().unwrap();
+    assert_eq!(status["data_servers"].as_array().map(Vec::len), Some(3), "{status}");
+    assert_eq!(status["under_replicated_blocks"].as_u64(), Some(0), "{status}");
+    let mut gone = cluster.datas.remove(running);
+    gone.kill();
+
+    // A dead server is removed too: its copies come from the other copies, onto a new server.
+    cluster.add_data().unwrap();
+    let dead = 0;
+    let id = data_server_id(&cluster, dead);
+    cluster.datas[dead].kill();
+    let out = remove_data(&cluster, id).unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+    assert!(out.contains(&format!("data server {id} removed")), "{out}");
+    cluster.datas.remove(dead);
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    wait_fully_replicated(&cluster, Duration::from_secs(60));
+
+    // Every block has its copies on the servers that remain.
+    let fresh = cluster.mount().unwrap();
+    assert!(fs::read(fresh.join("kept")).unwrap() == content, "the file reads back from the remaining servers");
+}

@@ -155,6 +155,36 @@ pub struct Orphan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataServerRecord {
     pub address: String,
+    pub standing: Standing,
+}
+
+/// Where a data server stands in the file system.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Standing {
+    /// Takes new blocks and counts as a copy.
+    #[default]
+    Active,
+    /// Being removed: takes no new blocks, and its copies are made again elsewhere (from it
+    /// while it lives, else from other copies). Removed once no block lists it.
+    Draining,
+    /// Gone for good: its reports are refused, and a copy still listed on it counts as lost.
+    Removed,
+}
+
+/// A data server record as written before standings existed.
+#[derive(Deserialize)]
+struct DataServerRecordV1 {
+    address: String,
+}
+
+impl DataServerRecord {
+    /// Decodes a record in either form (older stores hold records without a standing).
+    pub fn decode(bytes: &[u8]) -> Result<DataServerRecord, postcard::Error> {
+        decode::<DataServerRecord>(bytes).or_else(|e| match decode::<DataServerRecordV1>(bytes) {
+            Ok(old) => Ok(DataServerRecord { address: old.address, standing: Standing::Active }),
+            Err(_) => Err(e),
+        })
+    }
 }
 
 pub fn key_u64(a: u64) -> [u8; 8] {
@@ -209,4 +239,23 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, postcard::Error> {
     postcard::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_server_records_of_both_forms_decode() {
+        #[derive(Serialize)]
+        struct Old {
+            address: String,
+        }
+        let old = encode(&Old { address: "127.0.0.1:7430".into() });
+        let record = DataServerRecord::decode(&old).expect("old form");
+        assert_eq!(record, DataServerRecord { address: "127.0.0.1:7430".into(), standing: Standing::Active });
+        let new = DataServerRecord { address: "10.0.0.2:7430".into(), standing: Standing::Draining };
+        assert_eq!(DataServerRecord::decode(&encode(&new)).expect("new form"), new);
+        assert!(DataServerRecord::decode(&[0xff]).is_err());
+    }
 }

@@ -368,8 +368,60 @@ impl<'t> Tables<'t> {
         Ok(expired)
     }
 
-    pub fn register_data_server(&self, id: u64, address: String) -> ApplyResult<()> {
-        self.put(DATA_SERVERS, &key_u64(id), &encode(&DataServerRecord { address }))
+    fn data_server(&self, id: u64) -> ApplyResult<Option<DataServerRecord>> {
+        match self.get(DATA_SERVERS, &key_u64(id))? {
+            None => Ok(None),
+            Some(bytes) => DataServerRecord::decode(&bytes)
+                .map(Some)
+                .map_err(|e| ApplyError::Corrupt { table: DATA_SERVERS.name().to_string(), detail: e.to_string() }),
+        }
+    }
+
+    /// Records a data server's address; it keeps its standing. A removed server stays removed
+    /// (returns false).
+    pub fn register_data_server(&self, id: u64, address: String) -> ApplyResult<bool> {
+        let standing = match self.data_server(id)? {
+            Some(record) if record.standing == Standing::Removed => return Ok(false),
+            Some(record) => record.standing,
+            None => Standing::Active,
+        };
+        self.put(DATA_SERVERS, &key_u64(id), &encode(&DataServerRecord { address, standing }))?;
+        Ok(true)
+    }
+
+    /// Moves a data server to `standing`. Removal needs every block to be off the server,
+    /// unless `force` accepts that copies still listed there are lost. Returns whether the
+    /// standing is now the one asked for.
+    pub fn set_data_server_standing(&self, id: u64, standing: Standing, force: bool) -> ApplyResult<bool> {
+        let Some(mut record) = self.data_server(id)? else { return Ok(false) };
+        if record.standing == standing {
+            return Ok(true);
+        }
+        if record.standing == Standing::Removed {
+            return Ok(false);
+        }
+        if standing == Standing::Removed && !force && self.blocks_on(id)? > 0 {
+            return Ok(false);
+        }
+        record.standing = standing;
+        self.put(DATA_SERVERS, &key_u64(id), &encode(&record))?;
+        Ok(true)
+    }
+
+    /// How many live blocks list a copy on data server `id` (a pass over all blocks: only
+    /// a removal asks).
+    fn blocks_on(&self, id: u64) -> ApplyResult<u64> {
+        let table = self.txn.open_table(BLOCKS)?;
+        let mut count = 0;
+        for item in table.iter()? {
+            let (_, value) = item?;
+            let record: BlockRecord = decode(value.value())
+                .map_err(|e| ApplyError::Corrupt { table: BLOCKS.name().to_string(), detail: e.to_string() })?;
+            if record.servers.contains(&id) {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Records a repaired copy of a block and forgets copies that no longer count. A block that
@@ -920,12 +972,20 @@ impl<'t> Tables<'t> {
                         if block.id_hi != session {
                             return fail(errno::ESTALE);
                         }
+                        // A copy on a server removed since the placement is not recorded: it
+                        // would be lost from the start.
+                        let mut servers = Vec::with_capacity(block.servers.len());
+                        for &server in &block.servers {
+                            if !self.data_server(server)?.is_some_and(|r| r.standing == Standing::Removed) {
+                                servers.push(server);
+                            }
+                        }
+                        if servers.is_empty() {
+                            return fail(errno::EIO);
+                        }
                         let mut digest = [0u8; 32];
                         digest.copy_from_slice(&block.digest);
-                        new_blocks.push((
-                            id,
-                            BlockRecord { len: block.len, digest, servers: block.servers.clone(), refs: 0 },
-                        ));
+                        new_blocks.push((id, BlockRecord { len: block.len, digest, servers, refs: 0 }));
                     }
                     Source::Block { id, offset: extent.block_offset }
                 }

@@ -14,7 +14,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ReadPolicy, SnapshotPolicy};
 use redb::{Database, ReadableDatabase};
 use tokio::sync::watch;
 
-use crate::model::Time;
+use crate::model::{Standing, Time};
 use crate::network::NetworkFactory;
 use crate::query::{Query, QueryError};
 use crate::raft_types::{Command, CommandReply, MetaRaft, TypeConfig};
@@ -266,10 +266,20 @@ impl MetaNode {
     /// Picks `copies` distinct live data servers for a new block, most free space first, and
     /// each in a failure domain not used yet while there are such domains. `exclude` are servers
     /// that must not get it (they hold it already).
-    pub fn place(&self, copies: usize, exclude: &[u64]) -> Vec<(u64, DataServerState)> {
-        let live: Vec<(u64, DataServerState)> =
-            self.live_data_servers().into_iter().filter(|(id, _)| !exclude.contains(id)).collect();
-        place_on(live, copies)
+    pub fn place(&self, copies: usize, exclude: &[u64]) -> Result<Vec<(u64, DataServerState)>, MetaError> {
+        let active = self.active_data_servers()?;
+        let live: Vec<(u64, DataServerState)> = self
+            .live_data_servers()
+            .into_iter()
+            .filter(|(id, _)| !exclude.contains(id) && active.contains(id))
+            .collect();
+        Ok(place_on(live, copies))
+    }
+
+    /// Data servers that take new blocks (neither draining nor removed), alive or not.
+    pub fn active_data_servers(&self) -> Result<BTreeSet<u64>, MetaError> {
+        let records = self.local_read()?.data_server_records()?;
+        Ok(records.into_iter().filter(|(_, r)| r.standing == Standing::Active).map(|(id, _)| id).collect())
     }
 
     /// Whether data server `id` missed its heartbeats for longer than the timeout. A server

@@ -238,15 +238,40 @@ impl Query {
         Ok(handles)
     }
 
+    /// The data servers not removed: (id, address).
     pub fn data_servers(&self) -> QueryResult<Vec<(u64, String)>> {
+        Ok(self
+            .data_server_records()?
+            .into_iter()
+            .filter(|(_, record)| record.standing != Standing::Removed)
+            .map(|(id, record)| (id, record.address))
+            .collect())
+    }
+
+    /// Every data server ever recorded, removed ones included.
+    pub fn data_server_records(&self) -> QueryResult<Vec<(u64, DataServerRecord)>> {
         let table = self.txn.open_table(DATA_SERVERS)?;
         let mut servers = Vec::new();
         for item in table.iter()? {
             let (key, value) = item?;
-            let record: DataServerRecord = decode(value.value()).map_err(|e| corrupt("data_servers", e))?;
-            servers.push((u64_of_key(key.value()), record.address));
+            let record = DataServerRecord::decode(value.value()).map_err(|e| corrupt("data_servers", e))?;
+            servers.push((u64_of_key(key.value()), record));
         }
         Ok(servers)
+    }
+
+    /// How many live blocks list a copy on data server `id` (a pass over all blocks).
+    pub fn blocks_on(&self, id: u64) -> QueryResult<u64> {
+        let table = self.txn.open_table(BLOCKS)?;
+        let mut count = 0;
+        for item in table.iter()? {
+            let (_, value) = item?;
+            let record: BlockRecord = decode(value.value()).map_err(|e| corrupt("blocks", e))?;
+            if record.servers.contains(&id) {
+                count += 1;
+            }
+        }
+        Ok(count)
     }
 
     /// Up to `limit` live blocks with ids above `after`, in id order (a page of a scan).

@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::Time;
+use crate::model::{Standing, Time};
 
 /// One state-machine command. The proposing leader stamps the time, so every member applies
 /// the same change.
@@ -50,6 +50,13 @@ pub enum Command {
         added: Option<u64>,
         dropped: Vec<u64>,
     },
+    /// Moves data server `id` to `standing` (see [`Standing`]); `force` removes it even with
+    /// copies still listed on it.
+    SetDataServerStanding {
+        id: u64,
+        standing: Standing,
+        force: bool,
+    },
 }
 
 impl fmt::Display for Command {
@@ -65,6 +72,9 @@ impl fmt::Display for Command {
             Command::SetReplication { copies } => write!(f, "set-replication({copies})"),
             Command::ReplaceCopies { id, added, dropped } => {
                 write!(f, "replace-copies({id:032x}, +{added:?}, -{dropped:?})")
+            }
+            Command::SetDataServerStanding { id, standing, force } => {
+                write!(f, "set-data-server-standing({id}, {standing:?}, force={force})")
             }
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use cairn_proto as pb;
 use futures::StreamExt;
 
-use crate::model::BlockRecord;
+use crate::model::{BlockRecord, Standing};
 use crate::node::{MetaError, MetaNode};
 use crate::raft_types::Command;
 
@@ -64,51 +64,57 @@ impl Repairer {
         let replication = node.replication()? as usize;
         let query = node.local_read()?;
         let page = query.blocks_after(self.cursor, SCAN_PER_PASS)?;
-        let addresses: HashMap<u64, String> = query.data_servers()?.into_iter().collect();
+        let standings: HashMap<u64, (String, Standing)> =
+            query.data_server_records()?.into_iter().map(|(id, r)| (id, (r.address, r.standing))).collect();
         drop(query);
+        let addresses: HashMap<u64, String> = standings
+            .iter()
+            .filter(|(_, (_, standing))| *standing != Standing::Removed)
+            .map(|(id, (address, _))| (*id, address.clone()))
+            .collect();
         let scan_done = page.len() < SCAN_PER_PASS;
         self.cursor = if scan_done { None } else { page.last().map(|(id, _)| *id) };
-        let dead = |server: u64| node.is_dead(server, leader_since);
+        let copies = Copies { node, leader_since, standings: &standings };
         let mut work = Vec::new();
         for (id, record) in page {
-            let dead_copies: Vec<u64> = record.servers.iter().copied().filter(|s| dead(*s)).collect();
-            let live_copies = record.servers.len() - dead_copies.len();
-            if live_copies < replication {
+            let plan = copies.plan(&record, replication);
+            if plan.staying < replication {
                 self.short_in_scan += 1;
             }
             for server in &record.servers {
                 *self.stored_in_scan.entry(*server).or_default() += u64::from(record.len);
             }
-            if live_copies == 0 || work.len() >= REPAIRS_PER_PASS {
-                // Nothing to copy from (a copy may come back with its server), or enough work
-                // for this pass.
+            if plan.is_idle() || work.len() >= REPAIRS_PER_PASS {
                 continue;
             }
-            if live_copies < replication || !dead_copies.is_empty() {
-                work.push((id, record, dead_copies, live_copies < replication));
-            }
+            work.push((id, record, plan));
         }
         if scan_done {
             node.under_replicated.store(std::mem::take(&mut self.short_in_scan), Ordering::Relaxed);
             node.repair_scans.fetch_add(1, Ordering::Relaxed);
             self.stored = std::mem::take(&mut self.stored_in_scan);
+            self.remove_drained(node, &standings).await;
         }
         if work.is_empty() {
             // Nothing to repair: even out how much each live server stores.
             return self.balance(node, leader_since).await;
         }
         let results: Vec<Result<bool, MetaError>> = futures::stream::iter(work)
-            .map(|(id, record, dead_copies, needs_copy)| {
+            .map(|(id, record, plan)| {
                 let addresses = &addresses;
                 async move {
-                    if !needs_copy {
-                        // Enough copies live: only forget the dead ones.
-                        node.propose(Command::ReplaceCopies { id, added: None, dropped: dead_copies }).await?;
-                        return Ok(false);
+                    match plan.action {
+                        Action::Idle => Ok(false),
+                        Action::Drop(dropped) => {
+                            node.propose(Command::ReplaceCopies { id, added: None, dropped }).await?;
+                            Ok(false)
+                        }
+                        Action::Copy { source, dropped } => {
+                            let added = copy_block(node, id, &record, source, addresses).await?;
+                            node.propose(Command::ReplaceCopies { id, added: Some(added), dropped }).await?;
+                            Ok(true)
+                        }
                     }
-                    let added = copy_block(node, id, &record, &dead_copies, addresses).await?;
-                    node.propose(Command::ReplaceCopies { id, added: Some(added), dropped: dead_copies }).await?;
-                    Ok(true)
                 }
             })
             .buffer_unordered(REPAIRS_IN_FLIGHT)
@@ -127,6 +133,90 @@ impl Repairer {
         }
         Ok(copied)
     }
+
+    /// Removes draining servers that the scan just completed found on no block. The state
+    /// machine checks again when applying, so a block recorded on the server meanwhile keeps
+    /// it draining.
+    async fn remove_drained(&self, node: &MetaNode, standings: &HashMap<u64, (String, Standing)>) {
+        for (id, (_, standing)) in standings {
+            if *standing != Standing::Draining || self.stored.get(id).is_some_and(|bytes| *bytes > 0) {
+                continue;
+            }
+            let command = Command::SetDataServerStanding { id: *id, standing: Standing::Removed, force: false };
+            match node.propose(command).await {
+                Ok(reply) if reply.value == 1 => tracing::info!(server = id, "data server drained and removed"),
+                Ok(_) => tracing::debug!(server = id, "data server still holds blocks"),
+                Err(e) => tracing::warn!(server = id, error = %e, "could not remove a drained data server"),
+            }
+        }
+    }
+}
+
+/// How the copies of one block stand.
+struct Copies<'a> {
+    node: &'a MetaNode,
+    leader_since: Instant,
+    standings: &'a HashMap<u64, (String, Standing)>,
+}
+
+/// What to do about one block.
+#[derive(Debug, PartialEq, Eq)]
+enum Action {
+    Idle,
+    /// Enough copies stay: forget these.
+    Drop(Vec<u64>),
+    /// Make one more copy from `source`, then forget `dropped`.
+    Copy {
+        source: u64,
+        dropped: Vec<u64>,
+    },
+}
+
+struct Plan {
+    /// Copies on live, active servers: the ones that count.
+    staying: usize,
+    action: Action,
+}
+
+impl Plan {
+    fn is_idle(&self) -> bool {
+        self.action == Action::Idle
+    }
+}
+
+impl Copies<'_> {
+    fn standing(&self, server: u64) -> Standing {
+        // A server missing from the records is as good as removed.
+        self.standings.get(&server).map_or(Standing::Removed, |(_, standing)| *standing)
+    }
+
+    fn plan(&self, record: &BlockRecord, replication: usize) -> Plan {
+        let alive = |s: u64| self.standing(s) != Standing::Removed && !self.node.is_dead(s, self.leader_since);
+        let staying: Vec<u64> =
+            record.servers.iter().copied().filter(|s| alive(*s) && self.standing(*s) == Standing::Active).collect();
+        // Copies that no longer count: lost (dead or removed servers) or leaving (draining).
+        let lost: Vec<u64> = record.servers.iter().copied().filter(|s| !alive(*s)).collect();
+        let draining: Vec<u64> =
+            record.servers.iter().copied().filter(|s| alive(*s) && self.standing(*s) == Standing::Draining).collect();
+        let action = if staying.len() >= replication {
+            let dropped: Vec<u64> = lost.iter().chain(&draining).copied().collect();
+            if dropped.is_empty() { Action::Idle } else { Action::Drop(dropped) }
+        } else {
+            // Copy from a copy that stays if there is one, else from a draining server.
+            match staying.first().or(draining.first()) {
+                Some(&source) => {
+                    let mut dropped = lost;
+                    if staying.len() + 1 >= replication {
+                        dropped.extend(&draining);
+                    }
+                    Action::Copy { source, dropped }
+                }
+                // Nothing to copy from (a copy may come back with its server).
+                None => Action::Idle,
+            }
+        };
+        Plan { staying: staying.len(), action }
+    }
 }
 
 impl Repairer {
@@ -135,10 +225,11 @@ impl Repairer {
     /// copy in place of the old one. The old copy becomes an orphan that its server deletes
     /// after the grace period.
     async fn balance(&mut self, node: &MetaNode, leader_since: Instant) -> Result<usize, MetaError> {
+        let active = node.active_data_servers()?;
         let live: Vec<(u64, u64)> = node
             .live_data_servers()
             .into_iter()
-            .filter(|(id, _)| !node.is_dead(*id, leader_since))
+            .filter(|(id, _)| active.contains(id) && !node.is_dead(*id, leader_since))
             .map(|(id, _)| (id, self.stored.get(&id).copied().unwrap_or(0)))
             .collect();
         let (Some(&(from, most)), Some(&(to, least))) =
@@ -204,22 +295,20 @@ async fn replicate(
     Ok(())
 }
 
-/// Copies block `id` from a live replica onto a server that holds none; returns that server.
+/// Copies block `id` from the copy on `source` onto an active server that holds none;
+/// returns that server.
 async fn copy_block(
     node: &MetaNode,
     id: u128,
     record: &BlockRecord,
-    dead_copies: &[u64],
+    source: u64,
     addresses: &HashMap<u64, String>,
 ) -> Result<u64, MetaError> {
-    let source = record
-        .servers
-        .iter()
-        .find(|s| !dead_copies.contains(s))
-        .and_then(|s| addresses.get(s))
+    let source = addresses
+        .get(&source)
         .ok_or_else(|| MetaError::Store(format!("block {id:032x} has no live copy to repair from")))?;
     let (target, target_state) = node
-        .place(1, &record.servers)
+        .place(1, &record.servers)?
         .into_iter()
         .next()
         .ok_or_else(|| MetaError::Store(format!("no live data server can take a copy of block {id:032x}")))?;

@@ -12,7 +12,7 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::model::{decode, encode};
+use crate::model::{Standing, decode, encode};
 use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
 use crate::query::READDIR_PAGE_MAX;
 use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
@@ -234,9 +234,9 @@ impl Meta for MetaService {
         let replication = self.node.replication().map_err(status_of)? as usize;
         // Servers the client saw fail are avoided while there are enough others; with too few
         // left they are tried again (they may be back), rather than failing the write.
-        let mut chosen = self.node.place(replication, &request.exclude);
+        let mut chosen = self.node.place(replication, &request.exclude).map_err(status_of)?;
         if chosen.len() < replication {
-            chosen = self.node.place(replication, &[]);
+            chosen = self.node.place(replication, &[]).map_err(status_of)?;
         }
         if chosen.len() < replication {
             return Err(Status::unavailable(format!(
@@ -252,6 +252,7 @@ impl Meta for MetaService {
                 capacity_bytes: s.capacity_bytes,
                 used_bytes: s.used_bytes,
                 domain: s.domain,
+                draining: false,
             })
             .collect();
         Ok(Response::new(pb::PlaceBlocksReply { servers, replication: replication as u32 }))
@@ -276,12 +277,23 @@ impl Meta for MetaService {
         Ok(Response::new(reply))
     }
 
+    /// Every member hears each data server's reports and keeps them in memory, so that a new
+    /// leader can place blocks at once instead of waiting for the data servers to find it. A
+    /// server the group has not recorded yet is recorded through the leader (followers answer
+    /// "not leader").
     async fn register_data_server(
         &self,
         request: Request<pb::RegisterDataServerRequest>,
     ) -> Result<Response<pb::RegisterDataServerReply>, Status> {
         let request = request.into_inner();
-        let query = self.node.read().await.map_err(status_of)?;
+        if request.id == 0 || request.address.is_empty() || request.address.len() > 256 || request.domain.len() > 256 {
+            return Err(Status::invalid_argument(
+                "data server needs an id and an address (and a domain of at most 256 bytes)",
+            ));
+        }
+        // The file system id never changes once set and the registration is only a hint for
+        // this member's memory, so this member's own state is current enough.
+        let query = self.node.local_read().map_err(status_of)?;
         let fs_id = query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default();
         if !request.fs_id.is_empty() && request.fs_id != fs_id {
             return Err(Status::permission_denied(format!(
@@ -289,14 +301,18 @@ impl Meta for MetaService {
                 request.fs_id
             )));
         }
-        if request.id == 0 || request.address.is_empty() || request.address.len() > 256 || request.domain.len() > 256 {
-            return Err(Status::invalid_argument(
-                "data server needs an id and an address (and a domain of at most 256 bytes)",
-            ));
-        }
-        let known = query.data_servers().map_err(|e| status_of(e.into()))?;
+        let known = query.data_server_records().map_err(|e| status_of(e.into()))?;
         drop(query);
-        if !known.iter().any(|(id, address)| *id == request.id && *address == request.address) {
+        let record = known.into_iter().find(|(id, _)| *id == request.id).map(|(_, record)| record);
+        if record.as_ref().is_some_and(|r| r.standing == Standing::Removed) {
+            return Err(Status::permission_denied(format!(
+                "data server {} was removed from this file system; to serve it again, start it on an empty directory",
+                request.id
+            )));
+        }
+        // A server is placed on only once the group has recorded its address (readers find it
+        // there), so the report is noted in memory after that.
+        if record.is_none_or(|r| r.address != request.address) {
             self.node
                 .propose(Command::RegisterDataServer { id: request.id, address: request.address.clone() })
                 .await
@@ -316,7 +332,7 @@ impl Meta for MetaService {
                 },
             );
         }
-        Ok(Response::new(pb::RegisterDataServerReply { fs_id }))
+        Ok(Response::new(pb::RegisterDataServerReply { fs_id, meta_addresses: self.meta_addresses() }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
@@ -332,17 +348,19 @@ impl Meta for MetaService {
         };
         let live = self.node.live_data_servers();
         let data_servers = query
-            .data_servers()
+            .data_server_records()
             .map_err(|e| status_of(e.into()))?
             .into_iter()
-            .map(|(id, address)| {
+            .filter(|(_, record)| record.standing != Standing::Removed)
+            .map(|(id, record)| {
                 let state = live.iter().find(|(live_id, _)| *live_id == id).map(|(_, s)| s.clone());
                 pb::DataServer {
                     id,
-                    address,
+                    address: record.address,
                     capacity_bytes: state.as_ref().map(|s| s.capacity_bytes).unwrap_or(0),
                     used_bytes: state.as_ref().map(|s| s.used_bytes).unwrap_or(0),
                     domain: state.map(|s| s.domain).unwrap_or_default(),
+                    draining: record.standing == Standing::Draining,
                 }
             })
             .collect();
@@ -428,6 +446,39 @@ impl Meta for MetaService {
         tracing::info!(id, "removing a meta server");
         self.node.remove_member(id).await.map_err(status_of)?;
         Ok(Response::new(pb::RemoveMetaServerReply { members: self.members_pb() }))
+    }
+
+    async fn remove_data_server(
+        &self,
+        request: Request<pb::RemoveDataServerRequest>,
+    ) -> Result<Response<pb::RemoveDataServerReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let known = query.data_server_records().map_err(|e| status_of(e.into()))?;
+        drop(query);
+        let Some((_, record)) = known.into_iter().find(|(id, _)| *id == request.id) else {
+            return Err(Status::not_found(format!("no data server {} in this file system", request.id)));
+        };
+        if record.standing == Standing::Active {
+            tracing::info!(id = request.id, address = %record.address, "draining a data server");
+        }
+        if record.standing != Standing::Removed {
+            let command = if request.force {
+                tracing::warn!(id = request.id, "removing a data server at once; copies only it held are lost");
+                Command::SetDataServerStanding { id: request.id, standing: Standing::Removed, force: true }
+            } else {
+                Command::SetDataServerStanding { id: request.id, standing: Standing::Draining, force: false }
+            };
+            self.node.propose(command).await.map_err(status_of)?;
+        }
+        let query = self.node.local_read().map_err(status_of)?;
+        let removed = query
+            .data_server_records()
+            .map_err(|e| status_of(e.into()))?
+            .iter()
+            .any(|(id, r)| *id == request.id && r.standing == Standing::Removed);
+        let blocks_left = query.blocks_on(request.id).map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(pb::RemoveDataServerReply { removed, blocks_left }))
     }
 
     async fn raft_append(&self, request: Request<pb::RaftBytes>) -> Result<Response<pb::RaftBytes>, Status> {

@@ -382,8 +382,7 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
             CommandReply { mutate: reply, ..Default::default() }
         }
         Command::RegisterDataServer { id, address } => {
-            tables.register_data_server(id, address)?;
-            CommandReply::default()
+            CommandReply { value: u64::from(tables.register_data_server(id, address)?), ..Default::default() }
         }
         Command::ForgetGarbage { ids } => {
             tables.forget_garbage(&ids)?;
@@ -396,6 +395,10 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
         Command::ReplaceCopies { id, added, dropped } => {
             CommandReply { value: u64::from(tables.replace_copies(id, added, &dropped)?), ..Default::default() }
         }
+        Command::SetDataServerStanding { id, standing, force } => CommandReply {
+            value: u64::from(tables.set_data_server_standing(id, standing, force)?),
+            ..Default::default()
+        },
     };
     Ok(reply)
 }

@@ -186,6 +186,10 @@ pub struct Cluster {
     pub mounts: Vec<Mount>,
     pub faults: Arc<Faults>,
     spec: ClusterSpec,
+    /// Servers started so far: a new one gets the next number (its name, directory and IP),
+    /// even after others were taken out of `metas` or `datas`.
+    metas_started: usize,
+    datas_started: usize,
 }
 
 /// One server process, the address it is reached at (its proxy) and its directory.
@@ -280,19 +284,28 @@ impl Cluster {
     /// and `spec.datas` data servers, and waits until every one of them reports in.
     pub fn start_with(bin: PathBuf, spec: ClusterSpec) -> Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("cairn-test-").tempdir()?;
-        let mut cluster =
-            Cluster { dir, bin, metas: Vec::new(), datas: Vec::new(), mounts: Vec::new(), faults: Faults::new(), spec };
+        let mut cluster = Cluster {
+            dir,
+            bin,
+            metas: Vec::new(),
+            datas: Vec::new(),
+            mounts: Vec::new(),
+            faults: Faults::new(),
+            spec,
+            metas_started: 0,
+            datas_started: 0,
+        };
         let replication = if spec.replication == 0 { spec.datas.clamp(1, 3) as u32 } else { spec.replication };
         for i in 0..spec.metas.max(1) {
             let join = if i == 0 { None } else { Some(cluster.metas[0].address.clone()) };
-            let server = cluster.start_meta(i, join, replication)?;
+            let server = cluster.start_meta(join, replication)?;
             cluster.metas.push(server);
             if i == 0 {
                 cluster.wait_for_leader(Duration::from_secs(60))?;
             }
         }
-        for j in 0..spec.datas.max(1) {
-            let server = cluster.start_data(j)?;
+        for _ in 0..spec.datas.max(1) {
+            let server = cluster.start_data()?;
             cluster.datas.push(server);
         }
         cluster.wait_healthy(Duration::from_secs(60))?;
@@ -318,7 +331,9 @@ impl Cluster {
         Ok(Server { process, address, ip, listen, dir, _proxy: proxy })
     }
 
-    fn start_meta(&self, index: usize, join: Option<String>, replication: u32) -> Result<Server> {
+    fn start_meta(&mut self, join: Option<String>, replication: u32) -> Result<Server> {
+        let index = self.metas_started;
+        self.metas_started += 1;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 10, index as u8 + 1));
         let mut args = vec!["meta".to_string(), "--id".into(), (index + 1).to_string()];
         match join {
@@ -335,7 +350,9 @@ impl Cluster {
         self.server(&name, ip, args)
     }
 
-    fn start_data(&self, index: usize) -> Result<Server> {
+    fn start_data(&mut self) -> Result<Server> {
+        let index = self.datas_started;
+        self.datas_started += 1;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 20, index as u8 + 1));
         let name = if index == 0 { "data".to_string() } else { format!("data{index}") };
         let mut args = vec!["data".into(), "--meta".into(), self.meta_addresses()];
@@ -351,7 +368,7 @@ impl Cluster {
     /// Starts one more meta server, which joins the group, and waits until it is a voter.
     pub fn add_meta(&mut self) -> Result<usize> {
         let index = self.metas.len();
-        let server = self.start_meta(index, Some(self.metas[0].address.clone()), 0)?;
+        let server = self.start_meta(Some(self.metas[0].address.clone()), 0)?;
         self.metas.push(server);
         self.wait_healthy(Duration::from_secs(120))?;
         Ok(index)
@@ -360,7 +377,7 @@ impl Cluster {
     /// Starts one more data server and waits until meta hears from it.
     pub fn add_data(&mut self) -> Result<usize> {
         let index = self.datas.len();
-        let server = self.start_data(index)?;
+        let server = self.start_data()?;
         self.datas.push(server);
         self.wait_healthy(Duration::from_secs(60))?;
         Ok(index)
