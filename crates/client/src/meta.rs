@@ -34,7 +34,7 @@ impl Default for RetryPolicy {
         RetryPolicy {
             deadline: Duration::from_secs(60),
             backoff_min: Duration::from_millis(10),
-            backoff_max: Duration::from_millis(250),
+            backoff_max: Duration::from_millis(100),
             attempt_timeout: Duration::from_secs(15),
         }
     }
