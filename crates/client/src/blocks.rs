@@ -264,7 +264,7 @@ impl BlockStore {
         loop {
             let mut last_error = String::from("no replica known");
             let mut corrupt_everywhere = !block.servers.is_empty();
-            for server in &block.servers {
+            for server in replica_order(&block.servers, id, self.meta.session()) {
                 let Some(address) = servers.get(server) else { continue };
                 match self.fetch_from(address, block, offset, len).await {
                     Ok(data) => return Ok(data),
@@ -369,4 +369,42 @@ pub struct StoredBlock {
 enum FetchError {
     Corrupt(String),
     Status(tonic::Status),
+}
+
+/// The order in which `reader` tries a block's copies: a rotation of the recorded order that
+/// depends on the block and the reader, so that readers spread over the copies while each keeps
+/// going back to the same one (whose page cache then holds the block).
+fn replica_order(servers: &[u64], block: BlockId, reader: u64) -> impl Iterator<Item = &u64> {
+    let mixed = (block.lo() ^ block.hi().rotate_left(32) ^ reader).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let start = if servers.is_empty() { 0 } else { ((mixed >> 32) % servers.len() as u64) as usize };
+    servers[start..].iter().chain(&servers[..start])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_copy_is_tried_once_whatever_the_start() {
+        let servers = [7, 8, 9];
+        for reader in 0..50 {
+            let mut order: Vec<u64> = replica_order(&servers, BlockId(reader as u128 * 31), reader).copied().collect();
+            order.sort_unstable();
+            assert_eq!(order, servers);
+        }
+        assert_eq!(replica_order(&[], BlockId(1), 1).count(), 0);
+    }
+
+    #[test]
+    fn readers_spread_over_the_copies() {
+        let servers = [1, 2, 3];
+        let mut first = [0usize; 3];
+        for reader in 0..300u64 {
+            let head = *replica_order(&servers, BlockId(42), reader).next().unwrap();
+            first[head as usize - 1] += 1;
+        }
+        assert!(first.iter().all(|n| *n >= 50), "first copies tried: {first:?}");
+        let again: Vec<u64> = replica_order(&servers, BlockId(42), 5).copied().collect();
+        assert_eq!(again, replica_order(&servers, BlockId(42), 5).copied().collect::<Vec<_>>());
+    }
 }
