@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::blocks::BlockStore;
 use crate::error::{ClientError, ClientResult};
+use crate::locks::Locks;
 use crate::meta::MetaConnection;
 
 /// Data map fetched per request for reads (a window of the file).
@@ -74,16 +75,23 @@ pub struct OpenFile {
 pub struct Files {
     meta: Arc<MetaConnection>,
     blocks: Arc<BlockStore>,
+    locks: Arc<Locks>,
     open: std::sync::Mutex<HashMap<u64, Arc<OpenFile>>>,
     uploads: Arc<Semaphore>,
 }
 
 impl Files {
     /// `uploads_in_flight` bounds blocks being uploaded at once (and so their memory).
-    pub fn new(meta: Arc<MetaConnection>, blocks: Arc<BlockStore>, uploads_in_flight: usize) -> Self {
+    pub fn new(
+        meta: Arc<MetaConnection>,
+        blocks: Arc<BlockStore>,
+        locks: Arc<Locks>,
+        uploads_in_flight: usize,
+    ) -> Self {
         Files {
             meta,
             blocks,
+            locks,
             open: std::sync::Mutex::new(HashMap::new()),
             uploads: Arc::new(Semaphore::new(uploads_in_flight)),
         }
@@ -309,6 +317,7 @@ impl Files {
             min_size: inner.dirty_end,
             update_mtime: true,
             kill_suid: inner.kill_suid,
+            lock_token: self.locks.write_token(file.handle.ino),
         });
         let reply = self.meta.mutate(&inner.writer, op).await?;
         inner.ready.clear();

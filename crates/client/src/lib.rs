@@ -6,6 +6,7 @@
 pub mod blocks;
 pub mod error;
 pub mod files;
+pub mod locks;
 pub mod meta;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub struct Client {
     pub meta: Arc<MetaConnection>,
     pub blocks: Arc<blocks::BlockStore>,
     pub files: Files,
+    pub locks: Arc<locks::Locks>,
 }
 
 #[derive(Clone, Debug)]
@@ -43,8 +45,9 @@ impl Client {
     ) -> ClientResult<Arc<Client>> {
         let meta = MetaConnection::connect(addresses, client_name, options.retry).await?;
         let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes));
-        let files = Files::new(meta.clone(), blocks.clone(), options.uploads_in_flight);
-        Ok(Arc::new(Client { meta, blocks, files }))
+        let locks = Arc::new(locks::Locks::new(meta.clone()));
+        let files = Files::new(meta.clone(), blocks.clone(), locks.clone(), options.uploads_in_flight);
+        Ok(Arc::new(Client { meta, blocks, files, locks }))
     }
 
     /// Keeps the session alive and hands unlinked inodes this client no longer holds back to

@@ -339,6 +339,19 @@ impl MetaConnection {
         Ok(reply.names)
     }
 
+    /// F_GETLK: the lock of another owner in the way of `lock`, if any.
+    pub async fn get_lock(&self, lock: pb::LockOp) -> ClientResult<Option<pb::LockInfo>> {
+        let session = self.session();
+        let reply = self
+            .call("getlk", |mut c| {
+                let request = pb::GetLockRequest { session, lock: Some(lock) };
+                async move { c.get_lock(request).await }
+            })
+            .await?;
+        check(reply.errno)?;
+        Ok(reply.conflict)
+    }
+
     pub async fn statfs(&self) -> ClientResult<pb::StatFsReply> {
         self.call("statfs", |mut c| async move { c.stat_fs(pb::StatFsRequest {}).await }).await
     }

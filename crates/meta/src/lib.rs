@@ -4,6 +4,8 @@
 //! same code runs three or five members.
 
 pub mod extents;
+pub mod lock_table;
+pub mod locks;
 pub mod model;
 pub mod namespace;
 pub mod network;

@@ -32,10 +32,12 @@ pub const ORPHANS: Table = TableDefinition::new("orphans");
 pub const DATA_SERVERS: Table = TableDefinition::new("data_servers");
 /// name → value: counters and the applied Raft state
 pub const SM_META: Table = TableDefinition::new("sm_meta");
+/// ino → `Vec<`[`LockRecord`]`>`: the byte-range locks held on the file
+pub const LOCKS: Table = TableDefinition::new("locks");
 
-/// Every state-machine table, in the order a snapshot lists them.
-pub const STATE_TABLES: [Table; 11] =
-    [INODES, DENTRIES, XATTRS, EXTENTS, BLOCKS, GARBAGE, SESSIONS, RESULTS, ORPHANS, DATA_SERVERS, SM_META];
+/// Every state-machine table, in the order a snapshot lists them (new tables go at the end).
+pub const STATE_TABLES: [Table; 12] =
+    [INODES, DENTRIES, XATTRS, EXTENTS, BLOCKS, GARBAGE, SESSIONS, RESULTS, ORPHANS, DATA_SERVERS, SM_META, LOCKS];
 
 pub const ROOT_INO: u64 = 1;
 /// Links a file may have, as on ext4.
@@ -150,6 +152,19 @@ pub struct Session {
 pub struct Orphan {
     pub generation: u64,
     pub holders: Vec<u64>,
+}
+
+/// One byte-range lock: held by (session, owner) on bytes `start..=end`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRecord {
+    pub session: u64,
+    pub owner: u64,
+    pub write: bool,
+    pub start: u64,
+    pub end: u64,
+    pub pid: u32,
+    /// Fencing token: the value of a counter that every grant raises.
+    pub token: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

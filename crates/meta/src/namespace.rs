@@ -38,7 +38,7 @@ impl From<redb::TableError> for ApplyError {
 
 pub type ApplyResult<T> = Result<T, ApplyError>;
 
-fn fail<T>(code: i32) -> ApplyResult<T> {
+pub(crate) fn fail<T>(code: i32) -> ApplyResult<T> {
     Err(ApplyError::Errno(code))
 }
 
@@ -71,24 +71,32 @@ impl<'t> Tables<'t> {
         Tables { txn }
     }
 
-    fn get(&self, table: Table, key: &[u8]) -> ApplyResult<Option<Vec<u8>>> {
+    pub(crate) fn txn(&self) -> &'t WriteTransaction {
+        self.txn
+    }
+
+    pub(crate) fn get(&self, table: Table, key: &[u8]) -> ApplyResult<Option<Vec<u8>>> {
         let table = self.txn.open_table(table)?;
         Ok(table.get(key)?.map(|v| v.value().to_vec()))
     }
 
-    fn put(&self, table: Table, key: &[u8], value: &[u8]) -> ApplyResult<()> {
+    pub(crate) fn put(&self, table: Table, key: &[u8], value: &[u8]) -> ApplyResult<()> {
         let mut table = self.txn.open_table(table)?;
         table.insert(key, value)?;
         Ok(())
     }
 
-    fn delete(&self, table: Table, key: &[u8]) -> ApplyResult<()> {
+    pub(crate) fn delete(&self, table: Table, key: &[u8]) -> ApplyResult<()> {
         let mut table = self.txn.open_table(table)?;
         table.remove(key)?;
         Ok(())
     }
 
-    fn decoded<T: for<'de> serde::Deserialize<'de>>(&self, table: Table, key: &[u8]) -> ApplyResult<Option<T>> {
+    pub(crate) fn decoded<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        table: Table,
+        key: &[u8],
+    ) -> ApplyResult<Option<T>> {
         match self.get(table, key)? {
             None => Ok(None),
             Some(bytes) => decode(&bytes)
@@ -105,7 +113,7 @@ impl<'t> Tables<'t> {
         self.put(SM_META, name.as_bytes(), &encode(&value))
     }
 
-    fn next(&self, name: &str) -> ApplyResult<u64> {
+    pub(crate) fn next(&self, name: &str) -> ApplyResult<u64> {
         let value = self.counter(name)? + 1;
         self.set_counter(name, value)?;
         Ok(value)
@@ -365,6 +373,7 @@ impl<'t> Tables<'t> {
                 self.release_orphan(ino, id)?;
             }
         }
+        self.release_session_locks(&expired)?;
         Ok(expired)
     }
 
@@ -498,6 +507,7 @@ impl<'t> Tables<'t> {
             Some(Op::Commit(op)) => self.commit(op, request.session, now),
             Some(Op::Fallocate(op)) => self.fallocate(op, now),
             Some(Op::Release(op)) => self.release(op, request.session),
+            Some(Op::Lock(op)) => self.lock(op, request.session),
             None => fail(errno::EINVAL),
         };
         match result {
@@ -536,7 +546,7 @@ impl<'t> Tables<'t> {
             if inode.is_dir() {
                 return fail(errno::EISDIR);
             }
-            return Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(existing)), orphaned: false });
+            return Ok(pb::MutateReply { attr: Some(inode.to_attr(existing)), ..Default::default() });
         }
         if kind == pb::FileKind::Symlink && (op.symlink_target.is_empty() || op.symlink_target.contains(&0)) {
             return fail(errno::ENOENT);
@@ -590,7 +600,7 @@ impl<'t> Tables<'t> {
         self.touch_dir(parent_ino, &mut parent, now)?;
         let inodes = self.counter("inodes")?;
         self.set_counter("inodes", inodes + 1)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     fn link(&self, op: &pb::LinkOp, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -622,7 +632,7 @@ impl<'t> Tables<'t> {
         target.ctime = now;
         self.put_inode(target_ino, &target)?;
         self.touch_dir(parent_ino, &mut parent, now)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(target.to_attr(target_ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(target.to_attr(target_ino)), ..Default::default() })
     }
 
     /// Drops one link of `ino` (already removed from its directory); returns whether the inode
@@ -679,7 +689,7 @@ impl<'t> Tables<'t> {
         }
         self.touch_dir(parent_ino, &mut parent, now)?;
         let orphaned = self.drop_link(child_ino, &mut child, session, op.caller_not_holding, now)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(child.to_attr(child_ino)), orphaned })
+        Ok(pb::MutateReply { attr: Some(child.to_attr(child_ino)), orphaned, ..Default::default() })
     }
 
     /// Whether `ancestor` is `dir` or one of its ancestors.
@@ -736,7 +746,7 @@ impl<'t> Tables<'t> {
             }
             if dst_ino == src_ino {
                 // Two links to one inode: POSIX says do nothing.
-                return Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned: false });
+                return Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), ..Default::default() });
             }
             let dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
             match (src.is_dir(), dst.is_dir()) {
@@ -783,7 +793,7 @@ impl<'t> Tables<'t> {
             }
             self.touch_dir(dst_parent_ino, &mut dst_parent, now)?;
         }
-        Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned })
+        Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), orphaned, ..Default::default() })
     }
 
     fn exchange(
@@ -834,7 +844,7 @@ impl<'t> Tables<'t> {
             let mut parent = self.inode(parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
             self.touch_dir(parent_ino, &mut parent, now)?;
         }
-        Ok(pb::MutateReply { errno: 0, attr: Some(src.to_attr(src_ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), ..Default::default() })
     }
 
     fn set_attr(&self, op: &pb::SetAttrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -893,7 +903,7 @@ impl<'t> Tables<'t> {
         }
         inode.ctime = now;
         self.put_inode(ino, &inode)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     fn set_xattr(&self, op: &pb::SetXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -916,7 +926,7 @@ impl<'t> Tables<'t> {
         self.put(XATTRS, &key, &op.value)?;
         inode.ctime = now;
         self.put_inode(ino, &inode)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     fn remove_xattr(&self, op: &pb::RemoveXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -930,7 +940,7 @@ impl<'t> Tables<'t> {
         self.delete(XATTRS, &key)?;
         inode.ctime = now;
         self.put_inode(ino, &inode)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     /// A commit may name a block new to meta only if `session` uploaded it (a block id starts
@@ -939,6 +949,7 @@ impl<'t> Tables<'t> {
     fn commit(&self, op: &pb::CommitOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        self.check_lock_token(ino, session, op.lock_token)?;
         if inode.is_dir() {
             return fail(errno::EISDIR);
         }
@@ -1052,7 +1063,7 @@ impl<'t> Tables<'t> {
             inode.ctime = now;
         }
         self.put_inode(ino, &inode)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     fn fallocate(&self, op: &pb::FallocateOp, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -1089,7 +1100,7 @@ impl<'t> Tables<'t> {
         }
         inode.ctime = now;
         self.put_inode(ino, &inode)?;
-        Ok(pb::MutateReply { errno: 0, attr: Some(inode.to_attr(ino)), orphaned: false })
+        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
     fn release(&self, op: &pb::ReleaseOp, session: u64) -> ApplyResult<pb::MutateReply> {

@@ -238,6 +238,15 @@ impl Query {
         Ok(handles)
     }
 
+    /// The byte-range locks held on `ino`.
+    pub fn locks(&self, ino: u64) -> QueryResult<Vec<LockRecord>> {
+        let table = self.txn.open_table(LOCKS)?;
+        match table.get(key_u64(ino).as_slice())? {
+            None => Ok(Vec::new()),
+            Some(value) => decode(value.value()).map_err(|e| corrupt("locks", e)),
+        }
+    }
+
     /// The data servers not removed: (id, address).
     pub fn data_servers(&self) -> QueryResult<Vec<(u64, String)>> {
         Ok(self

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_proto as pb;
 use cairn_proto::meta_server::{Meta, MetaServer};
+use cairn_proto::{self as pb, errno};
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::model::{Standing, decode, encode};
 use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
-use crate::query::READDIR_PAGE_MAX;
+use crate::query::{QueryError, READDIR_PAGE_MAX};
 use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
 
 /// gRPC metadata key naming the leader's address on a "not leader" answer.
@@ -275,6 +275,26 @@ impl Meta for MetaService {
         let reply = pb::MutateReply::decode(reply.mutate.as_slice())
             .map_err(|e| Status::internal(format!("stored reply undecodable: {e}")))?;
         Ok(Response::new(reply))
+    }
+
+    async fn get_lock(&self, request: Request<pb::GetLockRequest>) -> Result<Response<pb::GetLockReply>, Status> {
+        let request = request.into_inner();
+        let op = request.lock.unwrap_or_default();
+        let Some(lock) = crate::lock_table::request_of(&op, request.session) else {
+            return Ok(Response::new(pb::GetLockReply { errno: errno::EINVAL, ..Default::default() }));
+        };
+        let query = self.node.read().await.map_err(status_of)?;
+        let target = op.target.unwrap_or_default();
+        match query.by_handle(Some(&target)) {
+            Ok(_) => {}
+            Err(QueryError::Errno(code)) => {
+                return Ok(Response::new(pb::GetLockReply { errno: code, ..Default::default() }));
+            }
+            Err(e) => return Err(status_of(e.into())),
+        }
+        let held = query.locks(target.ino).map_err(|e| status_of(e.into()))?;
+        let conflict = crate::locks::conflict(&held, &lock).map(crate::lock_table::info_of);
+        Ok(Response::new(pb::GetLockReply { errno: 0, conflict }))
     }
 
     /// Every member hears each data server's reports and keeps them in memory, so that a new

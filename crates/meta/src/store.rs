@@ -328,14 +328,16 @@ impl StateMachineStore {
 
     fn install(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> io::Result<()> {
         let body: SnapshotBody = decode(data).map_err(io_err)?;
-        if body.tables.len() != STATE_TABLES.len() {
+        // Tables are only ever appended to the list, so a snapshot from an older version has
+        // a prefix of them; the rest start empty.
+        if body.tables.is_empty() || body.tables.len() > STATE_TABLES.len() {
             return Err(io_err("snapshot has the wrong number of tables"));
         }
         let txn = self.db.begin_write().map_err(io_err)?;
-        for (definition, rows) in STATE_TABLES.iter().zip(&body.tables) {
+        for (index, definition) in STATE_TABLES.iter().enumerate() {
             let mut table = txn.open_table(*definition).map_err(io_err)?;
             table.retain(|_, _| false).map_err(io_err)?;
-            for (key, value) in rows {
+            for (key, value) in body.tables.get(index).into_iter().flatten() {
                 table.insert(key.as_slice(), value.as_slice()).map_err(io_err)?;
             }
         }

@@ -230,6 +230,7 @@ fn committed_blocks_become_garbage_when_no_extent_references_them() {
         min_size: 0,
         update_mtime: true,
         kill_suid: false,
+        ..Default::default()
     }));
     assert_eq!(reply.attr.as_ref().unwrap().size, 14_096);
     assert_eq!(reply.attr.as_ref().unwrap().allocated, 8192);
@@ -290,4 +291,47 @@ mod log_store {
         let entries = store.try_get_log_entries(0..100).await.unwrap();
         assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![5, 6, 7, 8]);
     }
+}
+
+fn lock_op(target: pb::FileHandle, owner: u64, kind: pb::LockKind, start: u64, end: u64) -> Op {
+    Op::Lock(pb::LockOp { target: Some(target), owner, kind: kind as i32, start, end, pid: owner as u32 })
+}
+
+#[test]
+fn locks_conflict_across_sessions_end_with_the_session_and_fence_commits() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let file = handle(&fs.create(root, "db", pb::FileKind::Regular).unwrap());
+    let first = fs.session;
+    let granted = fs.mutate(lock_op(file, 1, pb::LockKind::LockWrite, 0, 99));
+    assert_eq!(granted.errno, 0);
+    let token = granted.lock.unwrap().token;
+    assert!(token > 0);
+
+    // Another session (another mount) is refused, and told who is in the way.
+    let second = fs.apply(Command::OpenSession { client_name: "other".into(), now_ms: 0, lease_ms: 120_000 }).value;
+    fs.session = second;
+    let refused = fs.mutate(lock_op(file, 1, pb::LockKind::LockRead, 50, 50));
+    assert_eq!(refused.errno, errno::EAGAIN);
+    assert_eq!(refused.lock.unwrap().pid, 1);
+    assert_eq!(fs.mutate(lock_op(file, 1, pb::LockKind::LockRead, 100, 199)).errno, 0);
+
+    // A commit fenced with a token its session does not hold is refused.
+    let commit =
+        |token| Op::Commit(pb::CommitOp { target: Some(file), min_size: 10, lock_token: token, ..Default::default() });
+    assert_eq!(fs.mutate(commit(token)).errno, errno::ENOLCK);
+    fs.session = first;
+    assert_eq!(fs.mutate(commit(token)).errno, 0);
+
+    // The first session expires: its lock goes, the second session gets it with a higher
+    // token, and the old token no longer fences anything.
+    fs.apply(Command::ExpireSessions { now_ms: 61_000 });
+    assert!(fs.query().locks(file.ino).unwrap().iter().all(|l| l.session == second));
+    fs.session = second;
+    let regranted = fs.mutate(lock_op(file, 1, pb::LockKind::LockWrite, 0, 99));
+    assert_eq!(regranted.errno, 0);
+    assert!(regranted.lock.unwrap().token > token);
+    let late = pb::MutateRequest { session: first, seq: 1_000, caller: None, op: Some(commit(token)) };
+    let reply = fs.apply(Command::Mutate { now: Time { sec: 10_000, nsec: 0 }, request: late.encode_to_vec() });
+    assert_ne!(reply.errno, 0, "a commit of the expired session goes nowhere");
 }

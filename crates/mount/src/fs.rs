@@ -8,7 +8,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cairn_client::{Client, ClientError, OpenFile};
@@ -16,7 +16,7 @@ use cairn_proto::{self as pb, errno, mutate_request::Op};
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use lru::LruCache;
 
@@ -72,6 +72,8 @@ pub struct CairnFs {
     names: Mutex<LruCache<(u64, Vec<u8>), u64>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// Set once the session is up: tells the kernel to drop what it caches of an inode.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -93,7 +95,12 @@ fn time_set(t: TimeOrNow) -> pb::TimeSet {
 }
 
 impl CairnFs {
-    pub fn new(client: Arc<Client>, runtime: tokio::runtime::Handle, options: MountOptions) -> Self {
+    pub fn new(
+        client: Arc<Client>,
+        runtime: tokio::runtime::Handle,
+        options: MountOptions,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+    ) -> Self {
         let root = client.meta.root();
         let mut inodes = HashMap::new();
         inodes.insert(root.ino, KnownInode { generation: root.generation, lookups: 1, orphaned: false });
@@ -105,6 +112,7 @@ impl CairnFs {
             names: Mutex::new(LruCache::new(NonZeroUsize::new(NAME_CACHE_ENTRIES).expect("non-zero"))),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            notifier,
         }
     }
 
@@ -318,7 +326,12 @@ fn stream_clone(stream: &DirStream) -> Box<DirStream> {
 
 impl Filesystem for CairnFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_PARALLEL_DIROPS;
+        // Locks are kept in meta, so that they hold across every mount: the kernel passes
+        // fcntl and flock requests on.
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_POSIX_LOCKS
+            | InitFlags::FUSE_FLOCK_LOCKS;
         if let Err(missing) = config.add_capabilities(wanted) {
             tracing::info!(?missing, "kernel lacks some FUSE capabilities");
         }
@@ -617,10 +630,16 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
         let result = self.runtime.block_on(async {
-            let (_, file) = self.open_file(fh)?;
-            self.client.files.flush(&file).await
+            let (ino, file) = self.open_file(fh)?;
+            self.client.files.flush(&file).await?;
+            // A close drops the closing process's POSIX locks on the file (the kernel leaves
+            // that to a file system that keeps its own locks).
+            if self.client.locks.holds(ino, lock_owner.0) {
+                self.client.locks.release_owner(file.handle, lock_owner.0).await?;
+            }
+            Ok(())
         });
         match result {
             Ok(()) => reply.ok(),
@@ -634,16 +653,23 @@ impl Filesystem for CairnFs {
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().expect("handle table poisoned").remove(&fh.0);
-        let Some(Handle::File { ino, .. }) = handle else {
+        let Some(Handle::File { ino, file }) = handle else {
             reply.ok();
             return;
         };
         let result = self.runtime.block_on(async {
+            // The last close of an open file description drops its flock lock.
+            if let Some(owner) = lock_owner
+                && self.client.locks.holds(ino, owner.0)
+                && let Err(e) = self.client.locks.release_owner(file.handle, owner.0).await
+            {
+                tracing::warn!(ino, error = %e, "dropping a flock lock at close failed");
+            }
             let last = self.client.files.release(ino).await?;
             let orphan = {
                 let inodes = self.inodes.lock().expect("inode table poisoned");
@@ -739,6 +765,74 @@ impl Filesystem for CairnFs {
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.handles.lock().expect("handle table poisoned").remove(&fh.0);
         reply.ok();
+    }
+
+    fn getlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        reply: ReplyLock,
+    ) {
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            let call = lock_call(file.handle, lock_owner, start, end, typ, pid)?;
+            self.client.locks.get(call).await
+        });
+        match result {
+            Ok(Some(conflict)) => {
+                let typ = if conflict.kind == pb::LockKind::LockWrite as i32 { libc::F_WRLCK } else { libc::F_RDLCK };
+                reply.locked(conflict.start, conflict.end, typ, conflict.pid);
+            }
+            Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
+            Err(e) => {
+                tracing::debug!(ino = ino.0, error = %e, "getlk failed");
+                reply.error(errno_of(&e));
+            }
+        }
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        lock_owner: LockOwner,
+        start: u64,
+        end: u64,
+        typ: i32,
+        pid: u32,
+        sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            let call = lock_call(file.handle, lock_owner, start, end, typ, pid)?;
+            // What this client wrote under the lock reaches meta before the lock is let go (and
+            // before another is taken), so the next holder reads it.
+            self.client.files.flush(&file).await?;
+            self.client.locks.set(call, sleep).await?;
+            if call.kind != pb::LockKind::LockUnlock {
+                // Whoever held the lock before may have changed the file: read it afresh.
+                let attr = self.client.meta.getattr(file.handle).await?;
+                self.client.files.invalidate(ino.0, attr.size).await;
+                if let Some(notifier) = self.notifier.get()
+                    && let Err(e) = notifier.inval_inode(ino, 0, 0)
+                {
+                    tracing::debug!(ino = ino.0, error = %e, "kernel cache invalidation failed");
+                }
+            }
+            Ok::<_, ClientError>(())
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -942,4 +1036,25 @@ impl CairnFs {
             Err(e) => reply.error(errno_of(&e)),
         }
     }
+}
+
+/// A kernel lock request (fcntl types) as a call to meta.
+fn lock_call(
+    target: pb::FileHandle,
+    owner: LockOwner,
+    start: u64,
+    end: u64,
+    typ: i32,
+    pid: u32,
+) -> Result<cairn_client::locks::LockCall, ClientError> {
+    let kind = match typ {
+        libc::F_RDLCK => pb::LockKind::LockRead,
+        libc::F_WRLCK => pb::LockKind::LockWrite,
+        libc::F_UNLCK => pb::LockKind::LockUnlock,
+        _ => return Err(ClientError::Errno(errno::EINVAL)),
+    };
+    if start > end {
+        return Err(ClientError::Errno(errno::EINVAL));
+    }
+    Ok(cairn_client::locks::LockCall { target, owner: owner.0, kind, start, end, pid })
 }

@@ -1,7 +1,7 @@
 //! Mounting and unmounting, with errors that say how to fix the usual problems.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use cairn_client::Client;
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
@@ -99,7 +99,8 @@ pub fn mount(
         return Err(MountError::NoFuse);
     }
     let path = path.canonicalize().map_err(|source| MountError::Mount { path: path.to_path_buf(), source })?;
-    let fs = CairnFs::new(client, runtime, options);
+    let notifier = Arc::new(OnceLock::new());
+    let fs = CairnFs::new(client, runtime, options, notifier.clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("cairn".into()),
@@ -114,5 +115,6 @@ pub fn mount(
     config.clone_fd = true;
     let session =
         fuser::spawn_mount(fs, &path, &config).map_err(|source| MountError::Mount { path: path.clone(), source })?;
+    let _ = notifier.set(session.notifier());
     Ok(Mounted { session: Some(session), path })
 }

@@ -97,6 +97,7 @@ pub fn block_digest(data: &[u8]) -> (Vec<[u8; 32]>, [u8; 32]) {
 pub mod errno {
     pub const EPERM: i32 = 1;
     pub const ENOENT: i32 = 2;
+    pub const EINTR: i32 = 4;
     pub const EIO: i32 = 5;
     pub const EBADF: i32 = 9;
     pub const EAGAIN: i32 = 11;
@@ -112,7 +113,9 @@ pub mod errno {
     pub const EROFS: i32 = 30;
     pub const EMLINK: i32 = 31;
     pub const ERANGE: i32 = 34;
+    pub const EDEADLK: i32 = 35;
     pub const ENAMETOOLONG: i32 = 36;
+    pub const ENOLCK: i32 = 37;
     pub const ENOSYS: i32 = 38;
     pub const ENOTEMPTY: i32 = 39;
     pub const ENODATA: i32 = 61;
