@@ -7,8 +7,9 @@ set -euo pipefail
 need_apt=()
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
 if [ "${1:-}" = "--test-tools" ]; then
-  # pjdfstest links against libacl.
+  # pjdfstest links against libacl; the lock tests run SQLite databases on the mount.
   [ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)
+  command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -116,6 +116,27 @@ impl CairnFs {
         }
     }
 
+    /// Makes the kernel ask again about `ino` (its attributes and cached data) and about the
+    /// names it has cached in the directories holding it: a lock holder sees what the previous
+    /// holder did, such as a journal file created or removed beside the locked file.
+    // Callbacks from meta will replace this when they land; until then the names of a locked
+    // file's directory are the ones programs coordinate through.
+    fn forget_kernel_caches(&self, ino: u64) {
+        let Some(notifier) = self.notifier.get() else { return };
+        if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+            tracing::debug!(ino, error = %e, "kernel cache invalidation failed");
+        }
+        let stale: Vec<(u64, Vec<u8>)> = {
+            let names = self.names.lock().expect("name cache poisoned");
+            let parents: Vec<u64> = names.iter().filter(|(_, child)| **child == ino).map(|((p, _), _)| *p).collect();
+            names.iter().filter(|((p, _), _)| parents.contains(p)).map(|(key, _)| key.clone()).collect()
+        };
+        for (parent, name) in stale {
+            // ENOENT means the kernel no longer had it: nothing to forget.
+            let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+        }
+    }
+
     fn handle_of(&self, ino: INodeNo) -> Result<pb::FileHandle, ClientError> {
         let inodes = self.inodes.lock().expect("inode table poisoned");
         inodes.get(&ino.0).map(|known| pb::FileHandle { ino: ino.0, generation: known.generation }).ok_or_else(stale)
@@ -821,11 +842,7 @@ impl Filesystem for CairnFs {
                 // Whoever held the lock before may have changed the file: read it afresh.
                 let attr = self.client.meta.getattr(file.handle).await?;
                 self.client.files.invalidate(ino.0, attr.size).await;
-                if let Some(notifier) = self.notifier.get()
-                    && let Err(e) = notifier.inval_inode(ino, 0, 0)
-                {
-                    tracing::debug!(ino = ino.0, error = %e, "kernel cache invalidation failed");
-                }
+                self.forget_kernel_caches(ino.0);
             }
             Ok::<_, ClientError>(())
         });

@@ -1,0 +1,178 @@
+//! Locks across mounts: fcntl byte-range locks and flock held in meta, contended from two
+//! mounts of one file system, released when the holder's mount dies (at session expiry), and
+//! SQLite databases written from both mounts at once.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cairn_testkit::{Cluster, ClusterSpec};
+
+fn two_mounts(session_lease_secs: u64) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
+    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).expect("starting a cluster");
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    (cluster, a, b)
+}
+
+fn open(path: &Path) -> File {
+    OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap()
+}
+
+/// fcntl on `file`: `cmd` is F_SETLK, F_SETLKW or F_GETLK. Returns the lock as the kernel left
+/// it (for F_GETLK, the conflicting one) or the errno.
+fn fcntl_lock(file: &File, cmd: i32, kind: i32, start: i64, len: i64) -> Result<libc::flock, i32> {
+    // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    lock.l_start = start;
+    lock.l_len = len;
+    // SAFETY: fcntl with a lock command reads and writes the flock we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) };
+    if rc == 0 { Ok(lock) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) }
+}
+
+fn flock(file: &File, operation: i32) -> Result<(), i32> {
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) }
+}
+
+#[test]
+fn fcntl_and_flock_locks_hold_across_mounts() {
+    if !common::can_mount() {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts(0);
+    let on_a = open(&a.join("shared"));
+    let on_b = open(&b.join("shared"));
+
+    // A write lock on bytes 0..100 from mount A: mount B can lock elsewhere, not there.
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    assert_eq!(fcntl_lock(&on_b, libc::F_SETLK, libc::F_RDLCK, 50, 10).unwrap_err(), libc::EAGAIN);
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_WRLCK, 100, 10).unwrap();
+    let conflict = fcntl_lock(&on_b, libc::F_GETLK, libc::F_WRLCK, 0, 1).unwrap();
+    assert_eq!((conflict.l_type as i32, conflict.l_start, conflict.l_len), (libc::F_WRLCK, 0, 100));
+
+    // Downgrading the middle to a read lock splits A's lock: B may now read-lock there only.
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_RDLCK, 40, 20).unwrap();
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_RDLCK, 45, 5).unwrap();
+    assert_eq!(fcntl_lock(&on_b, libc::F_SETLK, libc::F_RDLCK, 30, 20).unwrap_err(), libc::EAGAIN);
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_UNLCK, 45, 5).unwrap();
+
+    // A blocked F_SETLKW on B wakes when A unlocks.
+    let waiter_file = open(&b.join("shared"));
+    let (done_tx, done_rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let result = fcntl_lock(&waiter_file, libc::F_SETLKW, libc::F_WRLCK, 0, 100);
+        done_tx.send(Instant::now()).unwrap();
+        (result.map(|_| ()), waiter_file)
+    });
+    assert!(done_rx.recv_timeout(Duration::from_millis(500)).is_err(), "the waiter must block while A holds the lock");
+    let unlocked_at = Instant::now();
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    let woke_at = done_rx.recv_timeout(Duration::from_secs(30)).expect("the waiter wakes");
+    let (result, waiter_file) = waiter.join().unwrap();
+    result.unwrap();
+    println!("blocked lock granted {:?} after the unlock", woke_at - unlocked_at);
+    // Closing any descriptor of the file drops the process's locks on it (POSIX).
+    drop(waiter_file);
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK, 0, 100).unwrap();
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+
+    // flock: exclusive across mounts, shared with shared, released at close.
+    let flock_a = open(&a.join("flocked"));
+    let flock_b = open(&b.join("flocked"));
+    flock(&flock_a, libc::LOCK_EX | libc::LOCK_NB).unwrap();
+    assert_eq!(flock(&flock_b, libc::LOCK_SH | libc::LOCK_NB).unwrap_err(), libc::EWOULDBLOCK);
+    flock(&flock_a, libc::LOCK_SH).unwrap();
+    flock(&flock_b, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+    flock(&flock_b, libc::LOCK_UN).unwrap();
+    // FUSE releases a closed file just after close() returns, so B waits for it rather than
+    // failing at once.
+    drop(flock_a);
+    flock(&flock_b, libc::LOCK_EX).unwrap();
+}
+
+#[test]
+fn a_dead_clients_locks_go_when_its_session_expires() {
+    if !common::can_mount() {
+        return;
+    }
+    let lease = 3;
+    let (mut cluster, a, b) = two_mounts(lease);
+    let on_a = open(&a.join("held"));
+    fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
+    let on_b = open(&b.join("held"));
+    assert_eq!(fcntl_lock(&on_b, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap_err(), libc::EAGAIN);
+
+    // The holder's client dies with kill -9: nobody unlocks, the session lease runs out.
+    cluster.mounts[0].process.kill();
+    let killed_at = Instant::now();
+    fcntl_lock(&on_b, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+    let waited = killed_at.elapsed();
+    println!("lock of the killed client released after {waited:?}");
+    assert!(waited >= Duration::from_secs(lease) - Duration::from_millis(500), "released before the lease ran out");
+    drop(on_a);
+}
+
+/// Runs `sql` against `db` with the sqlite3 shell; panics with its output on failure.
+fn sqlite(db: &Path, sql: &str) -> String {
+    let output = Command::new("sqlite3").arg(db).arg(sql).output().expect("sqlite3 is installed (scripts/setup.sh)");
+    assert!(
+        output.status.success(),
+        "sqlite3 {sql:.60}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+#[test]
+fn sqlite_written_from_two_mounts_at_once_stays_whole() {
+    if !common::can_mount() {
+        return;
+    }
+    let (_cluster, a, b) = two_mounts(0);
+    sqlite(&a.join("app.db"), "CREATE TABLE t (writer TEXT, n INTEGER, pad TEXT);");
+    const ROWS: usize = 150;
+    let writers: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+        .into_iter()
+        .map(|(name, mount)| {
+            let mut script = String::from(".timeout 60000\n");
+            for n in 0..ROWS {
+                script.push_str(&format!(
+                    "BEGIN IMMEDIATE; INSERT INTO t VALUES ('{name}', {n}, hex(randomblob(300))); COMMIT;\n"
+                ));
+            }
+            std::thread::spawn(move || {
+                let mut child = Command::new("sqlite3")
+                    .arg(mount.join("app.db"))
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sqlite3 is installed (scripts/setup.sh)");
+                use std::io::Write;
+                child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+                child.wait_with_output().unwrap()
+            })
+        })
+        .collect();
+    for writer in writers {
+        let output = writer.join().unwrap();
+        assert!(output.status.success() && output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    for mount in [&a, &b] {
+        assert_eq!(sqlite(&mount.join("app.db"), "PRAGMA integrity_check;"), "ok");
+        let counts = sqlite(&mount.join("app.db"), "SELECT writer, count(DISTINCT n) FROM t GROUP BY writer;");
+        assert_eq!(counts, format!("a|{ROWS}\nb|{ROWS}"), "every committed row is there");
+    }
+}
