@@ -125,8 +125,9 @@ pub fn run(runtime: &tokio::runtime::Runtime, spec: DevCluster) -> Result<()> {
     wait_for("every server to report in", Duration::from_secs(60), &mut children, || {
         runtime.block_on(crate::status::healthy(&meta_addresses))
     })?;
-    let mount_args =
+    let mut mount_args: Vec<String> =
         vec!["mount".into(), "--meta".into(), meta_list.clone(), "--mount".into(), spec.mount.display().to_string()];
+    mount_args.extend(["--cache-dir".into(), spec.dir.join("cache").display().to_string()]);
     spawn(&mut children, &logs, "mount", &mount_args)?;
     wait_for("the mount", Duration::from_secs(30), &mut children, || cairn_mount::mount::is_mount_point(&spec.mount))?;
     runtime.block_on(crate::status::status(meta_addresses.clone(), false))?;

@@ -120,6 +120,13 @@ enum Command {
         meta: String,
         #[arg(long)]
         mount: PathBuf,
+        /// Where blocks read are cached on disk across mounts (a subdirectory per file system;
+        /// default /var/cache/cairn as root, else ~/.cache/cairn).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Size of the on-disk cache; 0 turns it off.
+        #[arg(long, default_value_t = 1024)]
+        cache_mib: u64,
     },
     /// Run the same workloads on a one-node Cairn mount and on the local disk; print the ratio.
     Bench {
@@ -266,7 +273,10 @@ fn run(cli: Cli) -> Result<()> {
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_secs),
             }))
         }
-        Command::Mount { meta, mount } => roles::mount(&runtime, split(&meta), mount),
+        Command::Mount { meta, mount, cache_dir, cache_mib } => {
+            let cache = roles::DiskCacheOptions { dir: cache_dir, bytes: cache_mib.saturating_mul(1024 * 1024) };
+            roles::mount(&runtime, split(&meta), mount, cache)
+        }
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
             bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1), mount })
         }

@@ -431,13 +431,40 @@ pub async fn data(start: DataStart) -> Result<()> {
     Ok(())
 }
 
-pub fn mount(runtime: &tokio::runtime::Runtime, meta: Vec<String>, mount_path: PathBuf) -> Result<()> {
+/// The on-disk block cache of a mount.
+pub struct DiskCacheOptions {
+    /// None: the default place (/var/cache/cairn as root, else ~/.cache/cairn).
+    pub dir: Option<PathBuf>,
+    /// 0 turns the cache off.
+    pub bytes: u64,
+}
+
+impl DiskCacheOptions {
+    fn dir(&self) -> Option<PathBuf> {
+        if let Some(dir) = &self.dir {
+            return Some(dir.clone());
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            return Some(PathBuf::from("/var/cache/cairn"));
+        }
+        std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/cairn"))
+    }
+}
+
+pub fn mount(
+    runtime: &tokio::runtime::Runtime,
+    meta: Vec<String>,
+    mount_path: PathBuf,
+    cache: DiskCacheOptions,
+) -> Result<()> {
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
     }
     check_mount_point(&mount_path)?;
+    let options = ClientOptions { disk_cache_dir: cache.dir(), disk_cache_bytes: cache.bytes, ..Default::default() };
     let client = runtime.block_on(async {
-        let client = Client::connect(meta.clone(), client_name("mount"), ClientOptions::default())
+        let client = Client::connect(meta.clone(), client_name("mount"), options)
             .await
             .with_context(|| format!("connecting to meta at {}", meta.join(",")))?;
         client.spawn_heartbeat();

@@ -14,6 +14,7 @@ use cairn_proto::{self as pb, BlockId, PIECE_BYTES, digest_of_pieces, piece_hash
 use lru::LruCache;
 use tonic::transport::Channel;
 
+use crate::disk_cache::DiskCache;
 use crate::error::{ClientError, ClientResult};
 use crate::meta::{MetaConnection, endpoint};
 
@@ -26,6 +27,8 @@ pub struct BlockStore {
     meta: Arc<MetaConnection>,
     clients: Mutex<HashMap<String, DataClient<Channel>>>,
     cache: Mutex<LruCache<(u128, u32), Bytes>>,
+    /// Pieces kept on local disk across mounts, behind the memory cache.
+    disk: Option<DiskCache>,
     next_block: AtomicU64,
 }
 
@@ -38,12 +41,13 @@ fn transient(status: &tonic::Status) -> bool {
 
 impl BlockStore {
     /// `cache_bytes` bounds the memory of verified pieces kept for re-reads.
-    pub fn new(meta: Arc<MetaConnection>, cache_bytes: usize) -> Self {
+    pub fn new(meta: Arc<MetaConnection>, cache_bytes: usize, disk: Option<DiskCache>) -> Self {
         let pieces = NonZeroUsize::new((cache_bytes / PIECE_BYTES).max(16)).expect("at least 16 pieces");
         BlockStore {
             meta,
             clients: Mutex::new(HashMap::new()),
             cache: Mutex::new(LruCache::new(pieces)),
+            disk,
             next_block: AtomicU64::new(0),
         }
     }
@@ -181,16 +185,37 @@ impl BlockStore {
         Ok(())
     }
 
+    /// Caches verified pieces in memory and on disk.
     fn insert_pieces(&self, id: u128, first_piece: u32, data: &[u8]) {
-        let mut cache = self.cache.lock().expect("block cache poisoned");
-        for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
-            cache.put((id, first_piece + i as u32), Bytes::copy_from_slice(piece));
+        {
+            let mut cache = self.cache.lock().expect("block cache poisoned");
+            for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+                cache.put((id, first_piece + i as u32), Bytes::copy_from_slice(piece));
+            }
+        }
+        if let Some(disk) = &self.disk {
+            for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+                disk.put(id, first_piece + i as u32, piece);
+            }
         }
     }
 
+    /// Pieces `first..=last` from memory, else from disk (then kept in memory too).
     fn cached(&self, id: u128, first: u32, last: u32) -> Option<Vec<Bytes>> {
+        let in_memory: Option<Vec<Bytes>> = {
+            let mut cache = self.cache.lock().expect("block cache poisoned");
+            (first..=last).map(|piece| cache.get(&(id, piece)).cloned()).collect()
+        };
+        if in_memory.is_some() {
+            return in_memory;
+        }
+        let disk = self.disk.as_ref()?;
+        let pieces: Vec<Bytes> = (first..=last).map(|piece| disk.get(id, piece)).collect::<Option<_>>()?;
         let mut cache = self.cache.lock().expect("block cache poisoned");
-        (first..=last).map(|piece| cache.get(&(id, piece)).cloned()).collect()
+        for (i, piece) in pieces.iter().enumerate() {
+            cache.put((id, first + i as u32), piece.clone());
+        }
+        Some(pieces)
     }
 
     /// Reads `len` bytes at `offset` of a block. With `whole_rest`, fetches through the end of

@@ -4,6 +4,7 @@
 //! with end-to-end verification, and buffers writes until close or fsync.
 
 pub mod blocks;
+pub mod disk_cache;
 pub mod error;
 pub mod files;
 pub mod locks;
@@ -27,13 +28,24 @@ pub struct Client {
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub retry: RetryPolicy,
+    /// Memory for verified pieces kept for re-reads.
     pub cache_bytes: usize,
     pub uploads_in_flight: usize,
+    /// Where pieces are cached on disk across mounts: a subdirectory named by the file system
+    /// id is used. None: no disk cache.
+    pub disk_cache_dir: Option<std::path::PathBuf>,
+    pub disk_cache_bytes: u64,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { retry: RetryPolicy::default(), cache_bytes: 256 * 1024 * 1024, uploads_in_flight: 8 }
+        ClientOptions {
+            retry: RetryPolicy::default(),
+            cache_bytes: 256 * 1024 * 1024,
+            uploads_in_flight: 8,
+            disk_cache_dir: None,
+            disk_cache_bytes: 1024 * 1024 * 1024,
+        }
     }
 }
 
@@ -44,7 +56,20 @@ impl Client {
         options: ClientOptions,
     ) -> ClientResult<Arc<Client>> {
         let meta = MetaConnection::connect(addresses, client_name, options.retry).await?;
-        let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes));
+        let disk = match &options.disk_cache_dir {
+            Some(dir) if options.disk_cache_bytes > 0 && !meta.fs_id.is_empty() => {
+                let dir = dir.join(&meta.fs_id);
+                match disk_cache::DiskCache::open(&dir, options.disk_cache_bytes) {
+                    Ok(cache) => Some(cache),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "no on-disk cache (another mount may use it)");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes, disk));
         let locks = Arc::new(locks::Locks::new(meta.clone()));
         let files = Files::new(meta.clone(), blocks.clone(), locks.clone(), options.uploads_in_flight);
         Ok(Arc::new(Client { meta, blocks, files, locks }))

@@ -71,6 +71,8 @@ pub struct MetaConnection {
     root: RwLock<pb::FileHandle>,
     pub replication: u32,
     pub lease: Duration,
+    /// The file system's id, as meta reported it at connect.
+    pub fs_id: String,
     client_name: String,
 }
 
@@ -96,12 +98,14 @@ impl MetaConnection {
             root: RwLock::new(pb::FileHandle::default()),
             replication: 1,
             lease: Duration::from_secs(60),
+            fs_id: String::new(),
             client_name,
         };
         let reply = connection.open_session_rpc().await?;
         let connection = MetaConnection {
             replication: reply.replication.max(1),
             lease: Duration::from_millis(reply.lease_ms.max(1000)),
+            fs_id: reply.fs_id.clone(),
             ..connection
         };
         Ok(Arc::new(connection))

@@ -97,8 +97,12 @@ impl Meta for MetaService {
             .propose(Command::OpenSession { client_name: name, now_ms: now_ms(), lease_ms })
             .await
             .map_err(status_of)?;
-        let root = self.node.local_read().and_then(|q| Ok(q.root()?)).map_err(status_of)?;
+        let query = self.node.local_read().map_err(status_of)?;
+        let root = query.root().map_err(|e| status_of(e.into()))?;
+        let fs_id = query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default();
+        drop(query);
         Ok(Response::new(pb::OpenSessionReply {
+            fs_id,
             session: reply.value,
             lease_ms,
             root: Some(root),

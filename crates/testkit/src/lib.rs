@@ -190,6 +190,7 @@ pub struct Cluster {
     /// even after others were taken out of `metas` or `datas`.
     metas_started: usize,
     datas_started: usize,
+    mounts_started: usize,
 }
 
 /// One server process, the address it is reached at (its proxy) and its directory.
@@ -294,6 +295,7 @@ impl Cluster {
             spec,
             metas_started: 0,
             datas_started: 0,
+            mounts_started: 0,
         };
         let replication = if spec.replication == 0 { spec.datas.clamp(1, 3) as u32 } else { spec.replication };
         for i in 0..spec.metas.max(1) {
@@ -456,13 +458,28 @@ impl Cluster {
 
     /// Mounts the file system at a new directory and waits until the mount is up.
     pub fn mount(&mut self) -> Result<PathBuf> {
-        let index = self.mounts.len();
+        let cache = self.dir.path().join(format!("cache{}", self.mounts_started));
+        self.mount_with_cache(&cache)
+    }
+
+    /// Like [`Cluster::mount`], with the on-disk block cache in `cache` (which outlives it).
+    pub fn mount_with_cache(&mut self, cache: &Path) -> Result<PathBuf> {
+        let index = self.mounts_started;
+        self.mounts_started += 1;
         let path = self.dir.path().join(format!("mnt{index}"));
         std::fs::create_dir_all(&path)?;
         let process = Process::start(
             &self.bin,
             &format!("mount{index}"),
-            vec!["mount".into(), "--meta".into(), self.meta_addresses(), "--mount".into(), path.display().to_string()],
+            vec![
+                "mount".into(),
+                "--meta".into(),
+                self.meta_addresses(),
+                "--mount".into(),
+                path.display().to_string(),
+                "--cache-dir".into(),
+                cache.display().to_string(),
+            ],
             self.dir.path().join(format!("mount{index}.log")),
         )?;
         let mount = Mount { path: path.clone(), process };

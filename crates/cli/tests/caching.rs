@@ -1,0 +1,56 @@
+//! The client's on-disk block cache: it outlives a mount, serves blocks with every data server
+//! gone, and a damaged cached piece is never served.
+
+mod common;
+
+use std::fs;
+
+use cairn_testkit::{Cluster, ClusterSpec, pattern};
+
+/// Cached piece files under `cache` (one subdirectory per file system, one per shard).
+fn piece_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for fs_dir in fs::read_dir(cache).into_iter().flatten().flatten() {
+        for shard in fs::read_dir(fs_dir.path()).into_iter().flatten().flatten() {
+            for piece in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                files.push(piece.path());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn blocks_read_once_are_served_from_disk_after_a_remount() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let cache = cluster.dir.path().join("kept-cache");
+    let content = pattern(21, 6 * 1024 * 1024 + 12_345);
+
+    let first = cluster.mount_with_cache(&cache).unwrap();
+    fs::write(first.join("file"), &content).unwrap();
+    assert!(fs::read(first.join("file")).unwrap() == content);
+    cluster.mounts.clear();
+    assert!(!piece_files(&cache).is_empty(), "reading the file cached its pieces");
+
+    // Every data server gone: a new mount with the same cache still reads the file.
+    cluster.datas[0].kill();
+    let second = cluster.mount_with_cache(&cache).unwrap();
+    assert!(fs::read(second.join("file")).unwrap() == content, "the remount reads from its disk cache");
+    cluster.mounts.clear();
+
+    // A flipped byte in a cached piece: that piece is fetched again, never served damaged.
+    let damaged = piece_files(&cache).into_iter().next().unwrap();
+    let mut bytes = fs::read(&damaged).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    fs::write(&damaged, &bytes).unwrap();
+    cluster.datas[0].restart().unwrap();
+    let third = cluster.mount_with_cache(&cache).unwrap();
+    assert!(fs::read(third.join("file")).unwrap() == content, "the damaged piece came from the data server");
+    let log = cluster.mounts[0].process.log();
+    assert!(log.contains("cached piece failed its check"), "the damage was noticed:\n{log}");
+}
