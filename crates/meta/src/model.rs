@@ -202,6 +202,30 @@ impl DataServerRecord {
     }
 }
 
+/// Why a pass over a table stopped.
+#[derive(Debug)]
+pub enum ScanError {
+    Storage(redb::StorageError),
+    Corrupt(postcard::Error),
+}
+
+/// How many records of the block table `blocks` list a copy on data server `server` (a pass
+/// over them all: only a data server's removal asks). Works in a read or a write transaction.
+pub fn count_blocks_on(
+    blocks: &impl redb::ReadableTable<&'static [u8], &'static [u8]>,
+    server: u64,
+) -> Result<u64, ScanError> {
+    let mut count = 0;
+    for item in blocks.iter().map_err(ScanError::Storage)? {
+        let (_, value) = item.map_err(ScanError::Storage)?;
+        let record: BlockRecord = decode(value.value()).map_err(ScanError::Corrupt)?;
+        if record.servers.contains(&server) {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
 pub fn key_u64(a: u64) -> [u8; 8] {
     a.to_be_bytes()
 }

@@ -421,16 +421,10 @@ impl<'t> Tables<'t> {
     /// a removal asks).
     fn blocks_on(&self, id: u64) -> ApplyResult<u64> {
         let table = self.txn.open_table(BLOCKS)?;
-        let mut count = 0;
-        for item in table.iter()? {
-            let (_, value) = item?;
-            let record: BlockRecord = decode(value.value())
-                .map_err(|e| ApplyError::Corrupt { table: BLOCKS.name().to_string(), detail: e.to_string() })?;
-            if record.servers.contains(&id) {
-                count += 1;
-            }
-        }
-        Ok(count)
+        count_blocks_on(&table, id).map_err(|e| match e {
+            ScanError::Storage(e) => e.into(),
+            ScanError::Corrupt(e) => ApplyError::Corrupt { table: BLOCKS.name().to_string(), detail: e.to_string() },
+        })
     }
 
     /// Records a repaired copy of a block and forgets copies that no longer count. A block that

@@ -272,15 +272,10 @@ impl Query {
     /// How many live blocks list a copy on data server `id` (a pass over all blocks).
     pub fn blocks_on(&self, id: u64) -> QueryResult<u64> {
         let table = self.txn.open_table(BLOCKS)?;
-        let mut count = 0;
-        for item in table.iter()? {
-            let (_, value) = item?;
-            let record: BlockRecord = decode(value.value()).map_err(|e| corrupt("blocks", e))?;
-            if record.servers.contains(&id) {
-                count += 1;
-            }
-        }
-        Ok(count)
+        count_blocks_on(&table, id).map_err(|e| match e {
+            ScanError::Storage(e) => e.into(),
+            ScanError::Corrupt(e) => corrupt("blocks", e),
+        })
     }
 
     /// Up to `limit` live blocks with ids above `after`, in id order (a page of a scan).
