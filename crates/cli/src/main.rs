@@ -5,8 +5,16 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use cairn::{bench, cluster, dev_cluster, roles, status};
+use cairn_client::callbacks::PartitionPolicy;
 use cairn_data::scrub::ScrubPolicy;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// What a mount does when it lost touch with meta for longer than its promise lease.
+#[derive(Clone, Copy, ValueEnum)]
+enum OnPartition {
+    Wait,
+    Eio,
+}
 
 #[derive(Parser)]
 #[command(name = "cairn", version, about = "Cairn: a distributed file system")]
@@ -127,6 +135,17 @@ enum Command {
         /// Size of the on-disk cache; 0 turns it off.
         #[arg(long, default_value_t = 1024)]
         cache_mib: u64,
+        /// Make every write visible to other clients when write() returns (write-through, no
+        /// kernel data cache), instead of at close.
+        #[arg(long)]
+        strict: bool,
+        /// What requests do once this client lost touch with meta for longer than its
+        /// promise lease: wait (up to 60 s, then EIO) or fail with EIO at once.
+        #[arg(long, value_enum, default_value = "wait")]
+        on_partition: OnPartition,
+        /// The local address this client's connections leave from (on a host with several).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
     },
     /// Run the same workloads on a one-node Cairn mount and on the local disk; print the ratio.
     Bench {
@@ -273,9 +292,16 @@ fn run(cli: Cli) -> Result<()> {
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_secs),
             }))
         }
-        Command::Mount { meta, mount, cache_dir, cache_mib } => {
+        Command::Mount { meta, mount, cache_dir, cache_mib, strict, on_partition, bind } => {
+            if let Some(ip) = bind {
+                cairn_proto::net::set_source_address(ip);
+            }
             let cache = roles::DiskCacheOptions { dir: cache_dir, bytes: cache_mib.saturating_mul(1024 * 1024) };
-            roles::mount(&runtime, split(&meta), mount, cache)
+            let partition = match on_partition {
+                OnPartition::Wait => PartitionPolicy::Wait,
+                OnPartition::Eio => PartitionPolicy::Eio,
+            };
+            roles::mount(&runtime, split(&meta), mount, cache, roles::MountModes { strict, partition })
         }
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
             bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1), mount })

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use cairn_client::callbacks::PartitionPolicy;
 use cairn_client::{Client, ClientOptions};
 use cairn_data::scrub::ScrubPolicy;
 use cairn_data::{DataService, Volume};
@@ -452,17 +453,30 @@ impl DiskCacheOptions {
     }
 }
 
+/// How a mount behaves towards other clients.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MountModes {
+    pub strict: bool,
+    pub partition: PartitionPolicy,
+}
+
 pub fn mount(
     runtime: &tokio::runtime::Runtime,
     meta: Vec<String>,
     mount_path: PathBuf,
     cache: DiskCacheOptions,
+    modes: MountModes,
 ) -> Result<()> {
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
     }
     check_mount_point(&mount_path)?;
-    let options = ClientOptions { disk_cache_dir: cache.dir(), disk_cache_bytes: cache.bytes, ..Default::default() };
+    let options = ClientOptions {
+        disk_cache_dir: cache.dir(),
+        disk_cache_bytes: cache.bytes,
+        partition: modes.partition,
+        ..Default::default()
+    };
     let client = runtime.block_on(async {
         let client = Client::connect(meta.clone(), client_name("mount"), options)
             .await
@@ -470,7 +484,8 @@ pub fn mount(
         client.spawn_heartbeat();
         Ok::<_, anyhow::Error>(client)
     })?;
-    let mounted = cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions::default())?;
+    let mounted =
+        cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions { strict: modes.strict })?;
     println!("Cairn mounted at {} (meta {})", mounted.path().display(), meta.join(","));
     runtime.block_on(wait_for_signal())?;
     eprintln!("cairn: unmounting {}", mounted.path().display());

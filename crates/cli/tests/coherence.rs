@@ -24,3 +24,187 @@ fn data_closed_on_one_mount_is_read_at_once_on_another() {
         assert!(read == content.as_bytes(), "round {round}: read {} bytes, wrote {}", read.len(), content.len());
     }
 }
+
+/// `stat` on a path: Some((mode, size)) or None when it does not exist.
+fn stat(path: &std::path::Path) -> Option<(u32, u64)> {
+    use std::os::unix::fs::PermissionsExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) => Some((m.permissions().mode() & 0o7777, m.len())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => panic!("stat {}: {e}", path.display()),
+    }
+}
+
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
+    use std::os::unix::fs::PermissionsExt;
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    fs::write(a.join("d/f"), b"0123456789").unwrap();
+    for round in 0..200u32 {
+        // B looks first each time, so its kernel and client hold what is about to change.
+        let (da, db) = (a.join("d"), b.join("d"));
+        let mode = 0o600 | (round % 8) << 3;
+        assert!(stat(&db.join("f")).is_some());
+        fs::set_permissions(da.join("f"), fs::Permissions::from_mode(mode)).unwrap();
+        assert_eq!(stat(&db.join("f")).map(|s| s.0), Some(mode), "round {round}: chmod");
+
+        let size = u64::from(round % 10);
+        fs::OpenOptions::new().write(true).open(da.join("f")).unwrap().set_len(size).unwrap();
+        assert_eq!(stat(&db.join("f")).map(|s| s.1), Some(size), "round {round}: truncate (stat)");
+        assert_eq!(fs::read(db.join("f")).unwrap().len() as u64, size, "round {round}: truncate (read)");
+        fs::write(da.join("f"), b"0123456789").unwrap();
+
+        let sub = format!("sub{round}");
+        assert_eq!(stat(&db.join(&sub)), None);
+        let before = names(&db);
+        fs::create_dir(da.join(&sub)).unwrap();
+        assert!(stat(&db.join(&sub)).is_some(), "round {round}: mkdir");
+        assert_eq!(names(&db).len(), before.len() + 1, "round {round}: mkdir (listing)");
+
+        fs::rename(da.join("f"), da.join("g")).unwrap();
+        assert_eq!(stat(&db.join("f")), None, "round {round}: rename (old name)");
+        assert!(stat(&db.join("g")).is_some(), "round {round}: rename (new name)");
+        fs::rename(da.join("g"), da.join("f")).unwrap();
+        assert!(stat(&db.join("f")).is_some(), "round {round}: rename back");
+
+        fs::remove_dir(da.join(&sub)).unwrap();
+        assert_eq!(stat(&db.join(&sub)), None, "round {round}: rmdir");
+        assert_eq!(names(&db), before, "round {round}: rmdir (listing)");
+
+        let doomed = format!("x{round}");
+        fs::write(da.join(&doomed), b"x").unwrap();
+        assert!(stat(&db.join(&doomed)).is_some(), "round {round}: create");
+        fs::remove_file(da.join(&doomed)).unwrap();
+        assert_eq!(stat(&db.join(&doomed)), None, "round {round}: unlink");
+    }
+}
+
+/// This mount's counters (see the mount's metrics attribute).
+fn metrics(mount: &std::path::Path) -> serde_json::Value {
+    let out = std::process::Command::new("getfattr")
+        .args(["--only-values", "-n", "user.cairn.metrics"])
+        .arg(mount)
+        .output()
+        .expect("getfattr runs");
+    assert!(out.status.success(), "getfattr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("metrics are JSON")
+}
+
+#[test]
+fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..50 {
+        fs::write(a.join(format!("d/{i}")), format!("{i}")).unwrap();
+    }
+    let walk = |root: &std::path::Path| {
+        for entry in fs::read_dir(root.join("d")).unwrap() {
+            let entry = entry.unwrap();
+            fs::symlink_metadata(entry.path()).unwrap();
+            fs::read(entry.path()).unwrap();
+        }
+    };
+    walk(&b);
+    let rpcs = metrics(&b)["meta_rpcs"].as_u64().unwrap();
+    let breaks = metrics(&b)["breaks"].as_u64().unwrap();
+    walk(&b);
+    walk(&b);
+    assert_eq!(metrics(&b)["meta_rpcs"].as_u64().unwrap(), rpcs, "a cached walk asked meta");
+    fs::write(a.join("d/7"), b"changed").unwrap();
+    assert!(metrics(&b)["breaks"].as_u64().unwrap() > breaks, "the change was not pushed to the other mount");
+    assert_eq!(fs::read(b.join("d/7")).unwrap(), b"changed");
+}
+
+#[test]
+fn a_client_cut_off_from_meta_never_serves_data_replaced_elsewhere_and_resumes_after_healing() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 3, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let failing = cluster.mount_with_args(&["--on-partition", "eio"]).unwrap();
+    let failing_ip = cluster.last_mount_ip();
+    let waiting = cluster.mount().unwrap();
+    let waiting_ip = cluster.last_mount_ip();
+    let writer = cluster.mount().unwrap();
+    fs::write(writer.join("f"), b"old").unwrap();
+    for mount in [&failing, &waiting] {
+        assert_eq!(fs::read(mount.join("f")).unwrap(), b"old");
+        assert_eq!(fs::read(mount.join("f")).unwrap(), b"old", "served from the caches");
+    }
+    let meta_ip = cluster.metas[0].ip;
+    cluster.faults.cut(failing_ip, meta_ip);
+    cluster.faults.cut(waiting_ip, meta_ip);
+    // The writer's close returns once the cut-off holders' leases ran out; from then on they
+    // must never show the old data.
+    fs::write(writer.join("f"), b"brand new").unwrap();
+    let blocked = std::thread::spawn({
+        let path = waiting.join("f");
+        move || fs::read(path)
+    });
+    for _ in 0..5 {
+        match fs::read(failing.join("f")) {
+            Ok(data) => assert_ne!(data, b"old", "a cut-off client served replaced data"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        }
+        match fs::symlink_metadata(failing.join("f")) {
+            Ok(m) => assert_ne!(m.len(), 3, "a cut-off client served a replaced size"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+        }
+    }
+    assert!(fs::read(failing.join("f")).is_err(), "a cut-off client with --on-partition eio answered");
+    cluster.faults.heal();
+    cairn_testkit::wait_until("the cut-off client to read again", std::time::Duration::from_secs(30), || {
+        fs::read(failing.join("f")).is_ok_and(|d| d == b"brand new")
+    })
+    .unwrap();
+    let read = blocked.join().unwrap().expect("the waiting client's read completes after healing");
+    assert_eq!(read, b"brand new");
+}
+
+#[test]
+fn close_to_open_holds_while_the_meta_leader_is_killed() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 3, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    let mut killed = None;
+    for round in 0..1000usize {
+        if round == 300 {
+            let leader = cluster.wait_for_leader(std::time::Duration::from_secs(30)).unwrap();
+            cluster.metas[leader].process.kill();
+            killed = Some(leader);
+        }
+        let content = format!("round {round} {}", "y".repeat((round * 7919) % 9000));
+        fs::write(a.join("f"), &content).unwrap();
+        let read = fs::read(b.join("f")).unwrap();
+        assert!(read == content.as_bytes(), "round {round}: read {} bytes, wrote {}", read.len(), content.len());
+        let size = fs::symlink_metadata(b.join("f")).unwrap().len();
+        assert_eq!(size, content.len() as u64, "round {round}: stat");
+    }
+    let new_leader = cluster.leader().expect("a leader after the kill");
+    assert_ne!(Some(new_leader), killed);
+}

@@ -38,14 +38,14 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
 
         // Unknown and stale handles.
         let reply = meta
-            .get_attr(pb::GetAttrRequest { target: Some(pb::FileHandle { ino: 987_654, generation: 1 }) })
+            .get_attr(pb::GetAttrRequest { target: Some(pb::FileHandle { ino: 987_654, generation: 1 }), session: 0 })
             .await
             .unwrap();
         assert_eq!(reply.into_inner().errno, errno::ESTALE);
         let stale = pb::FileHandle { ino: root.ino, generation: root.generation + 1 };
-        let reply = meta.get_attr(pb::GetAttrRequest { target: Some(stale) }).await.unwrap();
+        let reply = meta.get_attr(pb::GetAttrRequest { target: Some(stale), session: 0 }).await.unwrap();
         assert_eq!(reply.into_inner().errno, errno::ESTALE);
-        let reply = meta.get_attr(pb::GetAttrRequest { target: None }).await.unwrap();
+        let reply = meta.get_attr(pb::GetAttrRequest { target: None, session: 0 }).await.unwrap();
         assert_eq!(reply.into_inner().errno, errno::EINVAL);
 
         // Names with '/' or NUL, and names that are too long.
@@ -54,7 +54,8 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             (b"a\0b".to_vec(), errno::EINVAL),
             (vec![b'x'; 256], errno::ENAMETOOLONG),
         ] {
-            let reply = meta.lookup(pb::LookupRequest { parent: Some(root), name: name.clone() }).await.unwrap();
+            let reply =
+                meta.lookup(pb::LookupRequest { parent: Some(root), name: name.clone(), session: 0 }).await.unwrap();
             assert_eq!(reply.into_inner().errno, expected);
             let create = pb::MutateRequest {
                 session: session.session,
@@ -98,7 +99,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         let attr = meta.mutate(file).await.unwrap().into_inner().attr.unwrap();
         let handle = pb::FileHandle { ino: attr.ino, generation: attr.generation };
         let reply = meta
-            .get_extents(pb::GetExtentsRequest { target: Some(handle), offset: u64::MAX, len: u64::MAX })
+            .get_extents(pb::GetExtentsRequest { target: Some(handle), offset: u64::MAX, len: u64::MAX, session: 0 })
             .await
             .unwrap();
         assert_eq!(reply.into_inner().errno, 0);
@@ -141,7 +142,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(placement.code(), Code::InvalidArgument);
 
         // A message over the size limit is refused by the transport.
-        let oversized = pb::LookupRequest { parent: Some(root), name: vec![b'y'; 16 * 1024 * 1024] };
+        let oversized = pb::LookupRequest { parent: Some(root), name: vec![b'y'; 16 * 1024 * 1024], session: 0 };
         let error = meta.lookup(oversized).await.unwrap_err();
         assert!(
             matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::Unknown),
@@ -201,6 +202,6 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(status.role, "leader");
         data.status(pb::DataStatusRequest {}).await.unwrap();
         let mut fresh = MetaClient::connect(meta_address).await.unwrap();
-        fresh.get_attr(pb::GetAttrRequest { target: Some(root) }).await.unwrap();
+        fresh.get_attr(pb::GetAttrRequest { target: Some(root), session: 0 }).await.unwrap();
     });
 }

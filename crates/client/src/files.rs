@@ -331,6 +331,13 @@ impl Files {
         Ok(())
     }
 
+    /// Forgets the cached data map of an open file (a break: it changed elsewhere).
+    pub async fn forget_window(&self, ino: u64) {
+        if let Some(file) = self.get(ino) {
+            file.inner.lock().await.window = None;
+        }
+    }
+
     /// Forgets cached data maps (the file changed elsewhere, e.g. a truncate).
     pub async fn invalidate(&self, ino: u64, size: u64) {
         if let Some(file) = self.get(ino) {

@@ -4,6 +4,7 @@
 //! with end-to-end verification, and buffers writes until close or fsync.
 
 pub mod blocks;
+pub mod callbacks;
 pub mod disk_cache;
 pub mod error;
 pub mod files;
@@ -35,6 +36,8 @@ pub struct ClientOptions {
     /// id is used. None: no disk cache.
     pub disk_cache_dir: Option<std::path::PathBuf>,
     pub disk_cache_bytes: u64,
+    /// What requests do once the callback lease ran out and meta cannot be reached.
+    pub partition: callbacks::PartitionPolicy,
 }
 
 impl Default for ClientOptions {
@@ -45,6 +48,7 @@ impl Default for ClientOptions {
             uploads_in_flight: 8,
             disk_cache_dir: None,
             disk_cache_bytes: 1024 * 1024 * 1024,
+            partition: callbacks::PartitionPolicy::default(),
         }
     }
 }
@@ -55,7 +59,7 @@ impl Client {
         client_name: String,
         options: ClientOptions,
     ) -> ClientResult<Arc<Client>> {
-        let meta = MetaConnection::connect(addresses, client_name, options.retry).await?;
+        let meta = MetaConnection::connect(addresses, client_name, options.retry, options.partition).await?;
         let disk = match &options.disk_cache_dir {
             Some(dir) if options.disk_cache_bytes > 0 && !meta.fs_id.is_empty() => {
                 let dir = dir.join(&meta.fs_id);
@@ -75,11 +79,13 @@ impl Client {
         Ok(Arc::new(Client { meta, blocks, files, locks }))
     }
 
-    /// Keeps the session alive and hands unlinked inodes this client no longer holds back to
+    /// Keeps the session and the callback stream alive and hands unlinked inodes this client no longer holds back to
     /// meta, until the returned task is aborted.
     pub fn spawn_heartbeat(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let client = self.clone();
+        let callbacks = self.meta.callbacks.spawn(self.meta.clone());
         tokio::spawn(async move {
+            let _callbacks = callbacks::AbortOnDrop(callbacks);
             let period = (client.meta.lease / 3).max(Duration::from_millis(500));
             loop {
                 tokio::time::sleep(period).await;

@@ -11,11 +11,14 @@ use cairn_proto::{self as pb, mutate_request::Op};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::callbacks::{Callbacks, PartitionPolicy};
 use crate::error::{ClientError, ClientResult, check};
 
 /// gRPC metadata key naming the leader on a "not leader" answer (see cairn-meta).
 const LEADER_HEADER: &str = "cairn-leader";
 const SESSION_EXPIRED_MESSAGE: &str = "session expired";
+/// How long one try may take once the promise lease ran out and requests fail fast.
+const FAIL_FAST_ATTEMPT: Duration = Duration::from_millis(500);
 /// Meta server addresses remembered at most (a group has a handful).
 const META_ADDRESSES_MAX: usize = 16;
 
@@ -74,6 +77,11 @@ pub struct MetaConnection {
     /// The file system's id, as meta reported it at connect.
     pub fs_id: String,
     client_name: String,
+    /// What this client caches under callback promises.
+    pub callbacks: Arc<Callbacks>,
+    /// Requests for file system operations sent to meta (every attempt counts; the session
+    /// heartbeat and the callback stream do not), for metrics.
+    pub rpcs: AtomicU64,
 }
 
 fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<Channel>> {
@@ -84,7 +92,12 @@ fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<C
 
 impl MetaConnection {
     /// Connects to any of `addresses` and opens a session.
-    pub async fn connect(addresses: Vec<String>, client_name: String, policy: RetryPolicy) -> ClientResult<Arc<Self>> {
+    pub async fn connect(
+        addresses: Vec<String>,
+        client_name: String,
+        policy: RetryPolicy,
+        partition: PartitionPolicy,
+    ) -> ClientResult<Arc<Self>> {
         let first = addresses
             .first()
             .cloned()
@@ -100,6 +113,8 @@ impl MetaConnection {
             lease: Duration::from_secs(60),
             fs_id: String::new(),
             client_name,
+            callbacks: Arc::new(Callbacks::new(partition)),
+            rpcs: AtomicU64::new(0),
         };
         let reply = connection.open_session_rpc().await?;
         let connection = MetaConnection {
@@ -196,7 +211,19 @@ impl MetaConnection {
         let started = Instant::now();
         let mut backoff = self.policy.backoff_min;
         loop {
-            let status = match f(self.client()).await {
+            if what != "heartbeat" && what != "callbacks" {
+                self.rpcs.fetch_add(1, Ordering::Relaxed);
+            }
+            let attempt = f(self.client());
+            let result = if self.callbacks.fail_fast() {
+                // Cut off past the promise lease with `PartitionPolicy::Eio`: one short try.
+                tokio::time::timeout(FAIL_FAST_ATTEMPT, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(Status::unavailable("no answer from meta")))
+            } else {
+                attempt.await
+            };
+            let status = match result {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) => status,
             };
@@ -215,6 +242,12 @@ impl MetaConnection {
                 Some(_) => {}
                 None => self.rotate(),
             }
+            if self.callbacks.fail_fast() {
+                return Err(ClientError::Refused {
+                    what,
+                    status: format!("meta unreachable past the promise lease (--on-partition eio): {status}"),
+                });
+            }
             if started.elapsed() >= self.policy.deadline {
                 return Err(ClientError::Timeout {
                     what,
@@ -231,6 +264,7 @@ impl MetaConnection {
     /// Applies a mutation exactly once: retries reuse the same (session, seq).
     pub async fn mutate(&self, caller: &pb::Caller, op: Op) -> ClientResult<pb::MutateReply> {
         for _ in 0..3 {
+            let epoch = self.callbacks.epoch();
             let request = pb::MutateRequest {
                 session: self.session(),
                 seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
@@ -246,6 +280,11 @@ impl MetaConnection {
             match result {
                 Ok(reply) => {
                     check(reply.errno)?;
+                    let mut changed = named_inodes(&op);
+                    changed.extend(reply.attr.as_ref().map(|a| a.ino));
+                    changed.extend(reply.changed.iter().copied());
+                    let promised = reply.attr.as_ref().filter(|_| reply.promised);
+                    self.callbacks.forget_own(&changed, promised, epoch);
                     return Ok(reply);
                 }
                 Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {
@@ -278,46 +317,84 @@ impl MetaConnection {
         }
     }
 
+    /// A name in `parent`, answered from the promised cache when it can be. ENOENT is an error
+    /// here too, cached like any answer.
     pub async fn lookup(&self, parent: pb::FileHandle, name: &[u8]) -> ClientResult<pb::Attr> {
+        if let Some(cached) = self.callbacks.entry(parent.ino, name) {
+            return cached.ok_or(ClientError::Errno(pb::errno::ENOENT));
+        }
+        let epoch = self.callbacks.epoch();
+        let session = self.session();
         let name = name.to_vec();
         let reply = self
             .call("lookup", |mut c| {
-                let request = pb::LookupRequest { parent: Some(parent), name: name.clone() };
+                let request = pb::LookupRequest { parent: Some(parent), name: name.clone(), session };
                 async move { c.lookup(request).await }
             })
             .await?;
+        if reply.promised && (reply.errno == 0 || reply.errno == pb::errno::ENOENT) {
+            self.callbacks.note_entry(parent.ino, &name, reply.attr.as_ref(), epoch);
+        }
         check(reply.errno)?;
         reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))
     }
 
+    /// An inode's attributes, from the promised cache when it holds them.
     pub async fn getattr(&self, target: pb::FileHandle) -> ClientResult<pb::Attr> {
-        let reply = self
-            .call("getattr", |mut c| async move { c.get_attr(pb::GetAttrRequest { target: Some(target) }).await })
+        if let Some(attr) = self.callbacks.attr(target.ino).filter(|a| a.generation == target.generation) {
+            return Ok(attr);
+        }
+        self.getattr_fresh(target).await
+    }
+
+    /// An inode's attributes as meta has them now (open and close-to-open checks).
+    pub async fn getattr_fresh(&self, target: pb::FileHandle) -> ClientResult<pb::Attr> {
+        let epoch = self.callbacks.epoch();
+        let session = self.session();
+        let reply =
+            self.call("getattr", |mut c| async move {
+                c.get_attr(pb::GetAttrRequest { target: Some(target), session }).await
+            })
             .await?;
         check(reply.errno)?;
-        reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))
+        let attr = reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))?;
+        if reply.promised {
+            self.callbacks.note_attr(&attr, epoch);
+        }
+        Ok(attr)
     }
 
+    /// A page of a directory's entries with their attributes (which the cache keeps when they
+    /// come with a promise).
     pub async fn readdir(
         &self,
         dir: pb::FileHandle,
         after: &[u8],
         limit: u32,
     ) -> ClientResult<(Vec<pb::DirEntry>, bool)> {
+        let epoch = self.callbacks.epoch();
+        let session = self.session();
         let after = after.to_vec();
         let reply = self
             .call("readdir", |mut c| {
-                let request = pb::ReadDirRequest { dir: Some(dir), after: after.clone(), limit };
+                let request = pb::ReadDirRequest { dir: Some(dir), after: after.clone(), limit, session };
                 async move { c.read_dir(request).await }
             })
             .await?;
         check(reply.errno)?;
+        if reply.promised {
+            for entry in &reply.entries {
+                self.callbacks.note_entry(dir.ino, &entry.name, entry.attr.as_ref(), epoch);
+            }
+        }
         Ok((reply.entries, reply.eof))
     }
 
     pub async fn readlink(&self, target: pb::FileHandle) -> ClientResult<Vec<u8>> {
         let reply = self
-            .call("readlink", |mut c| async move { c.read_link(pb::GetAttrRequest { target: Some(target) }).await })
+            .call("readlink", |mut c| async move {
+                c.read_link(pb::GetAttrRequest { target: Some(target), session: 0 }).await
+            })
             .await?;
         check(reply.errno)?;
         Ok(reply.target)
@@ -337,7 +414,9 @@ impl MetaConnection {
 
     pub async fn listxattr(&self, target: pb::FileHandle) -> ClientResult<Vec<Vec<u8>>> {
         let reply = self
-            .call("listxattr", |mut c| async move { c.list_xattr(pb::GetAttrRequest { target: Some(target) }).await })
+            .call("listxattr", |mut c| async move {
+                c.list_xattr(pb::GetAttrRequest { target: Some(target), session: 0 }).await
+            })
             .await?;
         check(reply.errno)?;
         Ok(reply.names)
@@ -361,12 +440,19 @@ impl MetaConnection {
     }
 
     pub async fn extents(&self, target: pb::FileHandle, offset: u64, len: u64) -> ClientResult<pb::GetExtentsReply> {
+        let epoch = self.callbacks.epoch();
+        let session = self.session();
         let reply = self
             .call("extents", |mut c| async move {
-                c.get_extents(pb::GetExtentsRequest { target: Some(target), offset, len }).await
+                c.get_extents(pb::GetExtentsRequest { target: Some(target), offset, len, session }).await
             })
             .await?;
         check(reply.errno)?;
+        if reply.promised
+            && let Some(attr) = &reply.attr
+        {
+            self.callbacks.note_attr(attr, epoch);
+        }
         Ok(reply)
     }
 
@@ -394,4 +480,22 @@ impl MetaConnection {
     pub async fn status(&self) -> ClientResult<pb::StatusReply> {
         self.call("status", |mut c| async move { c.status(pb::StatusRequest::default()).await }).await
     }
+}
+
+/// The inodes a mutation names: its directories and its target.
+fn named_inodes(op: &Op) -> Vec<u64> {
+    let ino = |h: &Option<pb::FileHandle>| h.as_ref().map(|h| h.ino);
+    let named = match op {
+        Op::Create(op) => vec![ino(&op.parent)],
+        Op::Link(op) => vec![ino(&op.target), ino(&op.new_parent)],
+        Op::Unlink(op) => vec![ino(&op.parent)],
+        Op::Rename(op) => vec![ino(&op.parent), ino(&op.new_parent)],
+        Op::SetAttr(op) => vec![ino(&op.target)],
+        Op::SetXattr(op) => vec![ino(&op.target)],
+        Op::RemoveXattr(op) => vec![ino(&op.target)],
+        Op::Commit(op) => vec![ino(&op.target)],
+        Op::Fallocate(op) => vec![ino(&op.target)],
+        Op::Release(_) | Op::Lock(_) => vec![],
+    };
+    named.into_iter().flatten().collect()
 }

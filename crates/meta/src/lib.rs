@@ -10,6 +10,7 @@ pub mod model;
 pub mod namespace;
 pub mod network;
 pub mod node;
+pub mod promises;
 pub mod query;
 pub mod raft_types;
 pub mod repair;

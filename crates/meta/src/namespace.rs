@@ -787,7 +787,12 @@ impl<'t> Tables<'t> {
             }
             self.touch_dir(dst_parent_ino, &mut dst_parent, now)?;
         }
-        Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), orphaned, ..Default::default() })
+        Ok(pb::MutateReply {
+            attr: Some(src.to_attr(src_ino)),
+            orphaned,
+            changed: dst_ino.into_iter().collect(),
+            ..Default::default()
+        })
     }
 
     fn exchange(
@@ -838,7 +843,7 @@ impl<'t> Tables<'t> {
             let mut parent = self.inode(parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
             self.touch_dir(parent_ino, &mut parent, now)?;
         }
-        Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), ..Default::default() })
+        Ok(pb::MutateReply { attr: Some(src.to_attr(src_ino)), changed: vec![dst_ino], ..Default::default() })
     }
 
     fn set_attr(&self, op: &pb::SetAttrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {

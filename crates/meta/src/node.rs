@@ -35,6 +35,10 @@ pub struct MetaConfig {
     pub snapshot_every: u64,
 }
 
+/// Longest promise lease: a client cut off from the leader stops trusting its cache, and
+/// writers stop waiting for it, after this long at most.
+pub const PROMISE_LEASE_MAX: Duration = Duration::from_secs(5);
+
 impl MetaConfig {
     pub fn new(node_id: u64, address: String, dir: PathBuf) -> Self {
         MetaConfig {
@@ -106,6 +110,8 @@ pub struct MetaNode {
     /// Full repair scans this leader completed (a scan that starts after an event and ends
     /// reflects it).
     pub repair_scans: AtomicU64,
+    /// Callback promises held by client sessions (meaningful on the leader only).
+    pub promises: crate::promises::Promises,
 }
 
 /// Copies of a block a file system may ask for.
@@ -182,6 +188,7 @@ impl MetaNode {
         )
         .await
         .map_err(|e| MetaError::Raft(e.to_string()))?;
+        let promises = crate::promises::Promises::new(config.session_lease.min(PROMISE_LEASE_MAX));
         let node = Arc::new(MetaNode {
             config,
             raft,
@@ -190,6 +197,7 @@ impl MetaNode {
             membership_changes: tokio::sync::Mutex::new(()),
             under_replicated: AtomicU64::new(0),
             repair_scans: AtomicU64::new(0),
+            promises,
         });
         if let Some(bootstrap) = bootstrap
             && fresh
@@ -367,6 +375,14 @@ impl MetaNode {
         }
     }
 
+    /// This member's term while it is the leader, as far as it knows.
+    pub fn leader_term(&self) -> Option<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        (metrics.state == openraft::ServerState::Leader && metrics.current_leader == Some(self.config.node_id))
+            .then_some(metrics.current_term)
+    }
+
     pub async fn is_leader(&self) -> bool {
         self.raft.current_leader().await == Some(self.config.node_id)
     }
@@ -424,6 +440,14 @@ impl MetaNode {
     }
 
     /// The group's members (id, address, voter) as this server knows them.
+    /// The address of the leader this member knows of.
+    pub fn leader_address(&self) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        let leader = metrics.current_leader?;
+        metrics.membership_config.membership().nodes().find(|(id, _)| **id == leader).map(|(_, n)| n.addr.clone())
+    }
+
     pub fn members(&self) -> Vec<(u64, String, bool)> {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow_watched();

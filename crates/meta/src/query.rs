@@ -369,6 +369,16 @@ impl Query {
         Ok(self.txn.open_table(SESSIONS)?.len()?)
     }
 
+    /// Every session that has not expired yet (as of the last expiry applied).
+    pub fn session_ids(&self) -> QueryResult<Vec<u64>> {
+        let table = self.txn.open_table(SESSIONS)?;
+        let mut ids = Vec::new();
+        for item in table.iter()? {
+            ids.push(crate::model::u64_of_key(item?.0.value()));
+        }
+        Ok(ids)
+    }
+
     pub fn session_exists(&self, session: u64) -> QueryResult<bool> {
         Ok(self.get(SESSIONS, &key_u64(session))?.is_some())
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use cairn_proto::meta_server::{Meta, MetaServer};
 use cairn_proto::{self as pb, errno};
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
@@ -49,6 +50,33 @@ impl MetaService {
         MetaServer::new(self)
             .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+    }
+}
+
+impl MetaService {
+    /// Before a read that may promise: the term and the count of changes so far, which the
+    /// promise is checked against once the read is done.
+    fn promise_point(&self, session: u64) -> Option<(u64, u64)> {
+        if session == 0 {
+            return None;
+        }
+        let term = self.node.leader_term()?;
+        Some((term, self.node.promises.changes(term)))
+    }
+
+    fn promise(&self, point: Option<(u64, u64)>, session: u64, inodes: &[u64]) -> bool {
+        point.is_some_and(|(term, since)| self.node.promises.promise(term, session, inodes, since))
+    }
+
+    /// Breaks other sessions' promises on `changed` and waits for them (see `Promises`). A
+    /// member that no longer leads answers "not leader": the new leader breaks them when the
+    /// client retries (the stored reply names the same inodes) or when holders re-register.
+    async fn break_promises(&self, mutator: u64, changed: &[u64]) -> Result<u64, MetaError> {
+        let Some(term) = self.node.leader_term() else {
+            return Err(MetaError::NotLeader { leader: None });
+        };
+        let live = if self.node.promises.in_grace(term) { self.node.local_read()?.session_ids()? } else { Vec::new() };
+        Ok(self.node.promises.break_and_wait(term, mutator, changed, &live).await)
     }
 }
 
@@ -132,17 +160,26 @@ impl Meta for MetaService {
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let request = request.into_inner();
+        let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let (errno, attr) =
             split(query.lookup(request.parent.as_ref(), &request.name).map(Some).map_err(MetaError::from))?;
-        Ok(Response::new(pb::AttrReply { errno, attr }))
+        drop(query);
+        let parent = request.parent.map(|h| h.ino).unwrap_or_default();
+        // A negative answer is promised too: the directory's names cover it.
+        let inodes: Vec<u64> = std::iter::once(parent).chain(attr.as_ref().map(|a| a.ino)).collect();
+        let promised = (errno == 0 || errno == errno::ENOENT) && self.promise(point, request.session, &inodes);
+        Ok(Response::new(pb::AttrReply { errno, attr, promised }))
     }
 
     async fn get_attr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let request = request.into_inner();
+        let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let (errno, attr) = split(query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from))?;
-        Ok(Response::new(pb::AttrReply { errno, attr }))
+        drop(query);
+        let promised = errno == 0 && attr.as_ref().is_some_and(|a| self.promise(point, request.session, &[a.ino]));
+        Ok(Response::new(pb::AttrReply { errno, attr, promised }))
     }
 
     async fn read_dir(&self, request: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
@@ -150,11 +187,17 @@ impl Meta for MetaService {
         if request.after.len() > pb::NAME_BYTES_MAX {
             return Err(Status::invalid_argument("resume name longer than a name can be"));
         }
+        let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
         let (errno, (entries, eof)) =
             split(query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from))?;
-        Ok(Response::new(pb::ReadDirReply { errno, entries, eof }))
+        drop(query);
+        let dir = request.dir.map(|h| h.ino).unwrap_or_default();
+        let inodes: Vec<u64> =
+            std::iter::once(dir).chain(entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino))).collect();
+        let promised = errno == 0 && self.promise(point, request.session, &inodes);
+        Ok(Response::new(pb::ReadDirReply { errno, entries, eof, promised }))
     }
 
     async fn read_link(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ReadLinkReply>, Status> {
@@ -200,6 +243,7 @@ impl Meta for MetaService {
         request: Request<pb::GetExtentsRequest>,
     ) -> Result<Response<pb::GetExtentsReply>, Status> {
         let request = request.into_inner();
+        let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let (errno, (attr, extents)) = split(
             query
@@ -217,7 +261,9 @@ impl Meta for MetaService {
         } else {
             Vec::new()
         };
-        Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers }))
+        drop(query);
+        let promised = errno == 0 && attr.as_ref().is_some_and(|a| self.promise(point, request.session, &[a.ino]));
+        Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers, promised }))
     }
 
     async fn place_blocks(
@@ -268,6 +314,9 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("mutation without an operation"));
         }
         let encoded = request.encode_to_vec();
+        let (named, breaks) = crate::promises::named_inodes(request.op.as_ref());
+        let in_flight =
+            self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
         let reply =
             self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
         if reply.errno == SESSION_EXPIRED {
@@ -276,9 +325,65 @@ impl Meta for MetaService {
         if reply.errno != 0 {
             return Ok(Response::new(pb::MutateReply { errno: reply.errno, ..Default::default() }));
         }
-        let reply = pb::MutateReply::decode(reply.mutate.as_slice())
+        let mut reply = pb::MutateReply::decode(reply.mutate.as_slice())
             .map_err(|e| Status::internal(format!("stored reply undecodable: {e}")))?;
+        if breaks && reply.errno == 0 {
+            let mut changed = named;
+            changed.extend(reply.attr.as_ref().map(|a| a.ino));
+            changed.extend(reply.changed.iter().copied());
+            changed.sort_unstable();
+            changed.dedup();
+            let change = self.break_promises(request.session, &changed).await.map_err(status_of)?;
+            // The writer may cache what it just changed, as of its own change.
+            reply.promised = match (&reply.attr, self.node.leader_term()) {
+                (Some(attr), Some(term)) => self.node.promises.promise(term, request.session, &[attr.ino], change),
+                _ => false,
+            };
+        }
+        drop(in_flight);
         Ok(Response::new(reply))
+    }
+
+    type CallbacksStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::CallbackDown, Status>> + Send>>;
+
+    async fn callbacks(
+        &self,
+        request: Request<tonic::Streaming<pb::CallbackUp>>,
+    ) -> Result<Response<Self::CallbacksStream>, Status> {
+        let mut inbound = request.into_inner();
+        let Some(term) = self.node.leader_term() else {
+            return Err(status_of(MetaError::NotLeader { leader: self.node.leader_address() }));
+        };
+        let first = inbound.message().await?.and_then(|m| m.msg);
+        let Some(pb::callback_up::Msg::Register(register)) = first else {
+            return Err(Status::invalid_argument("a callback stream starts with a registration"));
+        };
+        let session = register.session;
+        if !self.node.local_read().map_err(status_of)?.session_exists(session).map_err(|e| status_of(e.into()))? {
+            return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(crate::promises::STREAM_QUEUE);
+        let stream = self.node.promises.attach(term, session, tx.clone());
+        let callbacks = CallbackStream { node: self.node.clone(), term, session, stream, tx };
+        tokio::spawn(async move {
+            let mut next = Some(register);
+            loop {
+                let result = match next.take() {
+                    Some(register) => callbacks.register(register).await,
+                    None => match inbound.message().await {
+                        Ok(Some(pb::CallbackUp { msg: Some(msg) })) => callbacks.handle(msg).await,
+                        Ok(Some(_)) => Ok(()),
+                        Ok(None) | Err(_) => Err(()),
+                    },
+                };
+                if result.is_err() {
+                    break;
+                }
+            }
+            callbacks.node.promises.detach(session, stream);
+        });
+        let outbound = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     async fn get_lock(&self, request: Request<pb::GetLockRequest>) -> Result<Response<pb::GetLockReply>, Status> {
@@ -536,3 +641,78 @@ impl Meta for MetaService {
         Ok(Response::new(pb::RaftBytes { payload: encode(&result) }))
     }
 }
+
+/// One session's callback stream on the leader.
+struct CallbackStream {
+    node: Arc<MetaNode>,
+    term: u64,
+    session: u64,
+    stream: u64,
+    tx: tokio::sync::mpsc::Sender<pb::CallbackDown>,
+}
+
+impl CallbackStream {
+    async fn send(&self, msg: pb::callback_down::Msg) -> Result<(), ()> {
+        self.tx.send(pb::CallbackDown { msg: Some(msg) }).await.map_err(|_| ())
+    }
+
+    async fn handle(&self, msg: pb::callback_up::Msg) -> Result<(), ()> {
+        let promises = &self.node.promises;
+        match msg {
+            pb::callback_up::Msg::Register(register) => self.register(register).await,
+            pb::callback_up::Msg::Ack(ack) => {
+                promises.ack(self.session, self.stream, ack.seq);
+                Ok(())
+            }
+            pb::callback_up::Msg::Renew(renew) => {
+                // A renewal counts only once this member confirmed it still leads in this term.
+                if self.node.read().await.is_err() || self.node.leader_term() != Some(self.term) {
+                    return Err(());
+                }
+                if !promises.renew(self.term, self.session, self.stream) {
+                    return Err(());
+                }
+                self.send(pb::callback_down::Msg::Renewed(pb::CallbackRenewed { nonce: renew.nonce })).await
+            }
+        }
+    }
+
+    /// Promises again what the client still caches, where it is current; breaks the rest.
+    async fn register(&self, register: pb::CallbackRegister) -> Result<(), ()> {
+        if register.cached.len() > REGISTER_BATCH_MAX {
+            return Err(());
+        }
+        let promises = &self.node.promises;
+        if !register.cached.is_empty() {
+            let since = promises.changes(self.term);
+            let query = self.node.read().await.map_err(|_| ())?;
+            let mut current = Vec::new();
+            let mut stale = Vec::new();
+            for cached in &register.cached {
+                let handle = pb::FileHandle { ino: cached.ino, generation: cached.generation };
+                match query.getattr(Some(&handle)) {
+                    Ok(attr) if crate::promises::same_version(cached, &attr) => current.push(cached.ino),
+                    _ => stale.push(cached.ino),
+                }
+            }
+            drop(query);
+            if !current.is_empty() && !promises.promise(self.term, self.session, &current, since) {
+                stale.extend(current);
+            }
+            if !stale.is_empty() {
+                promises.break_one(self.term, self.session, stale);
+            }
+        }
+        if register.done {
+            if !promises.registered(self.term, self.session, self.stream) {
+                return Err(());
+            }
+            let lease_ms = promises.lease().as_millis() as u64;
+            self.send(pb::callback_down::Msg::Registered(pb::CallbackRegistered { lease_ms })).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Cached inodes one registration message may name.
+pub const REGISTER_BATCH_MAX: usize = 4096;

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::num::NonZeroUsize;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use cairn_client::callbacks::{Forget, ForgetHandler};
 use cairn_client::{Client, ClientError, OpenFile};
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use fuser::{
@@ -18,26 +18,18 @@ use fuser::{
     OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
     ReplyEntry, ReplyLock, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use lru::LruCache;
 
 use crate::convert::{caller, file_attr, file_type, kind_of_mode, timestamp};
+use crate::names::KernelNames;
 
-/// Names remembered to tell, at unlink time, which inode a name points to.
-const NAME_CACHE_ENTRIES: usize = 65_536;
 /// Directory entries fetched per readdir round trip.
 const READDIR_PAGE: u32 = 128;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct MountOptions {
-    /// How long the kernel may trust attributes and names without asking again.
-    pub attr_ttl: Duration,
-    pub entry_ttl: Duration,
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        MountOptions { attr_ttl: Duration::from_secs(1), entry_ttl: Duration::from_secs(1) }
-    }
+    /// Every write reaches meta before `write()` returns, and the kernel caches no file data:
+    /// other clients see each write at once (instead of at close).
+    pub strict: bool,
 }
 
 struct KnownInode {
@@ -68,8 +60,8 @@ pub struct CairnFs {
     client: Arc<Client>,
     runtime: tokio::runtime::Handle,
     options: MountOptions,
-    inodes: Mutex<HashMap<u64, KnownInode>>,
-    names: Mutex<LruCache<(u64, Vec<u8>), u64>>,
+    inodes: Arc<Mutex<HashMap<u64, KnownInode>>>,
+    names: Arc<Mutex<KernelNames>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     /// Set once the session is up: tells the kernel to drop what it caches of an inode.
@@ -104,15 +96,42 @@ impl CairnFs {
         let root = client.meta.root();
         let mut inodes = HashMap::new();
         inodes.insert(root.ino, KnownInode { generation: root.generation, lookups: 1, orphaned: false });
+        let inodes = Arc::new(Mutex::new(inodes));
+        let names = Arc::new(Mutex::new(KernelNames::default()));
+        let forget = KernelForget {
+            client: client.clone(),
+            runtime: runtime.clone(),
+            inodes: inodes.clone(),
+            names: names.clone(),
+            notifier: notifier.clone(),
+        };
+        let handler: ForgetHandler = Arc::new(move |what: &Forget| forget.forget(what));
+        client.meta.callbacks.set_handler(handler);
         CairnFs {
             client,
             runtime,
             options,
-            inodes: Mutex::new(inodes),
-            names: Mutex::new(LruCache::new(NonZeroUsize::new(NAME_CACHE_ENTRIES).expect("non-zero"))),
+            inodes,
+            names,
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             notifier,
+        }
+    }
+
+    /// How long the kernel may keep `ino`'s attributes: while this client holds a promise on
+    /// them, the rest of the promise lease; otherwise not at all.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        let callbacks = &self.client.meta.callbacks;
+        if callbacks.attr(ino).is_some() { callbacks.ttl() } else { Duration::ZERO }
+    }
+
+    /// How long the kernel may keep a name: while it is promised and tracked for breaks.
+    fn entry_ttl(&self, parent: u64, name: &[u8], ino: u64, tracked: bool) -> Duration {
+        let callbacks = &self.client.meta.callbacks;
+        match callbacks.entry(parent, name) {
+            Some(Some(attr)) if tracked && attr.ino == ino => callbacks.ttl(),
+            _ => Duration::ZERO,
         }
     }
 
@@ -128,8 +147,7 @@ impl CairnFs {
         }
         let stale: Vec<(u64, Vec<u8>)> = {
             let names = self.names.lock().expect("name cache poisoned");
-            let parents: Vec<u64> = names.iter().filter(|(_, child)| **child == ino).map(|((p, _), _)| *p).collect();
-            names.iter().filter(|((p, _), _)| parents.contains(p)).map(|(key, _)| key.clone()).collect()
+            names.parents_of(ino).into_iter().flat_map(|p| names.names_in(p).into_iter().map(move |n| (p, n))).collect()
         };
         for (parent, name) in stale {
             // ENOENT means the kernel no longer had it: nothing to forget.
@@ -153,18 +171,24 @@ impl CairnFs {
         known.lookups += 1;
     }
 
-    fn remember_name(&self, parent: u64, name: &[u8], ino: u64) {
-        self.names.lock().expect("name cache poisoned").put((parent, name.to_vec()), ino);
+    /// Records a name given to the kernel; false when it cannot be tracked (then the kernel
+    /// must not keep it).
+    fn remember_name(&self, parent: u64, name: &[u8], ino: u64) -> bool {
+        self.names.lock().expect("name cache poisoned").insert(parent, name, ino)
     }
 
     fn forget_name(&self, parent: u64, name: &[u8]) -> Option<u64> {
-        self.names.lock().expect("name cache poisoned").pop(&(parent, name.to_vec()))
+        self.names.lock().expect("name cache poisoned").remove(parent, name)
+    }
+
+    fn known_name(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.names.lock().expect("name cache poisoned").get(parent, name)
     }
 
     /// Whether this client might hold the inode `name` points to open.
     fn may_hold(&self, parent: u64, name: &[u8]) -> bool {
-        match self.names.lock().expect("name cache poisoned").peek(&(parent, name.to_vec())) {
-            Some(&ino) => self.client.files.is_open(ino),
+        match self.known_name(parent, name) {
+            Some(ino) => self.client.files.is_open(ino),
             None => true,
         }
     }
@@ -196,8 +220,9 @@ impl CairnFs {
 
     fn reply_entry(&self, parent: u64, name: &[u8], attr: &pb::Attr, fattr: &fuser::FileAttr, reply: ReplyEntry) {
         self.remember(attr);
-        self.remember_name(parent, name, attr.ino);
-        reply.entry_with_ttls(&self.options.attr_ttl, &self.options.entry_ttl, fattr, Generation(attr.generation));
+        let tracked = self.remember_name(parent, name, attr.ino);
+        let entry_ttl = self.entry_ttl(parent, name, attr.ino, tracked);
+        reply.entry_with_ttls(&self.attr_ttl(attr.ino), &entry_ttl, fattr, Generation(attr.generation));
     }
 
     async fn create_node(
@@ -366,8 +391,7 @@ impl Filesystem for CairnFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = self.runtime.block_on(async {
             let parent_handle = self.handle_of(parent)?;
-            let known =
-                self.names.lock().expect("name cache poisoned").peek(&(parent.0, name.as_bytes().to_vec())).copied();
+            let known = self.known_name(parent.0, name.as_bytes());
             let dirty_end = match known {
                 Some(ino) => self.client.files.dirty_end(ino).await,
                 None => None,
@@ -404,7 +428,7 @@ impl Filesystem for CairnFs {
             Ok::<_, ClientError>(Self::attr_with(&attr, dirty_end))
         });
         match result {
-            Ok(fattr) => reply.attr(&self.options.attr_ttl, &fattr),
+            Ok(fattr) => reply.attr(&self.attr_ttl(ino.0), &fattr),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -451,7 +475,7 @@ impl Filesystem for CairnFs {
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
         match result {
-            Ok(fattr) => reply.attr(&self.options.attr_ttl, &fattr),
+            Ok(fattr) => reply.attr(&self.attr_ttl(ino.0), &fattr),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -543,22 +567,17 @@ impl Filesystem for CairnFs {
                 flags: wire_flags,
                 caller_not_holding: !self.may_hold(newparent.0, newname.as_bytes()),
             };
-            let replaced = self
-                .names
-                .lock()
-                .expect("name cache poisoned")
-                .peek(&(newparent.0, newname.as_bytes().to_vec()))
-                .copied();
+            let replaced = self.known_name(newparent.0, newname.as_bytes());
             let reply = self.client.meta.mutate(&who, Op::Rename(op)).await?;
             let moved = self.forget_name(parent.0, name.as_bytes());
             let replaced_now = self.forget_name(newparent.0, newname.as_bytes()).or(replaced);
             if wire_flags & 2 != 0
                 && let Some(other) = replaced_now
             {
-                self.remember_name(parent.0, name.as_bytes(), other);
+                let _ = self.remember_name(parent.0, name.as_bytes(), other);
             }
             if let Some(ino) = moved {
-                self.remember_name(newparent.0, newname.as_bytes(), ino);
+                let _ = self.remember_name(newparent.0, newname.as_bytes(), ino);
             }
             if reply.orphaned
                 && let Some(ino) = replaced_now
@@ -600,7 +619,7 @@ impl Filesystem for CairnFs {
             Ok(handle) => {
                 let file = self.client.files.open(handle, 0);
                 let fh = self.new_handle(Handle::File { ino: ino.0, file });
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                reply.opened(FileHandle(fh), self.file_open_flags(ino.0));
             }
             Err(e) => reply.error(errno_of(&e)),
         }
@@ -643,7 +662,13 @@ impl Filesystem for CairnFs {
         let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.runtime.block_on(async {
             let (_, file) = self.open_file(fh)?;
-            self.client.files.write(&file, offset, data, who, kill_suid).await
+            self.client.files.write(&file, offset, data, who, kill_suid).await?;
+            if self.options.strict {
+                // Write-through: committed (and other clients' promises broken) before the
+                // write returns.
+                self.client.files.flush(&file).await?;
+            }
+            Ok(())
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),
@@ -724,7 +749,13 @@ impl Filesystem for CairnFs {
                     loaded: false,
                 };
                 let fh = self.new_handle(Handle::Dir(Box::new(stream)));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                // The kernel keeps the listing while the directory's promise holds (a break
+                // drops it with the directory's other cached pages).
+                let mut flags = FopenFlags::FOPEN_CACHE_DIR;
+                if self.client.meta.callbacks.open_keeps_pages(ino.0) {
+                    flags |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(errno_of(&e)),
         }
@@ -754,17 +785,17 @@ impl Filesystem for CairnFs {
         let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
             Some(attr) => {
                 let fattr = Self::attr_with(attr, dirty_ends.get(&attr.ino).copied());
+                let tracked = self.remember_name(ino.0, name, attr.ino);
                 let full = reply.add(
                     INodeNo(entry_ino),
                     next,
                     OsStr::from_bytes(name),
-                    &self.options.entry_ttl,
+                    &self.entry_ttl(ino.0, name, attr.ino, tracked),
                     &fattr,
                     Generation(attr.generation),
                 );
                 if !full {
                     added.push(*attr);
-                    self.remember_name(ino.0, name, attr.ino);
                 }
                 full
             }
@@ -907,8 +938,11 @@ impl Filesystem for CairnFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let result =
-            self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await });
+        let result = if name.as_bytes() == METRICS_XATTR && ino.0 == self.client.meta.root().ino {
+            Ok(self.metrics().into_bytes())
+        } else {
+            self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await })
+        };
         match result {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
             Ok(value) if value.len() <= size as usize => reply.data(&value),
@@ -984,16 +1018,17 @@ impl Filesystem for CairnFs {
         match result {
             Ok((attr, fattr)) => {
                 self.remember(&attr);
-                self.remember_name(parent.0, name.as_bytes(), attr.ino);
+                let tracked = self.remember_name(parent.0, name.as_bytes(), attr.ino);
                 let file =
                     self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
                 let fh = self.new_handle(Handle::File { ino: attr.ino, file });
+                let entry_ttl = self.entry_ttl(parent.0, name.as_bytes(), attr.ino, tracked);
                 reply.created(
-                    &self.options.entry_ttl,
+                    &entry_ttl,
                     &fattr,
                     Generation(attr.generation),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    self.file_open_flags(attr.ino),
                 );
             }
             Err(e) => reply.error(errno_of(&e)),
@@ -1029,7 +1064,36 @@ impl Filesystem for CairnFs {
     }
 }
 
+/// A read-only attribute of the mount's root that reports this client's counters (never stored,
+/// never listed): `getfattr -n user.cairn.metrics MOUNT`.
+pub const METRICS_XATTR: &[u8] = b"user.cairn.metrics";
+
 impl CairnFs {
+    /// This client's counters, as one line of JSON.
+    fn metrics(&self) -> String {
+        let callbacks = &self.client.meta.callbacks;
+        format!(
+            "{{\"meta_rpcs\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{}}}",
+            self.client.meta.rpcs.load(Ordering::Relaxed),
+            callbacks.breaks.load(Ordering::Relaxed),
+            callbacks.ttl().as_millis(),
+            self.names.lock().expect("name cache poisoned").len(),
+            self.inodes.lock().expect("inode table poisoned").len(),
+        )
+    }
+
+    fn file_open_flags(&self, ino: u64) -> FopenFlags {
+        if self.options.strict {
+            return FopenFlags::FOPEN_DIRECT_IO;
+        }
+        // Pages the kernel cached stay only while one promise covered them all along.
+        if self.client.meta.callbacks.open_keeps_pages(ino) {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        }
+    }
+
     fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
         let who = caller(req.uid(), req.gid(), req.pid(), false);
         let result = self.runtime.block_on(async {
@@ -1074,4 +1138,40 @@ fn lock_call(
         return Err(ClientError::Errno(errno::EINVAL));
     }
     Ok(cairn_client::locks::LockCall { target, owner: owner.0, kind, start, end, pid })
+}
+
+/// Makes the kernel forget what a break names: an inode's attributes and cached pages, and the
+/// names it holds in a directory.
+struct KernelForget {
+    client: Arc<Client>,
+    runtime: tokio::runtime::Handle,
+    inodes: Arc<Mutex<HashMap<u64, KnownInode>>>,
+    names: Arc<Mutex<KernelNames>>,
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+}
+
+impl KernelForget {
+    fn forget(&self, what: &Forget) {
+        let inodes: Vec<u64> = match what {
+            Forget::Inodes(inodes) => inodes.clone(),
+            Forget::All => self.inodes.lock().expect("inode table poisoned").keys().copied().collect(),
+        };
+        for &ino in &inodes {
+            self.runtime.block_on(self.client.files.forget_window(ino));
+        }
+        let Some(notifier) = self.notifier.get() else { return };
+        for ino in inodes {
+            let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
+            // ENOENT: the kernel had already forgotten it.
+            if known {
+                let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+            }
+            if matches!(what, Forget::Inodes(_)) {
+                let names = self.names.lock().expect("name cache poisoned").take_dir(ino);
+                for name in names {
+                    let _ = notifier.inval_entry(INodeNo(ino), OsStr::from_bytes(&name));
+                }
+            }
+        }
+    }
 }

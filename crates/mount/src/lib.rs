@@ -4,6 +4,7 @@
 pub mod convert;
 pub mod fs;
 pub mod mount;
+pub mod names;
 
 pub use fs::{CairnFs, MountOptions};
 pub use mount::{MountError, Mounted, mount};

@@ -464,22 +464,46 @@ impl Cluster {
 
     /// Like [`Cluster::mount`], with the on-disk block cache in `cache` (which outlives it).
     pub fn mount_with_cache(&mut self, cache: &Path) -> Result<PathBuf> {
+        self.mount_with(cache, &[])
+    }
+
+    /// Like [`Cluster::mount`], with more `cairn mount` arguments.
+    pub fn mount_with_args(&mut self, extra: &[&str]) -> Result<PathBuf> {
+        let cache = self.dir.path().join(format!("cache{}", self.mounts_started));
+        self.mount_with(&cache, extra)
+    }
+
+    /// The loopback IP the last mount started sends from.
+    pub fn last_mount_ip(&self) -> IpAddr {
+        Self::mount_ip(self.mounts_started.saturating_sub(1))
+    }
+
+    /// The loopback IP the `index`th mount sends from (a fault can cut it off alone).
+    pub fn mount_ip(index: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 30, index as u8 + 1))
+    }
+
+    fn mount_with(&mut self, cache: &Path, extra: &[&str]) -> Result<PathBuf> {
         let index = self.mounts_started;
         self.mounts_started += 1;
         let path = self.dir.path().join(format!("mnt{index}"));
         std::fs::create_dir_all(&path)?;
+        let mut args: Vec<String> = vec![
+            "mount".into(),
+            "--meta".into(),
+            self.meta_addresses(),
+            "--mount".into(),
+            path.display().to_string(),
+            "--cache-dir".into(),
+            cache.display().to_string(),
+            "--bind".into(),
+            Self::mount_ip(index).to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let process = Process::start(
             &self.bin,
             &format!("mount{index}"),
-            vec![
-                "mount".into(),
-                "--meta".into(),
-                self.meta_addresses(),
-                "--mount".into(),
-                path.display().to_string(),
-                "--cache-dir".into(),
-                cache.display().to_string(),
-            ],
+            args,
             self.dir.path().join(format!("mount{index}.log")),
         )?;
         let mount = Mount { path: path.clone(), process };

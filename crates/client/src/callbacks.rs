@@ -1,0 +1,462 @@
+//! The client's side of callback promises: what it caches about inodes under a promise, the
+//! stream to the meta leader that renews the promise lease and carries breaks, and what
+//! happens when the lease runs out.
+//!
+//! Trust rule: cached metadata is used only until `trusted_until`, which is the moment the
+//! last confirmed renewal was *sent* plus the promise lease, less a margin. The leader counts
+//! the same lease from when it *received* that renewal, so it never stops waiting for this
+//! client before this client stops trusting.
+//!
+//! Race rule: every break (and every loss of trust, and this client's own mutations) moves
+//! `epoch`. A read notes the epoch before it asks meta and caches its answer only if the epoch
+//! did not move meanwhile: a break that overtook a reply is never undone by that reply.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cairn_proto::{self as pb, callback_down, callback_up};
+use lru::LruCache;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::meta::MetaConnection;
+
+/// Inodes whose attributes (and names, for directories) are cached at most.
+const CACHED_INODES_MAX: usize = 131_072;
+/// Names cached per directory at most.
+const NAMES_PER_DIR_MAX: usize = 65_536;
+/// Inodes one registration message names (the leader takes up to 4,096).
+const REGISTER_BATCH: usize = 4096;
+/// Breaks handled at once (each may wait for the kernel).
+const BREAKS_IN_PARALLEL: usize = 16;
+
+/// What a break or a lapse makes the mount forget.
+#[derive(Debug, Clone)]
+pub enum Forget {
+    /// These inodes changed elsewhere.
+    Inodes(Vec<u64>),
+    /// The lease ran out: nothing cached can be trusted.
+    All,
+}
+
+/// How the mount drops what the kernel caches. It runs on a blocking thread and must return
+/// only once the kernel forgot.
+pub type ForgetHandler = Arc<dyn Fn(&Forget) + Send + Sync>;
+
+/// What a client does when it cannot reach meta and its lease ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PartitionPolicy {
+    /// Keep retrying each request until its deadline (60 s), then EIO.
+    #[default]
+    Wait,
+    /// Fail each request with EIO at once.
+    Eio,
+}
+
+#[derive(Default)]
+struct CachedInode {
+    attr: Option<pb::Attr>,
+    /// Name to child inode (0: no such name).
+    names: HashMap<Vec<u8>, u64>,
+    /// The kernel's cached pages of this file were filled under this promise.
+    pages_valid: bool,
+}
+
+struct Trust {
+    until: Option<Instant>,
+    /// `until` passed and everything was forgotten; set again by the next renewal.
+    lapsed: bool,
+}
+
+pub struct Callbacks {
+    cache: Mutex<LruCache<u64, CachedInode>>,
+    epoch: AtomicU64,
+    trust: Mutex<Trust>,
+    handler: OnceLock<ForgetHandler>,
+    pub policy: PartitionPolicy,
+    /// Breaks received, for metrics and tests.
+    pub breaks: AtomicU64,
+}
+
+impl Callbacks {
+    pub fn new(policy: PartitionPolicy) -> Self {
+        Callbacks {
+            cache: Mutex::new(LruCache::new(NonZeroUsize::new(CACHED_INODES_MAX).expect("non-zero"))),
+            epoch: AtomicU64::new(0),
+            trust: Mutex::new(Trust { until: None, lapsed: false }),
+            handler: OnceLock::new(),
+            policy,
+            breaks: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets how the kernel is told to forget (once, by the mount).
+    pub fn set_handler(&self, handler: ForgetHandler) {
+        let _ = self.handler.set(handler);
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<u64, CachedInode>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn trust(&self) -> std::sync::MutexGuard<'_, Trust> {
+        self.trust.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// How long what is cached may still be trusted (zero: not at all).
+    pub fn ttl(&self) -> Duration {
+        self.trust().until.map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+    }
+
+    pub fn trusted(&self) -> bool {
+        !self.ttl().is_zero()
+    }
+
+    /// The lease ran out and was not renewed since: with `PartitionPolicy::Eio`, requests to
+    /// meta then fail at once.
+    pub fn fail_fast(&self) -> bool {
+        self.policy == PartitionPolicy::Eio && self.trust().lapsed
+    }
+
+    /// Cached attributes of `ino`, while trusted.
+    pub fn attr(&self, ino: u64) -> Option<pb::Attr> {
+        if !self.trusted() {
+            return None;
+        }
+        self.cache().get(&ino).and_then(|c| c.attr)
+    }
+
+    /// A cached name in `parent`: Some(Some(attr)) names a child whose attributes are cached,
+    /// Some(None) is known not to exist; None: not cached.
+    pub fn entry(&self, parent: u64, name: &[u8]) -> Option<Option<pb::Attr>> {
+        if !self.trusted() {
+            return None;
+        }
+        let mut cache = self.cache();
+        let child = *cache.get(&parent)?.names.get(name)?;
+        if child == 0 {
+            return Some(None);
+        }
+        cache.get(&child).and_then(|c| c.attr).map(Some)
+    }
+
+    /// Caches attributes read under a promise, if nothing was broken since `epoch`.
+    pub fn note_attr(&self, attr: &pb::Attr, epoch: u64) {
+        let mut cache = self.cache();
+        if self.epoch() != epoch {
+            return;
+        }
+        let entry = cache.get_or_insert_mut(attr.ino, CachedInode::default);
+        if entry.attr.is_some_and(|old| old.generation != attr.generation) {
+            *entry = CachedInode::default();
+        }
+        entry.attr = Some(*attr);
+    }
+
+    /// Caches a name (with its child's attributes, or its absence) read under a promise.
+    pub fn note_entry(&self, parent: u64, name: &[u8], child: Option<&pb::Attr>, epoch: u64) {
+        let mut cache = self.cache();
+        if self.epoch() != epoch {
+            return;
+        }
+        if let Some(attr) = child {
+            let entry = cache.get_or_insert_mut(attr.ino, CachedInode::default);
+            if entry.attr.is_some_and(|old| old.generation != attr.generation) {
+                *entry = CachedInode::default();
+            }
+            entry.attr = Some(*attr);
+        }
+        let dir = cache.get_or_insert_mut(parent, CachedInode::default);
+        if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(name) {
+            dir.names.insert(name.to_vec(), child.map_or(0, |a| a.ino));
+        }
+    }
+
+    /// This client changed these inodes itself: its own cache of them is dropped (the kernel
+    /// updates its own view from the replies). `promised` is the changed inode's new state
+    /// when meta promised it, kept if nothing moved `epoch` since the request was sent.
+    pub fn forget_own(&self, inodes: &[u64], promised: Option<&pb::Attr>, epoch: u64) {
+        let mut cache = self.cache();
+        let unchanged = self.epoch.fetch_add(1, Ordering::SeqCst) == epoch;
+        for ino in inodes {
+            cache.pop(ino);
+        }
+        if let Some(attr) = promised.filter(|_| unchanged) {
+            cache.get_or_insert_mut(attr.ino, CachedInode::default).attr = Some(*attr);
+        }
+    }
+
+    /// Whether the kernel may keep the pages it cached of `ino` at this open, and records for
+    /// the next open whether pages read from now on are covered by a promise.
+    pub fn open_keeps_pages(&self, ino: u64) -> bool {
+        let trusted = self.trusted();
+        let mut cache = self.cache();
+        match cache.get_mut(&ino) {
+            Some(entry) if trusted && entry.attr.is_some() => {
+                let keep = entry.pages_valid;
+                entry.pages_valid = true;
+                keep
+            }
+            Some(entry) => {
+                entry.pages_valid = false;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets what a break names, in this cache and then in the kernel.
+    fn forget(&self, what: &Forget) {
+        {
+            let mut cache = self.cache();
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            match what {
+                Forget::Inodes(inodes) => {
+                    for ino in inodes {
+                        cache.pop(ino);
+                    }
+                }
+                Forget::All => cache.clear(),
+            }
+        }
+        if let Some(handler) = self.handler.get() {
+            handler(what);
+        }
+    }
+
+    /// What to re-register with a new leader.
+    fn cached_attrs(&self) -> Vec<pb::Attr> {
+        self.cache().iter().filter_map(|(_, c)| c.attr).collect()
+    }
+
+    fn renewed(&self, sent: Instant, lease: Duration) {
+        let mut trust = self.trust();
+        let until = sent + lease - lease / 10;
+        trust.until = Some(trust.until.map_or(until, |old| old.max(until)));
+        trust.lapsed = false;
+    }
+
+    /// Forgets everything once the lease ran out; returns whether it just did.
+    fn lapse_if_due(&self) -> bool {
+        {
+            let mut trust = self.trust();
+            if trust.lapsed || trust.until.is_none_or(|until| until > Instant::now()) {
+                return false;
+            }
+            trust.lapsed = true;
+            trust.until = None;
+        }
+        self.forget(&Forget::All);
+        true
+    }
+
+    /// Keeps a callback stream to the leader, re-registering after every reconnect, until the
+    /// returned task is aborted.
+    pub fn spawn(self: &Arc<Self>, meta: Arc<MetaConnection>) -> tokio::task::JoinHandle<()> {
+        let callbacks = self.clone();
+        let watchdog = self.clone();
+        tokio::spawn(async move {
+            let lapse = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let check = watchdog.clone();
+                    let lapsed = tokio::task::spawn_blocking(move || check.lapse_if_due()).await.unwrap_or(false);
+                    if lapsed {
+                        tracing::warn!("callback lease ran out: cached metadata and data dropped");
+                    }
+                }
+            });
+            let _lapse = AbortOnDrop(lapse);
+            let mut backoff = Duration::from_millis(10);
+            loop {
+                match callbacks.run_stream(&meta).await {
+                    Ok(()) => backoff = Duration::from_millis(10),
+                    Err(e) => tracing::debug!(error = %e, "callback stream failed"),
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+        })
+    }
+
+    /// One stream: registers, then renews and handles breaks until it fails.
+    async fn run_stream(self: &Arc<Self>, meta: &MetaConnection) -> Result<(), String> {
+        let session = meta.session();
+        let cached = self.cached_attrs();
+        let mut batches: Vec<Vec<pb::Attr>> = cached.chunks(REGISTER_BATCH).map(<[pb::Attr]>::to_vec).collect();
+        if batches.is_empty() {
+            batches.push(Vec::new());
+        }
+        let first = batches.remove(0);
+        let first_done = batches.is_empty();
+        let up_tx = Arc::new(Mutex::new(None::<mpsc::Sender<pb::CallbackUp>>));
+        let slot = up_tx.clone();
+        let mut inbound = meta
+            .call("callbacks", |mut c| {
+                let (tx, rx) = mpsc::channel(64);
+                let register = pb::CallbackRegister { session, cached: first.clone(), done: first_done };
+                let _ = tx.try_send(pb::CallbackUp { msg: Some(callback_up::Msg::Register(register)) });
+                *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+                async move { c.callbacks(tokio_stream::wrappers::ReceiverStream::new(rx)).await }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let up = up_tx.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no outbound stream")?;
+        let count = batches.len();
+        for (i, cached) in batches.into_iter().enumerate() {
+            let register = pb::CallbackRegister { session, cached, done: i + 1 == count };
+            up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Register(register)) })
+                .await
+                .map_err(|_| "stream closed")?;
+        }
+        let mut lease = None;
+        let mut nonce = 0u64;
+        let mut sent: HashMap<u64, Instant> = HashMap::new();
+        let limiter = Arc::new(Semaphore::new(BREAKS_IN_PARALLEL));
+        let mut renew = tokio::time::interval(Duration::from_millis(250));
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = message.map_err(|e| e.to_string())?.ok_or("stream ended")?;
+                    match message.msg {
+                        Some(callback_down::Msg::Registered(registered)) => {
+                            let period = Duration::from_millis(registered.lease_ms.max(400));
+                            lease = Some(period);
+                            renew = tokio::time::interval(period / 4);
+                            renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                        Some(callback_down::Msg::Renewed(renewed)) => {
+                            if let (Some(at), Some(lease)) = (sent.remove(&renewed.nonce), lease) {
+                                self.renewed(at, lease);
+                            }
+                        }
+                        Some(callback_down::Msg::Broken(broken)) => {
+                            self.breaks.fetch_add(1, Ordering::Relaxed);
+                            let permit = limiter.clone().acquire_owned().await.map_err(|e| e.to_string())?;
+                            let callbacks = self.clone();
+                            let up = up.clone();
+                            tokio::spawn(async move {
+                                let what = Forget::Inodes(broken.inodes);
+                                let forgot = {
+                                    let callbacks = callbacks.clone();
+                                    tokio::task::spawn_blocking(move || callbacks.forget(&what)).await
+                                };
+                                drop(permit);
+                                if forgot.is_ok() {
+                                    let ack = pb::CallbackAck { seq: broken.seq };
+                                    let _ = up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) }).await;
+                                }
+                            });
+                        }
+                        None => {}
+                    }
+                }
+                _ = renew.tick() => {
+                    if lease.is_none() {
+                        continue;
+                    }
+                    if meta.session() != session {
+                        return Err("session changed".into());
+                    }
+                    nonce += 1;
+                    sent.insert(nonce, Instant::now());
+                    sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
+                    let renew = pb::CallbackRenew { nonce };
+                    up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Renew(renew)) })
+                        .await
+                        .map_err(|_| "stream closed")?;
+                }
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(ino: u64) -> pb::Attr {
+        pb::Attr { ino, generation: 1, size: ino, ..Default::default() }
+    }
+
+    fn trusting() -> Callbacks {
+        let callbacks = Callbacks::new(PartitionPolicy::Wait);
+        callbacks.renewed(Instant::now(), Duration::from_secs(30));
+        callbacks
+    }
+
+    #[test]
+    fn answers_come_from_the_cache_only_while_trusted() {
+        let callbacks = Callbacks::new(PartitionPolicy::Wait);
+        let epoch = callbacks.epoch();
+        callbacks.note_entry(1, b"a", Some(&attr(2)), epoch);
+        assert_eq!(callbacks.attr(2), None, "never renewed: nothing is trusted");
+        callbacks.renewed(Instant::now(), Duration::from_secs(30));
+        assert_eq!(callbacks.attr(2), Some(attr(2)));
+        assert_eq!(callbacks.entry(1, b"a"), Some(Some(attr(2))));
+        assert_eq!(callbacks.entry(1, b"b"), None);
+    }
+
+    #[test]
+    fn a_break_during_a_read_keeps_its_answer_out_of_the_cache() {
+        let callbacks = trusting();
+        let epoch = callbacks.epoch();
+        callbacks.forget(&Forget::Inodes(vec![7]));
+        callbacks.note_attr(&attr(2), epoch);
+        callbacks.note_entry(1, b"x", None, epoch);
+        assert_eq!(callbacks.attr(2), None);
+        assert_eq!(callbacks.entry(1, b"x"), None);
+        let epoch = callbacks.epoch();
+        callbacks.note_entry(1, b"x", None, epoch);
+        assert_eq!(callbacks.entry(1, b"x"), Some(None));
+    }
+
+    #[test]
+    fn a_break_drops_the_inode_and_its_names() {
+        let callbacks = trusting();
+        let epoch = callbacks.epoch();
+        callbacks.note_attr(&attr(1), epoch);
+        callbacks.note_entry(1, b"a", Some(&attr(2)), epoch);
+        callbacks.forget(&Forget::Inodes(vec![1]));
+        assert_eq!(callbacks.entry(1, b"a"), None);
+        assert_eq!(callbacks.attr(2), Some(attr(2)));
+    }
+
+    #[test]
+    fn pages_are_kept_only_from_the_second_open_under_one_promise() {
+        let callbacks = trusting();
+        callbacks.note_attr(&attr(3), callbacks.epoch());
+        assert!(!callbacks.open_keeps_pages(3));
+        assert!(callbacks.open_keeps_pages(3));
+        callbacks.forget(&Forget::Inodes(vec![3]));
+        callbacks.note_attr(&attr(3), callbacks.epoch());
+        assert!(!callbacks.open_keeps_pages(3));
+    }
+
+    #[test]
+    fn a_lapsed_lease_forgets_everything_once() {
+        let callbacks = Callbacks::new(PartitionPolicy::Wait);
+        callbacks.renewed(Instant::now() - Duration::from_secs(60), Duration::from_secs(30));
+        callbacks.note_attr(&attr(2), callbacks.epoch());
+        assert!(callbacks.lapse_if_due());
+        assert!(!callbacks.lapse_if_due());
+        callbacks.renewed(Instant::now(), Duration::from_secs(30));
+        assert_eq!(callbacks.attr(2), None);
+    }
+}
