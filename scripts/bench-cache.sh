@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Benchmarks what callback promises let a client keep: re-reading a cached file (against the
+# local disk's page cache, in the same run) and a second `find -ls` over many cached files
+# (against the first pass on a fresh mount, counting the RPCs each pass sent to meta). Needs
+# root (FUSE).
+#
+#   scripts/bench-cache.sh [--size-mib N] [--files N] [--runs N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size_mib=1024 files=10000 runs=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mib) size_mib=$2; shift 2 ;;
+    --files) files=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+cargo build --release --quiet
+bin=$PWD/target/release/cairn
+scratch=$(mktemp -d /var/tmp/cairn-bench-cache.XXXXXX)
+mkdir -p "$scratch/mnt" "$scratch/local"
+"$bin" dev-cluster --meta 1 --data 1 --replication 1 --dir "$scratch/cluster" --mount "$scratch/mnt" \
+  --base-port 7750 > "$scratch/dev-cluster.out" 2>&1 &
+cluster=$!
+mounts=()
+cleanup() {
+  for pid in "${mounts[@]}"; do kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  kill -INT "$cluster" 2>/dev/null || true
+  wait "$cluster" 2>/dev/null || true
+  rm -rf "$scratch"
+}
+trap cleanup EXIT
+for _ in $(seq 300); do mountpoint -q "$scratch/mnt" && break; sleep 0.1; done
+mountpoint -q "$scratch/mnt" || { cat "$scratch/dev-cluster.out"; exit 1; }
+meta=127.0.0.1:7750
+
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Seconds a command takes.
+seconds() { local t0 t1; t0=$(date +%s.%N); "$@" > /dev/null; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l; }
+rpcs() { getfattr --absolute-names --only-values -n user.cairn.metrics "$1" | sed 's/.*"meta_rpcs":\([0-9]*\).*/\1/'; }
+
+echo "== re-reading a cached ${size_mib} MiB file (MB/s, median of $runs)"
+dd if=/dev/urandom of="$scratch/local/big" bs=1M count="$size_mib" status=none
+cp "$scratch/local/big" "$scratch/mnt/big"
+cat "$scratch/local/big" "$scratch/mnt/big" > /dev/null
+bytes=$((size_mib * 1024 * 1024))
+local_rate=$(for _ in $(seq "$runs"); do echo "$bytes / $(seconds dd if="$scratch/local/big" of=/dev/null bs=1M status=none) / 1000000" | bc -l; done | median)
+before=$(rpcs "$scratch/mnt")
+cairn_rate=$(for _ in $(seq "$runs"); do echo "$bytes / $(seconds dd if="$scratch/mnt/big" of=/dev/null bs=1M status=none) / 1000000" | bc -l; done | median)
+after=$(rpcs "$scratch/mnt")
+printf 'local page cache %.0f MB/s, cairn %.0f MB/s: %.2fx (%d meta RPCs in %d re-reads)\n' \
+  "$local_rate" "$cairn_rate" "$(echo "$cairn_rate / $local_rate" | bc -l)" "$((after - before))" "$runs"
+rm -f "$scratch/local/big" "$scratch/mnt/big"
+
+echo "== find -ls over $files files: first pass on a fresh mount, then again (seconds, median of $runs)"
+dirs=$(( (files + 99) / 100 ))
+for d in $(seq "$dirs"); do
+  mkdir -p "$scratch/mnt/tree/$d" "$scratch/local/tree/$d"
+  (cd "$scratch/mnt/tree/$d" && touch $(seq 100))
+  (cd "$scratch/local/tree/$d" && touch $(seq 100))
+done
+find "$scratch/local/tree" -ls > /dev/null
+local_pass=$(for _ in $(seq "$runs"); do seconds find "$scratch/local/tree" -ls; done | median)
+firsts=() seconds_=() first_rpcs=() second_rpcs=()
+for run in $(seq "$runs"); do
+  fresh="$scratch/fresh$run"
+  mkdir -p "$fresh"
+  "$bin" mount --meta "$meta" --mount "$fresh" --cache-dir "$scratch/cache$run" > "$scratch/mount$run.log" 2>&1 &
+  mounts+=($!)
+  for _ in $(seq 300); do mountpoint -q "$fresh" && break; sleep 0.1; done
+  r0=$(rpcs "$fresh")
+  firsts+=("$(seconds find "$fresh/tree" -ls)")
+  r1=$(rpcs "$fresh")
+  seconds_+=("$(seconds find "$fresh/tree" -ls)")
+  r2=$(rpcs "$fresh")
+  first_rpcs+=($((r1 - r0))) second_rpcs+=($((r2 - r1)))
+done
+first=$(printf '%s\n' "${firsts[@]}" | median)
+second=$(printf '%s\n' "${seconds_[@]}" | median)
+printf 'first pass %.3f s (%s meta RPCs), second pass %.3f s (%s meta RPCs): %.1fx; local disk %.3f s\n' \
+  "$first" "${first_rpcs[*]}" "$second" "${second_rpcs[*]}" "$(echo "$first / $second" | bc -l)" "$local_pass"
