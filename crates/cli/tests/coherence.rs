@@ -208,3 +208,24 @@ fn close_to_open_holds_while_the_meta_leader_is_killed() {
     let new_leader = cluster.leader().expect("a leader after the kill");
     assert_ne!(Some(new_leader), killed);
 }
+
+#[test]
+fn a_strict_mount_makes_each_write_visible_before_close() {
+    use std::io::Write;
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let strict = cluster.mount_with_args(&["--strict"]).unwrap();
+    let reader = cluster.mount().unwrap();
+    let mut file = fs::File::create(strict.join("log")).unwrap();
+    let mut expected = Vec::new();
+    for round in 0..100 {
+        let line = format!("line {round}\n");
+        file.write_all(line.as_bytes()).unwrap();
+        expected.extend_from_slice(line.as_bytes());
+        // Still open on the strict mount: the write alone made it visible.
+        assert_eq!(fs::read(reader.join("log")).unwrap(), expected, "round {round}");
+    }
+}

@@ -359,15 +359,17 @@ impl Callbacks {
                     }
                 }
                 _ = renew.tick() => {
-                    if lease.is_none() {
-                        continue;
-                    }
+                    let Some(lease) = lease else { continue };
                     if meta.session() != session {
                         return Err("session changed".into());
                     }
+                    // A leader that stopped answering (paused, or cut off behind a silent
+                    // connection) is left for another: the stream is opened again.
+                    if sent.values().any(|at| at.elapsed() > lease / 2) {
+                        return Err("renewals unanswered".into());
+                    }
                     nonce += 1;
                     sent.insert(nonce, Instant::now());
-                    sent.retain(|_, at| at.elapsed() < Duration::from_secs(60));
                     let renew = pb::CallbackRenew { nonce };
                     up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Renew(renew)) })
                         .await
