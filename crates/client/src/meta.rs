@@ -280,7 +280,7 @@ impl MetaConnection {
             match result {
                 Ok(reply) => {
                     check(reply.errno)?;
-                    let mut changed = named_inodes(&op);
+                    let mut changed = if op.changes_cached_state() { op.named_inodes() } else { Vec::new() };
                     changed.extend(reply.attr.as_ref().map(|a| a.ino));
                     changed.extend(reply.changed.iter().copied());
                     let promised = reply.attr.as_ref().filter(|_| reply.promised);
@@ -480,22 +480,4 @@ impl MetaConnection {
     pub async fn status(&self) -> ClientResult<pb::StatusReply> {
         self.call("status", |mut c| async move { c.status(pb::StatusRequest::default()).await }).await
     }
-}
-
-/// The inodes a mutation names: its directories and its target.
-fn named_inodes(op: &Op) -> Vec<u64> {
-    let ino = |h: &Option<pb::FileHandle>| h.as_ref().map(|h| h.ino);
-    let named = match op {
-        Op::Create(op) => vec![ino(&op.parent)],
-        Op::Link(op) => vec![ino(&op.target), ino(&op.new_parent)],
-        Op::Unlink(op) => vec![ino(&op.parent)],
-        Op::Rename(op) => vec![ino(&op.parent), ino(&op.new_parent)],
-        Op::SetAttr(op) => vec![ino(&op.target)],
-        Op::SetXattr(op) => vec![ino(&op.target)],
-        Op::RemoveXattr(op) => vec![ino(&op.target)],
-        Op::Commit(op) => vec![ino(&op.target)],
-        Op::Fallocate(op) => vec![ino(&op.target)],
-        Op::Release(_) | Op::Lock(_) => vec![],
-    };
-    named.into_iter().flatten().collect()
 }

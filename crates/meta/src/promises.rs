@@ -365,30 +365,6 @@ impl Promises {
     }
 }
 
-/// The inodes a mutation names (its directories and target), and whether it can change what
-/// clients cache (releases and locks change nothing they cache).
-pub fn named_inodes(op: Option<&pb::mutate_request::Op>) -> (Vec<u64>, bool) {
-    use pb::mutate_request::Op;
-    let ino = |h: &Option<pb::FileHandle>| h.as_ref().map(|h| h.ino);
-    let (named, breaks): (Vec<Option<u64>>, bool) = match op {
-        None => (vec![], false),
-        Some(Op::Create(op)) => (vec![ino(&op.parent)], true),
-        Some(Op::Link(op)) => (vec![ino(&op.target), ino(&op.new_parent)], true),
-        Some(Op::Unlink(op)) => (vec![ino(&op.parent)], true),
-        Some(Op::Rename(op)) => (vec![ino(&op.parent), ino(&op.new_parent)], true),
-        Some(Op::SetAttr(op)) => (vec![ino(&op.target)], true),
-        Some(Op::SetXattr(op)) => (vec![ino(&op.target)], true),
-        Some(Op::RemoveXattr(op)) => (vec![ino(&op.target)], true),
-        Some(Op::Commit(op)) => (vec![ino(&op.target)], true),
-        Some(Op::Fallocate(op)) => (vec![ino(&op.target)], true),
-        Some(Op::Release(op)) => (vec![ino(&op.target)], false),
-        Some(Op::Lock(op)) => (vec![ino(&op.target)], false),
-    };
-    let mut named: Vec<u64> = named.into_iter().flatten().collect();
-    named.dedup();
-    (named, breaks)
-}
-
 /// Whether a client's cached attributes still describe the inode. Every change to an inode
 /// sets its ctime (a directory's too, when its names change) from the leader's clock; the other
 /// fields guard against two changes stamped with the same time.

@@ -314,7 +314,8 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("mutation without an operation"));
         }
         let encoded = request.encode_to_vec();
-        let (named, breaks) = crate::promises::named_inodes(request.op.as_ref());
+        let named = request.op.as_ref().map(pb::mutate_request::Op::named_inodes).unwrap_or_default();
+        let breaks = request.op.as_ref().is_some_and(pb::mutate_request::Op::changes_cached_state);
         let in_flight =
             self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
         let reply =

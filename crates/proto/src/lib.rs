@@ -15,6 +15,37 @@ pub mod pb {
 
 pub use pb::*;
 
+impl mutate_request::Op {
+    /// The inodes this mutation names: its directories and its target. Meta breaks other
+    /// clients' promises on them (with the inodes the reply adds); the caller forgets its own
+    /// cached copies of them.
+    pub fn named_inodes(&self) -> Vec<u64> {
+        use mutate_request::Op;
+        let ino = |h: &Option<FileHandle>| h.as_ref().map(|h| h.ino);
+        let named = match self {
+            Op::Create(op) => vec![ino(&op.parent)],
+            Op::Link(op) => vec![ino(&op.target), ino(&op.new_parent)],
+            Op::Unlink(op) => vec![ino(&op.parent)],
+            Op::Rename(op) => vec![ino(&op.parent), ino(&op.new_parent)],
+            Op::SetAttr(op) => vec![ino(&op.target)],
+            Op::SetXattr(op) => vec![ino(&op.target)],
+            Op::RemoveXattr(op) => vec![ino(&op.target)],
+            Op::Commit(op) => vec![ino(&op.target)],
+            Op::Fallocate(op) => vec![ino(&op.target)],
+            Op::Release(op) => vec![ino(&op.target)],
+            Op::Lock(op) => vec![ino(&op.target)],
+        };
+        let mut named: Vec<u64> = named.into_iter().flatten().collect();
+        named.dedup();
+        named
+    }
+
+    /// Whether the mutation can change what clients cache (releases and locks do not).
+    pub fn changes_cached_state(&self) -> bool {
+        !matches!(self, mutate_request::Op::Release(_) | mutate_request::Op::Lock(_))
+    }
+}
+
 /// Largest gRPC message any Cairn endpoint accepts or sends: a block travels in chunks well
 /// under this, and directory listings are paged.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
