@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks what callback promises let a client keep: re-reading a cached file (against the
-# local disk's page cache, in the same run) and a second `find -ls` over many cached files
-# (against the first pass on a fresh mount, counting the RPCs each pass sent to meta). Needs
-# root (FUSE).
+# local disk's page cache, in the same run), and a second `find -ls` and `ls -lR` over many
+# cached files (against the first pass on a fresh mount, counting the RPCs each pass sent to
+# meta). Needs root (FUSE).
 #
 #   scripts/bench-cache.sh [--size-mib N] [--files N] [--runs N]
 set -euo pipefail
@@ -53,30 +53,39 @@ printf 'local page cache %.0f MB/s, cairn %.0f MB/s: %.2fx (%d meta RPCs in %d r
   "$local_rate" "$cairn_rate" "$(echo "$cairn_rate / $local_rate" | bc -l)" "$((after - before))" "$runs"
 rm -f "$scratch/local/big" "$scratch/mnt/big"
 
-echo "== find -ls over $files files: first pass on a fresh mount, then again (seconds, median of $runs)"
 dirs=$(( (files + 99) / 100 ))
 for d in $(seq "$dirs"); do
   mkdir -p "$scratch/mnt/tree/$d" "$scratch/local/tree/$d"
   (cd "$scratch/mnt/tree/$d" && touch $(seq 100))
   (cd "$scratch/local/tree/$d" && touch $(seq 100))
 done
-find "$scratch/local/tree" -ls > /dev/null
-local_pass=$(for _ in $(seq "$runs"); do seconds find "$scratch/local/tree" -ls; done | median)
-firsts=() seconds_=() first_rpcs=() second_rpcs=()
-for run in $(seq "$runs"); do
-  fresh="$scratch/fresh$run"
-  mkdir -p "$fresh"
-  "$bin" mount --meta "$meta" --mount "$fresh" --cache-dir "$scratch/cache$run" > "$scratch/mount$run.log" 2>&1 &
-  mounts+=($!)
-  for _ in $(seq 300); do mountpoint -q "$fresh" && break; sleep 0.1; done
-  r0=$(rpcs "$fresh")
-  firsts+=("$(seconds find "$fresh/tree" -ls)")
-  r1=$(rpcs "$fresh")
-  seconds_+=("$(seconds find "$fresh/tree" -ls)")
-  r2=$(rpcs "$fresh")
-  first_rpcs+=($((r1 - r0))) second_rpcs+=($((r2 - r1)))
-done
-first=$(printf '%s\n' "${firsts[@]}" | median)
-second=$(printf '%s\n' "${seconds_[@]}" | median)
-printf 'first pass %.3f s (%s meta RPCs), second pass %.3f s (%s meta RPCs): %.1fx; local disk %.3f s\n' \
-  "$first" "${first_rpcs[*]}" "$second" "${second_rpcs[*]}" "$(echo "$first / $second" | bc -l)" "$local_pass"
+# A walk over the tree: a first pass on a fresh mount, then a second one; RPCs counted for each.
+walk_twice() {
+  local name=$1; shift
+  echo "== $name over $files files: first pass on a fresh mount, then again (seconds, median of $runs)"
+  "$@" "$scratch/local/tree" > /dev/null
+  local local_pass firsts=() seconds_=() first_rpcs=() second_rpcs=()
+  local_pass=$(for _ in $(seq "$runs"); do seconds "$@" "$scratch/local/tree"; done | median)
+  for run in $(seq "$runs"); do
+    fresh="$scratch/fresh-$name-$run"
+    fresh=${fresh// /}
+    mkdir -p "$fresh"
+    "$bin" mount --meta "$meta" --mount "$fresh" --cache-dir "$fresh.cache" > "$fresh.log" 2>&1 &
+    mounts+=($!)
+    for _ in $(seq 300); do mountpoint -q "$fresh" && break; sleep 0.1; done
+    r0=$(rpcs "$fresh")
+    firsts+=("$(seconds "$@" "$fresh/tree")")
+    r1=$(rpcs "$fresh")
+    seconds_+=("$(seconds "$@" "$fresh/tree")")
+    r2=$(rpcs "$fresh")
+    first_rpcs+=($((r1 - r0))) second_rpcs+=($((r2 - r1)))
+  done
+  first=$(printf '%s\n' "${firsts[@]}" | median)
+  second=$(printf '%s\n' "${seconds_[@]}" | median)
+  printf 'first pass %.3f s (%s meta RPCs), second pass %.3f s (%s meta RPCs): %.1fx; local disk %.3f s\n' \
+    "$first" "${first_rpcs[*]}" "$second" "${second_rpcs[*]}" "$(echo "$first / $second" | bc -l)" "$local_pass"
+}
+find_ls() { find "$1" -ls; }
+ls_lr() { ls -lR "$1"; }
+walk_twice "find -ls" find_ls
+walk_twice "ls -lR" ls_lr

@@ -42,6 +42,38 @@ fn names(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+fn c_path(path: &std::path::Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// An extended attribute's value, or None when the file has no such attribute.
+fn xattr(path: &std::path::Path, name: &str) -> Option<Vec<u8>> {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut value = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `value` is as long as the length passed.
+    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODATA), "getxattr {name:?}: {e}");
+        return None;
+    }
+    value.truncate(n as usize);
+    Some(value)
+}
+
+fn set_xattr(path: &std::path::Path, name: &str, value: Option<&[u8]>) {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: both strings are NUL-terminated and the value's pointer and length agree.
+    let rc = unsafe {
+        match value {
+            Some(v) => libc::lsetxattr(path.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0),
+            None => libc::lremovexattr(path.as_ptr(), name.as_ptr()),
+        }
+    };
+    assert_eq!(rc, 0, "setxattr {name:?}: {}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
     use std::os::unix::fs::PermissionsExt;
@@ -90,6 +122,13 @@ fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
         assert!(stat(&db.join(&doomed)).is_some(), "round {round}: create");
         fs::remove_file(da.join(&doomed)).unwrap();
         assert_eq!(stat(&db.join(&doomed)), None, "round {round}: unlink");
+
+        let value = format!("v{round}");
+        assert_eq!(xattr(&db.join("f"), "user.tag"), None);
+        set_xattr(&da.join("f"), "user.tag", Some(value.as_bytes()));
+        assert_eq!(xattr(&db.join("f"), "user.tag"), Some(value.into_bytes()), "round {round}: setxattr");
+        set_xattr(&da.join("f"), "user.tag", None);
+        assert_eq!(xattr(&db.join("f"), "user.tag"), None, "round {round}: removexattr");
     }
 }
 
@@ -121,6 +160,8 @@ fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
         for entry in fs::read_dir(root.join("d")).unwrap() {
             let entry = entry.unwrap();
             fs::symlink_metadata(entry.path()).unwrap();
+            // What `ls -l` asks of each file.
+            xattr(&entry.path(), "user.tag");
             fs::read(entry.path()).unwrap();
         }
     };

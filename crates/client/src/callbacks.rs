@@ -27,6 +27,9 @@ use crate::meta::MetaConnection;
 const CACHED_INODES_MAX: usize = 131_072;
 /// Names cached per directory at most.
 const NAMES_PER_DIR_MAX: usize = 65_536;
+/// Extended attributes cached per inode at most, and the largest value cached.
+const XATTRS_PER_INODE_MAX: usize = 32;
+const XATTR_VALUE_CACHED_MAX: usize = 4096;
 /// Inodes one registration message names (the leader takes up to 4,096).
 const REGISTER_BATCH: usize = 4096;
 /// Breaks handled at once (each may wait for the kernel).
@@ -60,6 +63,8 @@ struct CachedInode {
     attr: Option<pb::Attr>,
     /// Name to child inode (0: no such name).
     names: HashMap<Vec<u8>, u64>,
+    /// Extended attribute name to value, or the errno meta answered (ENODATA, EOPNOTSUPP).
+    xattrs: HashMap<Vec<u8>, Result<Vec<u8>, i32>>,
     /// The kernel's cached pages of this file were filled under this promise.
     pages_valid: bool,
 }
@@ -178,6 +183,38 @@ impl Callbacks {
         }
     }
 
+    /// A cached extended attribute of `target`, or the errno it was answered with.
+    pub fn xattr(&self, target: pb::FileHandle, name: &[u8]) -> Option<Result<Vec<u8>, i32>> {
+        if !self.trusted() {
+            return None;
+        }
+        let mut cache = self.cache();
+        let entry = cache.get(&target.ino)?;
+        if entry.attr?.generation != target.generation {
+            return None;
+        }
+        entry.xattrs.get(name).cloned()
+    }
+
+    /// Caches an extended attribute (or meta's errno for it) read under a promise. Only beside
+    /// cached attributes: those are what a new leader is told this client holds.
+    pub fn note_xattr(&self, target: pb::FileHandle, name: &[u8], answer: Result<&Vec<u8>, i32>, epoch: u64) {
+        if answer.is_ok_and(|v| v.len() > XATTR_VALUE_CACHED_MAX) {
+            return;
+        }
+        let mut cache = self.cache();
+        if self.epoch() != epoch {
+            return;
+        }
+        let Some(entry) = cache.get_mut(&target.ino) else { return };
+        if entry.attr.is_none_or(|a| a.generation != target.generation) {
+            return;
+        }
+        if entry.xattrs.len() < XATTRS_PER_INODE_MAX || entry.xattrs.contains_key(name) {
+            entry.xattrs.insert(name.to_vec(), answer.cloned());
+        }
+    }
+
     /// This client changed these inodes itself: its own cache of them is dropped (the kernel
     /// updates its own view from the replies). `promised` is the changed inode's new state
     /// when meta promised it, kept if nothing moved `epoch` since the request was sent.
@@ -230,9 +267,16 @@ impl Callbacks {
         }
     }
 
-    /// What to re-register with a new leader.
+    /// What to re-register with a new leader: the cached attributes. Names and extended
+    /// attributes cached without their inode's attributes cannot be checked by the leader
+    /// and are dropped.
     fn cached_attrs(&self) -> Vec<pb::Attr> {
-        self.cache().iter().filter_map(|(_, c)| c.attr).collect()
+        let mut cache = self.cache();
+        let unregistrable: Vec<u64> = cache.iter().filter(|(_, c)| c.attr.is_none()).map(|(ino, _)| *ino).collect();
+        for ino in unregistrable {
+            cache.pop(&ino);
+        }
+        cache.iter().filter_map(|(_, c)| c.attr).collect()
     }
 
     fn renewed(&self, sent: Instant, lease: Duration) {
@@ -438,6 +482,31 @@ mod tests {
         callbacks.forget(&Forget::Inodes(vec![1]));
         assert_eq!(callbacks.entry(1, b"a"), None);
         assert_eq!(callbacks.attr(2), Some(attr(2)));
+    }
+
+    #[test]
+    fn extended_attributes_are_cached_beside_attributes_and_dropped_with_them() {
+        let callbacks = trusting();
+        let handle = pb::FileHandle { ino: 4, generation: 1 };
+        let value = b"v".to_vec();
+        callbacks.note_xattr(handle, b"user.a", Ok(&value), callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"user.a"), None, "no attributes cached: not kept");
+        callbacks.note_attr(&attr(4), callbacks.epoch());
+        callbacks.note_xattr(handle, b"user.a", Ok(&value), callbacks.epoch());
+        callbacks.note_xattr(handle, b"user.b", Err(pb::errno::ENODATA), callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"user.a"), Some(Ok(value)));
+        assert_eq!(callbacks.xattr(handle, b"user.b"), Some(Err(pb::errno::ENODATA)));
+        assert_eq!(callbacks.xattr(pb::FileHandle { ino: 4, generation: 2 }, b"user.a"), None);
+        callbacks.forget_own(&[4], None, callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"user.a"), None);
+    }
+
+    #[test]
+    fn re_registration_drops_what_the_leader_could_not_check() {
+        let callbacks = trusting();
+        callbacks.note_entry(1, b"a", Some(&attr(2)), callbacks.epoch());
+        assert_eq!(callbacks.cached_attrs(), vec![attr(2)]);
+        assert_eq!(callbacks.entry(1, b"a"), None, "directory 1's attributes were not cached");
     }
 
     #[test]

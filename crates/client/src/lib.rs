@@ -12,7 +12,6 @@ pub mod locks;
 pub mod meta;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use error::{ClientError, ClientResult};
 pub use files::{Files, OpenFile};
@@ -86,7 +85,7 @@ impl Client {
         let callbacks = self.meta.callbacks.spawn(self.meta.clone());
         tokio::spawn(async move {
             let _callbacks = callbacks::AbortOnDrop(callbacks);
-            let period = (client.meta.lease / 3).max(Duration::from_millis(500));
+            let period = meta::heartbeat_period(client.meta.lease);
             loop {
                 tokio::time::sleep(period).await;
                 match client.meta.heartbeat().await {

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use cairn_proto::meta_client::MetaClient;
@@ -21,6 +21,14 @@ const SESSION_EXPIRED_MESSAGE: &str = "session expired";
 const FAIL_FAST_ATTEMPT: Duration = Duration::from_millis(500);
 /// Meta server addresses remembered at most (a group has a handful).
 const META_ADDRESSES_MAX: usize = 16;
+/// How much older than one heartbeat period a usage report may be and still answer `statfs`.
+const USAGE_FRESH_MARGIN: Duration = Duration::from_secs(1);
+
+/// How often a client renews its session: three times a lease, so one lost heartbeat is
+/// harmless.
+pub fn heartbeat_period(lease: Duration) -> Duration {
+    (lease / 3).max(Duration::from_millis(500))
+}
 
 #[derive(Clone, Debug)]
 pub struct RetryPolicy {
@@ -82,6 +90,8 @@ pub struct MetaConnection {
     /// Requests for file system operations sent to meta (every attempt counts; the session
     /// heartbeat and the callback stream do not), for metrics.
     pub rpcs: AtomicU64,
+    /// The newest usage meta reported (with each heartbeat) and when it arrived.
+    usage: Mutex<Option<(Instant, pb::StatFsReply)>>,
 }
 
 fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<Channel>> {
@@ -115,6 +125,7 @@ impl MetaConnection {
             client_name,
             callbacks: Arc::new(Callbacks::new(partition)),
             rpcs: AtomicU64::new(0),
+            usage: Mutex::new(None),
         };
         let reply = connection.open_session_rpc().await?;
         let connection = MetaConnection {
@@ -213,6 +224,7 @@ impl MetaConnection {
         loop {
             if what != "heartbeat" && what != "callbacks" {
                 self.rpcs.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!(what, "meta call");
             }
             let attempt = f(self.client());
             let result = if self.callbacks.fail_fast() {
@@ -306,6 +318,9 @@ impl MetaConnection {
         match result {
             Ok(reply) => {
                 self.learn_addresses(&reply.meta_addresses);
+                if let Some(usage) = reply.usage {
+                    self.note_usage(usage);
+                }
                 Ok(reply.orphans)
             }
             Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {
@@ -400,14 +415,25 @@ impl MetaConnection {
         Ok(reply.target)
     }
 
+    /// An extended attribute, answered from the promised cache when it can be (`ls -l` asks
+    /// for one per file).
     pub async fn getxattr(&self, target: pb::FileHandle, name: &[u8]) -> ClientResult<Vec<u8>> {
+        if let Some(cached) = self.callbacks.xattr(target, name) {
+            return cached.map_err(ClientError::Errno);
+        }
+        let epoch = self.callbacks.epoch();
+        let session = self.session();
         let name = name.to_vec();
         let reply = self
             .call("getxattr", |mut c| {
-                let request = pb::GetXattrRequest { target: Some(target), name: name.clone() };
+                let request = pb::GetXattrRequest { target: Some(target), name: name.clone(), session };
                 async move { c.get_xattr(request).await }
             })
             .await?;
+        if reply.promised {
+            let answer = if reply.errno == 0 { Ok(&reply.value) } else { Err(reply.errno) };
+            self.callbacks.note_xattr(target, &name, answer, epoch);
+        }
         check(reply.errno)?;
         Ok(reply.value)
     }
@@ -435,8 +461,30 @@ impl MetaConnection {
         Ok(reply.conflict)
     }
 
+    /// The file system's usage. Usage is advisory (data servers report free space once a
+    /// second), so an answer up to `USAGE_FRESH` old, as the heartbeat brings it, serves without
+    /// a request: tools like `find` call `statfs` on every walk.
     pub async fn statfs(&self) -> ClientResult<pb::StatFsReply> {
-        self.call("statfs", |mut c| async move { c.stat_fs(pb::StatFsRequest {}).await }).await
+        let known = self.usage.lock().ok().and_then(|u| *u);
+        if let Some((at, usage)) = known
+            && at.elapsed() < self.usage_fresh()
+        {
+            return Ok(usage);
+        }
+        let usage = self.call("statfs", |mut c| async move { c.stat_fs(pb::StatFsRequest {}).await }).await?;
+        self.note_usage(usage);
+        Ok(usage)
+    }
+
+    fn note_usage(&self, usage: pb::StatFsReply) {
+        if let Ok(mut known) = self.usage.lock() {
+            *known = Some((Instant::now(), usage));
+        }
+    }
+
+    /// How long a usage report answers `statfs`: one heartbeat period and a margin.
+    fn usage_fresh(&self) -> Duration {
+        heartbeat_period(self.lease) + USAGE_FRESH_MARGIN
     }
 
     pub async fn extents(&self, target: pb::FileHandle, offset: u64, len: u64) -> ClientResult<pb::GetExtentsReply> {

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::model::{Standing, decode, encode};
 use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
-use crate::query::{QueryError, READDIR_PAGE_MAX};
+use crate::query::{Query, QueryError, READDIR_PAGE_MAX};
 use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
 
 /// gRPC metadata key naming the leader's address on a "not leader" answer.
@@ -66,6 +66,23 @@ impl MetaService {
 
     fn promise(&self, point: Option<(u64, u64)>, session: u64, inodes: &[u64]) -> bool {
         point.is_some_and(|(term, since)| self.node.promises.promise(term, session, inodes, since))
+    }
+
+    /// The file system's size and use, for `statfs`.
+    fn usage(&self, query: &Query) -> Result<pb::StatFsReply, Status> {
+        let files = query.counter("inodes").map_err(|e| status_of(e.into()))?;
+        let servers = self.node.live_data_servers();
+        let replication = u64::from(self.node.replication().map_err(status_of)?);
+        let total: u64 = servers.iter().map(|(_, s)| s.capacity_bytes).sum::<u64>() / replication;
+        let free: u64 = servers.iter().map(|(_, s)| s.free_bytes).sum::<u64>() / replication;
+        Ok(pb::StatFsReply {
+            total_bytes: total,
+            free_bytes: free,
+            files,
+            free_files: u32::MAX as u64,
+            block_size: 4096,
+            name_max: pb::NAME_BYTES_MAX as u32,
+        })
     }
 
     /// Breaks other sessions' promises on `changed` and waits for them (see `Promises`). A
@@ -155,7 +172,9 @@ impl Meta for MetaService {
             .local_read()
             .and_then(|q| Ok(q.orphans_held_by(session, ORPHANS_PER_HEARTBEAT_MAX)?))
             .map_err(status_of)?;
-        Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans, meta_addresses: self.meta_addresses() }))
+        // The renewal just committed through this leader, so its own state is current enough.
+        let usage = Some(self.usage(&self.node.local_read().map_err(status_of)?)?);
+        Ok(Response::new(pb::HeartbeatReply { errno: 0, orphans, meta_addresses: self.meta_addresses(), usage }))
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
@@ -209,9 +228,16 @@ impl Meta for MetaService {
 
     async fn get_xattr(&self, request: Request<pb::GetXattrRequest>) -> Result<Response<pb::GetXattrReply>, Status> {
         let request = request.into_inner();
+        let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let (errno, value) = split(query.getxattr(request.target.as_ref(), &request.name).map_err(MetaError::from))?;
-        Ok(Response::new(pb::GetXattrReply { errno, value }))
+        drop(query);
+        // An absent name is promised too (setting it changes the inode's ctime and breaks), and
+        // so is a refused namespace (the answer depends on the name alone).
+        let ino = request.target.map(|h| h.ino).unwrap_or_default();
+        let answer_holds = matches!(errno, 0 | errno::ENODATA | errno::EOPNOTSUPP);
+        let promised = answer_holds && self.promise(point, request.session, &[ino]);
+        Ok(Response::new(pb::GetXattrReply { errno, value, promised }))
     }
 
     async fn list_xattr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ListXattrReply>, Status> {
@@ -223,19 +249,7 @@ impl Meta for MetaService {
 
     async fn stat_fs(&self, _request: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
         let query = self.node.read().await.map_err(status_of)?;
-        let files = query.counter("inodes").map_err(|e| status_of(e.into()))?;
-        let servers = self.node.live_data_servers();
-        let replication = u64::from(self.node.replication().map_err(status_of)?);
-        let total: u64 = servers.iter().map(|(_, s)| s.capacity_bytes).sum::<u64>() / replication;
-        let free: u64 = servers.iter().map(|(_, s)| s.free_bytes).sum::<u64>() / replication;
-        Ok(Response::new(pb::StatFsReply {
-            total_bytes: total,
-            free_bytes: free,
-            files,
-            free_files: u32::MAX as u64,
-            block_size: 4096,
-            name_max: pb::NAME_BYTES_MAX as u32,
-        }))
+        Ok(Response::new(self.usage(&query)?))
     }
 
     async fn get_extents(
