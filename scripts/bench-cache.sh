@@ -70,7 +70,7 @@ walk_twice() {
     fresh="$scratch/fresh-$name-$run"
     fresh=${fresh// /}
     mkdir -p "$fresh"
-    "$bin" mount --meta "$meta" --mount "$fresh" --cache-dir "$fresh.cache" > "$fresh.log" 2>&1 &
+    "$bin" mount --meta "$meta" --credential "$scratch/cluster/meta0/tls/admin.cred" --mount "$fresh" --cache-dir "$fresh.cache" > "$fresh.log" 2>&1 &
     mounts+=($!)
     for _ in $(seq 300); do mountpoint -q "$fresh" && break; sleep 0.1; done
     r0=$(rpcs "$fresh")

@@ -27,6 +27,8 @@ pub struct BenchOptions {
     pub runs: usize,
     /// An existing Cairn mount to measure instead of a one-node file system in this process.
     pub mount: Option<PathBuf>,
+    /// TLS or plaintext, for the one-node file system.
+    pub transport: crate::security::Transport,
 }
 
 const CHUNK: usize = 1024 * 1024;
@@ -226,7 +228,7 @@ pub fn bench(runtime: &tokio::runtime::Runtime, options: BenchOptions) -> Result
                 let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
                 probe.local_addr()?.to_string()
             };
-            let local = runtime.block_on(LocalNode::start(&data_dir, &listen))?;
+            let local = runtime.block_on(LocalNode::start(&data_dir, &listen, options.transport))?;
             let mut side = Side::InProcess { local: Box::new(local), mounted: None, mount_dir: mount_dir.clone() };
             side.remount(runtime)?;
             (side, mount_dir)

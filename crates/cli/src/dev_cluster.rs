@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::security::{self, Transport};
+
 pub struct DevCluster {
     pub metas: usize,
     pub datas: usize,
@@ -16,6 +18,7 @@ pub struct DevCluster {
     /// First port; meta servers take the next ones, then data servers.
     pub base_port: u16,
     pub replication: u32,
+    pub transport: Transport,
 }
 
 /// The servers this command started, stopped (SIGTERM, then SIGKILL) when dropped.
@@ -87,6 +90,20 @@ pub fn run(runtime: &tokio::runtime::Runtime, spec: DevCluster) -> Result<()> {
     let meta_addresses: Vec<String> = (0..spec.metas).map(address).collect();
     let meta_list = meta_addresses.join(",");
     let mut children = Children(Vec::new());
+    let first_dir = spec.dir.join("meta0");
+    let token = cairn_trust::files::AuthorityFiles::token_path(&first_dir).display().to_string();
+    let credential = security::admin_credential_path(&first_dir);
+    // Every server and the mount: TLS with what the first meta server made, or plaintext.
+    let secured = |mut args: Vec<String>, with: &[String]| {
+        match spec.transport {
+            Transport::Tls => args.extend(with.iter().cloned()),
+            Transport::Plaintext => args.push("--plaintext".into()),
+        }
+        args
+    };
+    if spec.transport == Transport::Plaintext {
+        security::install_plaintext();
+    }
     for (i, listen) in meta_addresses.iter().enumerate() {
         let dir = spec.dir.join(format!("meta{i}"));
         let mut args =
@@ -98,7 +115,12 @@ pub fn run(runtime: &tokio::runtime::Runtime, spec: DevCluster) -> Result<()> {
                 args.extend(["--join".into(), meta_addresses[0].clone(), "--id".into(), (i + 1).to_string()]);
             }
         }
+        let args = secured(args, &if i == 0 { vec![] } else { vec!["--token".into(), token.clone()] });
         spawn(&mut children, &logs, &format!("meta{i}"), &args)?;
+        if i == 0 && spec.transport == Transport::Tls {
+            wait_for("the file system's authority", Duration::from_secs(30), &mut children, || credential.exists())?;
+            security::install_client(Some(&credential), Transport::Tls)?;
+        }
         if i == 0 {
             // The first server creates the file system before the others ask to join it.
             let first = vec![meta_addresses[0].clone()];
@@ -120,6 +142,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, spec: DevCluster) -> Result<()> {
             "--domain".into(),
             format!("dev{i}"),
         ];
+        let args = secured(args, &["--token".into(), token.clone()]);
         spawn(&mut children, &logs, &format!("data{i}"), &args)?;
     }
     wait_for("every server to report in", Duration::from_secs(60), &mut children, || {
@@ -128,11 +151,15 @@ pub fn run(runtime: &tokio::runtime::Runtime, spec: DevCluster) -> Result<()> {
     let mut mount_args: Vec<String> =
         vec!["mount".into(), "--meta".into(), meta_list.clone(), "--mount".into(), spec.mount.display().to_string()];
     mount_args.extend(["--cache-dir".into(), spec.dir.join("cache").display().to_string()]);
+    let mount_args = secured(mount_args, &["--credential".into(), credential.display().to_string()]);
     spawn(&mut children, &logs, "mount", &mount_args)?;
     wait_for("the mount", Duration::from_secs(30), &mut children, || cairn_mount::mount::is_mount_point(&spec.mount))?;
     runtime.block_on(crate::status::status(meta_addresses.clone(), false))?;
     println!("Cairn cluster mounted at {}; logs in {}", spec.mount.display(), logs.display());
-    println!("  status:  cairn status --meta {meta_list}");
+    match spec.transport {
+        Transport::Tls => println!("  status:  cairn status --meta {meta_list} --credential {}", credential.display()),
+        Transport::Plaintext => println!("  status:  cairn status --meta {meta_list} --plaintext"),
+    }
     println!("Press Ctrl-C to unmount and stop every server.");
     runtime.block_on(crate::roles::wait_for_signal())?;
     eprintln!("cairn: stopping the cluster");

@@ -7,4 +7,5 @@ pub mod dev_cluster;
 pub mod layout;
 pub mod registration;
 pub mod roles;
+pub mod security;
 pub mod status;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use cairn::security::{self, Transport};
 use cairn::{bench, cluster, dev_cluster, roles, status};
 use cairn_client::callbacks::PartitionPolicy;
 use cairn_data::scrub::ScrubPolicy;
@@ -21,6 +22,14 @@ enum OnPartition {
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Run or connect WITHOUT TLS: no encryption, no authentication. For a network you trust
+    /// entirely; servers say so loudly.
+    #[arg(long, global = true)]
+    plaintext: bool,
+    /// The client credential to connect with (mount, status, cluster changes). `--init` writes
+    /// the administrator's to tls/admin.cred in the meta server's directory.
+    #[arg(long, global = true)]
+    credential: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +75,10 @@ enum Command {
         /// uncommitted uploads go when it expires).
         #[arg(long, default_value_t = 60)]
         session_lease_secs: u64,
+        /// With --join: the file system's join token (or a file holding it), which `--init`
+        /// wrote to tls/join.token in the first meta server's directory.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Start a whole cluster on this machine (separate processes, ports and directories) and
     /// mount it; Ctrl-C stops it all. Running it again on the same --dir brings it back.
@@ -120,6 +133,9 @@ enum Command {
         /// needs it (uploads never committed, copies moved elsewhere are then deleted).
         #[arg(long, default_value_t = roles::ORPHAN_GRACE.as_secs())]
         orphan_grace_secs: u64,
+        /// The file system's join token (or a file holding it), for a new data server.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Mount a Cairn file system served by --meta.
     Mount {
@@ -231,6 +247,8 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // One provider for every TLS configuration of the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     if let Err(e) = run(cli) {
         eprintln!("cairn: {e:#}");
         std::process::exit(1);
@@ -239,10 +257,28 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(4).build()?;
+    let transport = if cli.plaintext { Transport::Plaintext } else { Transport::Tls };
+    let credential = cli.credential;
+    let connect_only = || security::install_client(credential.as_deref(), transport);
+    let token = |given: Option<String>| given.as_deref().map(security::read_token).transpose();
     match cli.command {
-        Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen),
-        Command::Meta { dir, listen, init, join, id, advertise, replication, snapshot_every, session_lease_secs } => {
+        Command::Up { data, mount, listen } => roles::up(&runtime, data, mount, listen, transport),
+        Command::Meta {
+            dir,
+            listen,
+            init,
+            join,
+            id,
+            advertise,
+            replication,
+            snapshot_every,
+            session_lease_secs,
+            token: given,
+        } => {
+            let token = token(given)?;
             runtime.block_on(roles::meta(roles::MetaStart {
+                transport,
+                token,
                 dir,
                 listen,
                 init,
@@ -256,18 +292,23 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::DevCluster { meta, data, dir, mount, base_port, replication } => dev_cluster::run(
             &runtime,
-            dev_cluster::DevCluster { metas: meta, datas: data, dir, mount, base_port, replication },
+            dev_cluster::DevCluster { metas: meta, datas: data, dir, mount, base_port, replication, transport },
         ),
-        Command::Cluster { change } => match change {
-            ClusterChange::AddMeta { meta, id, address } => {
-                runtime.block_on(cluster::add_meta_command(split(&meta), id, address))
+        Command::Cluster { change } => {
+            connect_only()?;
+            match change {
+                ClusterChange::AddMeta { meta, id, address } => {
+                    runtime.block_on(cluster::add_meta_command(split(&meta), id, address))
+                }
+                ClusterChange::RemoveMeta { meta, id } => {
+                    runtime.block_on(cluster::remove_meta_command(split(&meta), id))
+                }
+                ClusterChange::RemoveData { meta, id, force, no_wait, wait_secs } => {
+                    let wait = (!no_wait).then(|| std::time::Duration::from_secs(wait_secs));
+                    runtime.block_on(cluster::remove_data_command(split(&meta), id, force, wait))
+                }
             }
-            ClusterChange::RemoveMeta { meta, id } => runtime.block_on(cluster::remove_meta_command(split(&meta), id)),
-            ClusterChange::RemoveData { meta, id, force, no_wait, wait_secs } => {
-                let wait = (!no_wait).then(|| std::time::Duration::from_secs(wait_secs));
-                runtime.block_on(cluster::remove_data_command(split(&meta), id, force, wait))
-            }
-        },
+        }
         Command::Data {
             dir,
             listen,
@@ -277,12 +318,16 @@ fn run(cli: Cli) -> Result<()> {
             scrub_mib_per_s,
             scrub_pause_secs,
             orphan_grace_secs,
+            token: given,
         } => {
+            let token = token(given)?;
             let scrub = ScrubPolicy {
                 bytes_per_second: scrub_mib_per_s.max(1) * 1024 * 1024,
                 pause: std::time::Duration::from_secs(scrub_pause_secs),
             };
             runtime.block_on(roles::data(roles::DataStart {
+                transport,
+                token,
                 dir,
                 listen,
                 advertise,
@@ -296,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(ip) = bind {
                 cairn_proto::net::set_source_address(ip);
             }
+            connect_only()?;
             let cache = roles::DiskCacheOptions { dir: cache_dir, bytes: cache_mib.saturating_mul(1024 * 1024) };
             let partition = match on_partition {
                 OnPartition::Wait => PartitionPolicy::Wait,
@@ -304,9 +350,13 @@ fn run(cli: Cli) -> Result<()> {
             roles::mount(&runtime, split(&meta), mount, cache, roles::MountModes { strict, partition })
         }
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
-            bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs: runs.max(1), mount })
+            let runs = runs.max(1);
+            bench::bench(&runtime, bench::BenchOptions { dir, size_mib, files, random_reads, runs, mount, transport })
         }
-        Command::Status { meta, json } => runtime.block_on(status::status(split(&meta), json)),
+        Command::Status { meta, json } => {
+            connect_only()?;
+            runtime.block_on(status::status(split(&meta), json))
+        }
     }
 }
 

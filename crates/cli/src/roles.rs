@@ -20,6 +20,8 @@ use tonic::transport::Server;
 
 use crate::layout::{self, Marker};
 use crate::registration::{Report, report_loop};
+use crate::security::{self, GuardLayer, Transport};
+use cairn_trust::{JoinToken, Role, TrustFiles};
 
 /// Streams each client connection may have open at once.
 const STREAMS_PER_CONNECTION_MAX: usize = 256;
@@ -53,13 +55,33 @@ fn advertised(listener: &TcpListener, advertise: Option<String>) -> Result<Strin
     Ok(advertise.unwrap_or_else(|| local.to_string()))
 }
 
-/// Serves the given services until `shutdown` flips.
+/// Serves the given services until `shutdown` flips: over TLS with `trust`, else plaintext.
 async fn serve(
     listener: TcpListener,
     meta: Option<MetaService>,
     data: Option<DataService>,
     mut shutdown: watch::Receiver<bool>,
+    trust: Option<TrustFiles>,
 ) -> Result<()> {
+    let transport = if trust.is_some() { Transport::Tls } else { Transport::Plaintext };
+    let router = Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(pb::CONNECTION_WINDOW_BYTES)
+        .max_frame_size(pb::FRAME_BYTES_MAX)
+        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX)
+        .layer(GuardLayer { transport })
+        .add_optional_service(meta.map(MetaService::into_server))
+        .add_optional_service(data.map(DataService::into_server));
+    let stop = async move {
+        let _ = shutdown.changed().await;
+    };
+    if let Some(files) = trust {
+        return router
+            .serve_with_incoming_shutdown(security::tls_incoming(listener, &files)?, stop)
+            .await
+            .context("serving");
+    }
     // Nagle's algorithm would hold a reply's last small frame back until the peer's delayed
     // ACK (~40 ms): every accepted connection sends at once.
     // A failed accept (a peer that reset at once, descriptors running out) must not end the
@@ -73,19 +95,26 @@ async fn serve(
             }
         }
     });
-    Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(pb::STREAM_WINDOW_BYTES)
-        .initial_connection_window_size(pb::CONNECTION_WINDOW_BYTES)
-        .max_frame_size(pb::FRAME_BYTES_MAX)
-        .concurrency_limit_per_connection(STREAMS_PER_CONNECTION_MAX)
-        .add_optional_service(meta.map(MetaService::into_server))
-        .add_optional_service(data.map(DataService::into_server))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.changed().await;
-        })
-        .await
-        .context("serving")
+    router.serve_with_incoming_shutdown(incoming, stop).await.context("serving")
+}
+
+/// The trust files a server serves and connects with (TLS), after checking they exist; or
+/// none, loudly, with `--plaintext`.
+fn server_trust(dir: &std::path::Path, transport: Transport, what: &str) -> Result<Option<TrustFiles>> {
+    if transport == Transport::Plaintext {
+        security::warn_plaintext(what);
+        security::install_plaintext();
+        return Ok(None);
+    }
+    if !TrustFiles::present(dir) {
+        bail!(
+            "{} holds no TLS certificate: it was made with --plaintext (run it with --plaintext) or its tls/ directory is gone",
+            dir.display()
+        );
+    }
+    let files = TrustFiles::load(dir)?;
+    security::install(&files);
+    Ok(Some(files))
 }
 
 pub async fn wait_for_signal() -> Result<()> {
@@ -231,8 +260,14 @@ pub struct LocalNode {
 
 impl LocalNode {
     /// Creates (first time) or opens the file system in `data` and serves it on `listen`.
-    pub async fn start(data: &std::path::Path, listen: &str) -> Result<LocalNode> {
+    /// With TLS, the in-process client connects as the server itself.
+    pub async fn start(data: &std::path::Path, listen: &str, transport: Transport) -> Result<LocalNode> {
         let (marker, fresh) = layout::open_or_create(data, &layout::new_fs_id(), None, true)?;
+        if fresh && transport == Transport::Tls {
+            security::init_authority(data, &marker.fs_id, 1)?;
+        }
+        let trust = server_trust(data, transport, "this file system")?;
+        let signer = security::load_signer(data)?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let listener = bind(listen).await?;
         let address = advertised(&listener, None)?;
@@ -241,9 +276,9 @@ impl LocalNode {
         let node = MetaNode::start(config, Some(bootstrap)).await.context("starting meta")?;
         node.wait_for_leader(Duration::from_secs(30)).await?;
         let volume = Arc::new(Volume::open(&layout::blocks_dir(data)).context("opening the block volume")?);
-        let meta_service = MetaService::new(node.clone());
+        let meta_service = MetaService::new(node.clone()).with_signer(signer);
         let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
-        tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone()));
+        tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone(), trust));
         tokio::spawn(node.clone().run_background(shutdown.clone()));
         let scrubbing = scrub_and_report(
             volume.clone(),
@@ -282,10 +317,16 @@ impl LocalNode {
     }
 }
 
-pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf, listen: String) -> Result<()> {
+pub fn up(
+    runtime: &tokio::runtime::Runtime,
+    data: PathBuf,
+    mount_path: PathBuf,
+    listen: String,
+    transport: Transport,
+) -> Result<()> {
     check_mount_point(&mount_path)?;
     let (local, client) = runtime.block_on(async {
-        let local = LocalNode::start(&data, &listen).await?;
+        let local = LocalNode::start(&data, &listen, transport).await?;
         let client = local.client("up").await?;
         Ok::<_, anyhow::Error>((local, client))
     })?;
@@ -297,9 +338,14 @@ pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf,
         if local.fresh { "created" } else { "started" },
         mounted.path().display()
     );
-    println!("  meta and data served at {address}");
-    println!("  mount it elsewhere:  cairn mount --meta {address} --mount DIR");
-    println!("  status:              cairn status --meta {address}");
+    let credential = security::admin_credential_path(&data);
+    let with = match transport {
+        Transport::Tls => format!("--credential {}", credential.display()),
+        Transport::Plaintext => "--plaintext".to_string(),
+    };
+    println!("  meta and data served at {address} ({})", if transport == Transport::Tls { "TLS" } else { "NO TLS" });
+    println!("  mount it elsewhere:  cairn mount --meta {address} {with} --mount DIR");
+    println!("  status:              cairn status --meta {address} {with}");
     println!("Press Ctrl-C to unmount and stop.");
     runtime.block_on(wait_for_signal())?;
     eprintln!("cairn: unmounting {}", mounted.path().display());
@@ -311,6 +357,9 @@ pub fn up(runtime: &tokio::runtime::Runtime, data: PathBuf, mount_path: PathBuf,
 
 /// How `cairn meta` starts on its directory.
 pub struct MetaStart {
+    pub transport: Transport,
+    /// The join token, for a server joining a group (with TLS).
+    pub token: Option<JoinToken>,
     pub dir: PathBuf,
     pub listen: String,
     /// Create a new file system (a one-member group) in an empty directory.
@@ -327,7 +376,19 @@ pub struct MetaStart {
 }
 
 pub async fn meta(start: MetaStart) -> Result<()> {
-    let MetaStart { dir, listen, init, join, id, advertise, replication, snapshot_every, session_lease } = start;
+    let MetaStart {
+        transport,
+        token,
+        dir,
+        listen,
+        init,
+        join,
+        id,
+        advertise,
+        replication,
+        snapshot_every,
+        session_lease,
+    } = start;
     if !(1..=cairn_meta::node::REPLICATION_MAX).contains(&replication) {
         bail!("--replication must be 1 to {}", cairn_meta::node::REPLICATION_MAX);
     }
@@ -358,13 +419,25 @@ pub async fn meta(start: MetaStart) -> Result<()> {
     let id = marker.meta_id;
     let listener = bind(&listen).await?;
     let address = advertised(&listener, advertise)?;
+    if transport == Transport::Tls {
+        if fresh && init {
+            security::init_authority(&dir, &marker.fs_id, id)?;
+            let token = cairn_trust::files::AuthorityFiles::token_path(&dir);
+            println!("cairn meta {id}: new file system; servers join it with --token {}", token.display());
+        } else if !join.is_empty() {
+            security::enroll(&dir, &join, token.as_ref(), Role::Meta, id).await.context("joining with TLS")?;
+        }
+    }
+    let trust = server_trust(&dir, transport, &format!("meta server {id}"))?;
+    let signer = security::load_signer(&dir)?;
     tracing::info!(%address, id, "listening; starting the meta store and raft");
     let config =
         MetaConfig { snapshot_every, session_lease, ..MetaConfig::new(id, address.clone(), layout::meta_dir(&dir)) };
     let bootstrap = init.then(|| Bootstrap { fs_id: marker.fs_id.clone(), replication });
     let node = MetaNode::start(config, bootstrap).await.context("starting meta")?;
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let server = tokio::spawn(serve(listener, Some(MetaService::new(node.clone())), None, shutdown.clone()));
+    let service = MetaService::new(node.clone()).with_signer(signer);
+    let server = tokio::spawn(serve(listener, Some(service), None, shutdown.clone(), trust));
     tokio::spawn(node.clone().run_background(shutdown));
     // A server that joined before knows its file system: it restarts as a member.
     if !join.is_empty() && marker.fs_id.is_empty() {
@@ -395,6 +468,9 @@ pub async fn meta(start: MetaStart) -> Result<()> {
 
 /// How `cairn data` starts.
 pub struct DataStart {
+    pub transport: Transport,
+    /// The join token, for a new data server (with TLS).
+    pub token: Option<JoinToken>,
     pub scrub: ScrubPolicy,
     /// How long a block must have been here before meta is asked whether it is still wanted.
     pub orphan_grace: Duration,
@@ -407,7 +483,7 @@ pub struct DataStart {
 }
 
 pub async fn data(start: DataStart) -> Result<()> {
-    let DataStart { dir, listen, advertise, meta, domain, scrub, orphan_grace } = start;
+    let DataStart { transport, token, dir, listen, advertise, meta, domain, scrub, orphan_grace } = start;
     let domain = domain.unwrap_or_else(host_name);
     if meta.is_empty() {
         bail!("--meta needs at least one meta server address");
@@ -415,10 +491,15 @@ pub async fn data(start: DataStart) -> Result<()> {
     let (marker, _) = layout::open_or_create(&dir, "", None, true)?;
     let listener = bind(&listen).await?;
     let address = advertised(&listener, advertise)?;
+    if transport == Transport::Tls {
+        let id = marker.data_server_id;
+        security::enroll(&dir, &meta, token.as_ref(), Role::Data, id).await.context("joining with TLS")?;
+    }
+    let trust = server_trust(&dir, transport, &format!("data server {}", marker.data_server_id))?;
     let volume = Arc::new(Volume::open(&layout::blocks_dir(&dir)).context("opening the block volume")?);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
-    let server = tokio::spawn(serve(listener, None, Some(service), shutdown));
+    let server = tokio::spawn(serve(listener, None, Some(service), shutdown, trust));
     tokio::spawn(scrub_and_report(volume.clone(), scrub, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id));
     let collection =
         collect_orphans(volume.clone(), orphan_grace, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id);

@@ -6,7 +6,6 @@ mod common;
 use std::fs;
 use std::time::{Duration, Instant};
 
-use cairn_proto::meta_client::MetaClient;
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use cairn_testkit::workload::{Workload, now_seconds, pause_around};
 use cairn_testkit::{Cluster, ClusterSpec, wait_until};
@@ -35,7 +34,7 @@ fn digests(cluster: &Cluster) -> Vec<Option<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
         for meta in &cluster.metas {
             let reply = async {
-                let mut client = MetaClient::connect(format!("http://{}", meta.listen)).await.ok()?;
+                let mut client = common::meta_client(cluster, &meta.listen).await.ok()?;
                 let reply = client.status(pb::StatusRequest { with_digest: true }).await.ok()?.into_inner();
                 Some((reply.last_applied, reply.state_digest))
             }
@@ -102,7 +101,7 @@ fn minority_cannot_commit_and_catches_up_after_healing() {
 
     // The isolated server cannot commit anything: a new session needs a Raft write.
     let minority_commit = runtime().block_on(async {
-        let mut client = MetaClient::connect(format!("http://{old_listen}")).await.unwrap();
+        let mut client = common::meta_client(&cluster, &old_listen).await.unwrap();
         let mut request = tonic::Request::new(pb::OpenSessionRequest { client_name: "minority".into() });
         request.set_timeout(Duration::from_secs(3));
         client.open_session(request).await
@@ -155,7 +154,7 @@ async fn send_to_leader(cluster: &Cluster, request: pb::MutateRequest) -> pb::Mu
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         for meta in &cluster.metas {
-            let Ok(mut client) = MetaClient::connect(format!("http://{}", meta.address)).await else { continue };
+            let Ok(mut client) = common::meta_client(cluster, &meta.address).await else { continue };
             if let Ok(reply) = client.mutate(request.clone()).await {
                 return reply.into_inner();
             }
@@ -171,7 +170,7 @@ fn requests_retried_across_a_leader_change_return_their_first_answer() {
     let rt = runtime();
     let (session, root) = rt.block_on(async {
         let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
-        let mut client = MetaClient::connect(format!("http://{}", cluster.metas[leader].address)).await.unwrap();
+        let mut client = common::meta_client(&cluster, &cluster.metas[leader].address).await.unwrap();
         let reply =
             client.open_session(pb::OpenSessionRequest { client_name: "retry".into() }).await.unwrap().into_inner();
         (reply.session, reply.root.unwrap())
@@ -241,7 +240,7 @@ fn a_new_meta_server_catches_up_from_a_snapshot() {
     let rt = runtime();
     rt.block_on(async {
         let leader = cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
-        let mut client = MetaClient::connect(format!("http://{}", cluster.metas[leader].address)).await.unwrap();
+        let mut client = common::meta_client(&cluster, &cluster.metas[leader].address).await.unwrap();
         let session =
             client.open_session(pb::OpenSessionRequest { client_name: "history".into() }).await.unwrap().into_inner();
         let root = session.root.unwrap();

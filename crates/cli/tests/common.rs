@@ -24,3 +24,21 @@ pub fn cluster() -> Cluster {
 pub fn bin() -> std::path::PathBuf {
     cairn_bin(option_env!("CARGO_BIN_EXE_cairn"))
 }
+
+/// A meta client of `cluster`'s server at `address`, with the administrator's credential.
+pub async fn meta_client(
+    cluster: &Cluster,
+    address: &str,
+) -> anyhow::Result<cairn_proto::meta_client::MetaClient<tonic::transport::Channel>> {
+    let channel = cairn::security::connect_with(address, &cluster.credential()).await?;
+    Ok(cairn_proto::meta_client::MetaClient::new(channel))
+}
+
+/// A data client of `cluster`'s server at `address`, with the administrator's credential.
+pub async fn data_client(
+    cluster: &Cluster,
+    address: &str,
+) -> anyhow::Result<cairn_proto::data_client::DataClient<tonic::transport::Channel>> {
+    let channel = cairn::security::connect_with(address, &cluster.credential()).await?;
+    Ok(cairn_proto::data_client::DataClient::new(channel))
+}

@@ -179,7 +179,11 @@ fn up_creates_mounts_serves_and_unmounts_on_sigterm() {
     wait_until("the up mount", Duration::from_secs(60), || is_mounted(&mount)).unwrap();
     fs::write(mount.join("f"), "hi\n").unwrap();
     assert_eq!(fs::read_to_string(mount.join("f")).unwrap(), "hi\n");
-    let status = Command::new(common::bin()).args(["status", "--meta", &listen]).output().unwrap();
+    let credential = data.join("tls/admin.cred");
+    let status = Command::new(common::bin())
+        .args(["status", "--meta", &listen, "--credential", credential.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&status.stdout).contains("health       ok"));
     // SAFETY: signalling the child this test started.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -228,6 +232,8 @@ fn misuse_gets_a_message_that_says_how_to_fix_it() {
     assert!(message.contains("--init"), "{message}");
 
     let message = cairn_error(&["status", "--meta", &free_address()]);
+    assert!(message.contains("--credential"), "{message}");
+    let message = cairn_error(&["status", "--meta", &free_address(), "--plaintext"]);
     assert!(message.contains("no meta server answered"), "{message}");
     let _ = Path::new("/");
 }

@@ -6,8 +6,6 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use cairn_proto::data_client::DataClient;
-use cairn_proto::meta_client::MetaClient;
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use tonic::Code;
 
@@ -18,8 +16,8 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn bad_requests_get_clear_errors_and_servers_keep_serving() {
     let cluster = common::cluster();
-    let meta_address = format!("http://{}", cluster.metas[0].address);
-    let data_address = format!("http://{}", cluster.datas[0].address);
+    let meta_address = cluster.metas[0].address.clone();
+    let data_address = cluster.datas[0].address.clone();
 
     // Garbage bytes instead of HTTP/2.
     for address in [&cluster.metas[0].address, &cluster.datas[0].address] {
@@ -31,7 +29,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
     }
 
     runtime().block_on(async {
-        let mut meta = MetaClient::connect(meta_address.clone()).await.unwrap();
+        let mut meta = common::meta_client(&cluster, &meta_address).await.unwrap();
         let session =
             meta.open_session(pb::OpenSessionRequest { client_name: "hostile".into() }).await.unwrap().into_inner();
         let root = session.root.unwrap();
@@ -150,7 +148,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         );
 
         // The data server: unknown blocks, impossible ranges, lying uploads.
-        let mut data = DataClient::connect(data_address.clone()).await.unwrap();
+        let mut data = common::data_client(&cluster, &data_address).await.unwrap();
         let unknown = pb::BlockRef { id_hi: 1, id_lo: 2, len: 10, digest: vec![0; 32], servers: vec![] };
         let error =
             data.get_block(pb::GetBlockRequest { block: Some(unknown.clone()), offset: 0, len: 10 }).await.unwrap_err();
@@ -201,7 +199,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         let status = meta.status(pb::StatusRequest::default()).await.unwrap().into_inner();
         assert_eq!(status.role, "leader");
         data.status(pb::DataStatusRequest {}).await.unwrap();
-        let mut fresh = MetaClient::connect(meta_address).await.unwrap();
+        let mut fresh = common::meta_client(&cluster, &meta_address).await.unwrap();
         fresh.get_attr(pb::GetAttrRequest { target: Some(root), session: 0 }).await.unwrap();
     });
 }

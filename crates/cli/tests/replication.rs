@@ -257,6 +257,7 @@ fn remove_data(cluster: &Cluster, id: u64) -> Result<String, String> {
     let output = std::process::Command::new(common::bin())
         .args(["cluster", "remove-data", "--meta", &cluster.meta_addresses(), "--id", &id.to_string()])
         .args(["--wait-secs", "180"])
+        .args(cluster.client_args())
         .output()
         .expect("running cairn");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -29,13 +29,30 @@ pub const ORPHAN_QUERY_MAX: usize = 4096;
 /// Blocks placed per request at most.
 const PLACEMENTS_PER_REQUEST_MAX: u32 = 1024;
 
+/// How long a server's certificate is valid.
+pub const SERVER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+/// The largest certificate request taken.
+const CERT_REQUEST_BYTES_MAX: usize = 16 * 1024;
+
+/// What a meta server signs new servers' certificates with.
+pub struct Signer {
+    pub authority: cairn_trust::Authority,
+    pub token: cairn_trust::JoinToken,
+}
+
 pub struct MetaService {
     node: Arc<MetaNode>,
+    signer: Option<Arc<Signer>>,
 }
 
 impl MetaService {
     pub fn new(node: Arc<MetaNode>) -> Self {
-        MetaService { node }
+        MetaService { node, signer: None }
+    }
+
+    /// Lets servers holding the join token enroll (with TLS; without, there is nothing to sign).
+    pub fn with_signer(self, signer: Option<Arc<Signer>>) -> Self {
+        MetaService { signer, ..self }
     }
 
     fn meta_addresses(&self) -> Vec<String> {
@@ -130,6 +147,44 @@ fn raft_status(e: impl std::fmt::Display) -> Status {
 
 #[tonic::async_trait]
 impl Meta for MetaService {
+    async fn enroll(&self, request: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollReply>, Status> {
+        use cairn_trust::{Role, Subject};
+        let peer = request.remote_addr();
+        let Some(signer) = &self.signer else {
+            return Err(Status::failed_precondition("this file system runs without TLS: there is nothing to enroll"));
+        };
+        let request = request.into_inner();
+        if !signer.token.admits(&request.secret) {
+            tracing::warn!(?peer, role = %request.role, "refused to enroll a server: its join token is not this file system's");
+            return Err(Status::permission_denied("the join token is not this file system's"));
+        }
+        let role = match request.role.as_str() {
+            "meta" => Role::Meta,
+            "data" => Role::Data,
+            other => return Err(Status::invalid_argument(format!("no server role {other:?}"))),
+        };
+        if request.request_pem.len() > CERT_REQUEST_BYTES_MAX {
+            return Err(Status::invalid_argument("certificate request too large"));
+        }
+        let subject = Subject::Server { role, id: request.id };
+        let cert = signer
+            .authority
+            .sign(&request.request_pem, &subject, SERVER_CERT_VALIDITY)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(?peer, server = %subject.common_name(), "enrolled a server");
+        let authority_pem = signer.authority.cert_pem().to_string();
+        let (authority_key_pem, join_token) = match role {
+            Role::Meta => (signer.authority.key_pem(), signer.token.to_string()),
+            _ => (String::new(), String::new()),
+        };
+        Ok(Response::new(pb::EnrollReply {
+            chain_pem: format!("{cert}{authority_pem}"),
+            authority_pem,
+            authority_key_pem,
+            join_token,
+        }))
+    }
+
     async fn open_session(
         &self,
         request: Request<pb::OpenSessionRequest>,

@@ -9,9 +9,29 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 
 static SOURCE_ADDRESS: OnceLock<IpAddr> = OnceLock::new();
+static SECURITY: OnceLock<Security> = OnceLock::new();
+
+/// How this process's connections are protected.
+#[derive(Clone, Debug)]
+pub enum Security {
+    /// TLS, with the server checked against the file system's authority and this process's
+    /// certificate presented.
+    Tls(ClientTlsConfig),
+    /// No TLS: only when asked for explicitly (`--plaintext`).
+    Plaintext,
+}
+
+/// Sets how every later connection of this process is protected (first call wins).
+pub fn set_security(security: Security) {
+    let _ = SECURITY.set(security);
+}
+
+pub fn security() -> Option<&'static Security> {
+    SECURITY.get()
+}
 
 /// How long opening a connection may take before the peer counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -27,9 +47,14 @@ pub fn source_address() -> Option<IpAddr> {
     SOURCE_ADDRESS.get().copied()
 }
 
-/// An endpoint for `address` (`host:port`, or a full `http://` URI) with the process's source
-/// address, no Nagle delay and a bounded connect time.
+/// An endpoint for `address` (`host:port`) with the process's security, source address, no
+/// Nagle delay and a bounded connect time. A process that set no security speaks plaintext:
+/// the `cairn` binary always sets it, to TLS unless `--plaintext` was given.
 pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.starts_with("http://") { address.to_string() } else { format!("http://{address}") };
-    Ok(Endpoint::from_shared(uri)?.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).local_address(source_address()))
+    let host = address.trim_start_matches("http://").trim_start_matches("https://");
+    let endpoint = match SECURITY.get() {
+        Some(Security::Tls(config)) => Endpoint::from_shared(format!("https://{host}"))?.tls_config(config.clone())?,
+        Some(Security::Plaintext) | None => Endpoint::from_shared(format!("http://{host}"))?,
+    };
+    Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).local_address(source_address()))
 }

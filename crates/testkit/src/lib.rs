@@ -236,6 +236,8 @@ pub struct ClusterSpec {
     /// How long data servers keep a block before asking meta whether it is wanted; 0 keeps
     /// the default.
     pub orphan_grace_secs: u64,
+    /// Run every server and mount with `--plaintext` instead of TLS.
+    pub plaintext: bool,
 }
 
 impl Default for ClusterSpec {
@@ -248,6 +250,7 @@ impl Default for ClusterSpec {
             fast_scrub: false,
             session_lease_secs: 0,
             orphan_grace_secs: 0,
+            plaintext: false,
         }
     }
 }
@@ -333,14 +336,55 @@ impl Cluster {
         Ok(Server { process, address, ip, listen, dir, _proxy: proxy })
     }
 
+    /// The first meta server's directory, where `--init` wrote the file system's authority.
+    fn first_meta_dir(&self) -> PathBuf {
+        self.dir.path().join("meta")
+    }
+
+    /// The administrator's credential (`--credential`), written by the first meta server.
+    pub fn credential(&self) -> PathBuf {
+        self.first_meta_dir().join("tls/admin.cred")
+    }
+
+    /// The join token's file (`--token`), written by the first meta server.
+    pub fn token(&self) -> PathBuf {
+        self.first_meta_dir().join("tls/join.token")
+    }
+
+    /// What a command gets to connect: the administrator's credential, or `--plaintext`.
+    pub fn client_args(&self) -> Vec<String> {
+        if self.spec.plaintext {
+            vec!["--plaintext".into()]
+        } else {
+            vec!["--credential".into(), self.credential().display().to_string()]
+        }
+    }
+
+    /// What a joining server gets: the join token, or `--plaintext`.
+    fn join_args(&self) -> Vec<String> {
+        if self.spec.plaintext {
+            vec!["--plaintext".into()]
+        } else {
+            vec!["--token".into(), self.token().display().to_string()]
+        }
+    }
+
     fn start_meta(&mut self, join: Option<String>, replication: u32) -> Result<Server> {
         let index = self.metas_started;
         self.metas_started += 1;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 10, index as u8 + 1));
         let mut args = vec!["meta".to_string(), "--id".into(), (index + 1).to_string()];
         match join {
-            None => args.extend(["--init".into(), "--replication".into(), replication.to_string()]),
-            Some(join) => args.extend(["--join".into(), join]),
+            None => {
+                args.extend(["--init".into(), "--replication".into(), replication.to_string()]);
+                if self.spec.plaintext {
+                    args.push("--plaintext".into());
+                }
+            }
+            Some(join) => {
+                args.extend(["--join".into(), join]);
+                args.extend(self.join_args());
+            }
         }
         if self.spec.snapshot_every > 0 {
             args.extend(["--snapshot-every".into(), self.spec.snapshot_every.to_string()]);
@@ -358,6 +402,7 @@ impl Cluster {
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 20, index as u8 + 1));
         let name = if index == 0 { "data".to_string() } else { format!("data{index}") };
         let mut args = vec!["data".into(), "--meta".into(), self.meta_addresses()];
+        args.extend(self.join_args());
         if self.spec.fast_scrub {
             args.extend(["--scrub-mib-per-s".into(), "1024".into(), "--scrub-pause-secs".into(), "1".into()]);
         }
@@ -392,8 +437,11 @@ impl Cluster {
 
     /// `cairn status --json` as parsed JSON, if some meta server answers.
     pub fn status(&self) -> Option<serde_json::Value> {
-        let output =
-            Command::new(&self.bin).args(["status", "--json", "--meta", &self.meta_addresses()]).output().ok()?;
+        let output = Command::new(&self.bin)
+            .args(["status", "--json", "--meta", &self.meta_addresses()])
+            .args(self.client_args())
+            .output()
+            .ok()?;
         if !output.status.success() {
             return None;
         }
@@ -499,6 +547,7 @@ impl Cluster {
             "--bind".into(),
             Self::mount_ip(index).to_string(),
         ];
+        args.extend(self.client_args());
         args.extend(extra.iter().map(|a| a.to_string()));
         let process = Process::start(
             &self.bin,

@@ -1,0 +1,165 @@
+//! TLS on every link: callers without this file system's certificate are refused with a clear
+//! error and a log line, and the servers keep serving everyone else.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cairn_proto::{self as pb, meta_client::MetaClient};
+use cairn_testkit::{Cluster, ClusterSpec, wait_until};
+use cairn_trust::files::AuthorityFiles;
+use cairn_trust::{Authority, JoinToken, Subject, TrustFiles};
+use tonic::Code;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// A credential for `subject` signed by `signer`, trusting `trusted` as the servers' authority.
+fn credential(dir: &Path, name: &str, signer: &Authority, trusted: &str, subject: Subject) -> PathBuf {
+    let (key_pem, request) = cairn_trust::new_key_and_request().unwrap();
+    let cert = signer.sign(&request, &subject, Duration::from_secs(3600)).unwrap();
+    let files =
+        TrustFiles { authority_pem: trusted.to_string(), chain_pem: format!("{cert}{}", signer.cert_pem()), key_pem };
+    let path = dir.join(name);
+    files.save_bundle(&path).unwrap();
+    path
+}
+
+/// The error of a status request to `address` over `channel`, if it failed.
+async fn status_with(channel: Result<tonic::transport::Channel, String>) -> Result<(), String> {
+    let mut client = MetaClient::new(channel?);
+    client
+        .status(pb::StatusRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+async fn channel(address: &str, credential: &Path) -> Result<tonic::transport::Channel, String> {
+    cairn::security::connect_with(address, credential).await.map_err(|e| format!("{e:#}"))
+}
+
+fn log_of(cluster: &Cluster) -> String {
+    cluster.metas[0].log()
+}
+
+#[test]
+fn callers_without_this_file_systems_certificate_are_refused_and_others_are_served() {
+    let cluster = common::cluster();
+    let address = cluster.metas[0].address.clone();
+    let scratch = cluster.dir.path().join("credentials");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let (authority, _) = AuthorityFiles::load(&cluster.metas[0].dir).unwrap();
+    let real_authority = authority.cert_pem().to_string();
+    let foreign = Authority::create("another").unwrap();
+    let rt = runtime();
+
+    // Plaintext: the TLS port does not speak it.
+    let plaintext = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}")).unwrap().connect().await;
+        status_with(channel.map_err(|e| e.to_string())).await
+    });
+    assert!(plaintext.is_err(), "a plaintext client was served");
+    wait_until("the plaintext refusal in the log", Duration::from_secs(10), || {
+        log_of(&cluster).contains("refused a connection: not TLS")
+    })
+    .unwrap();
+
+    // A certificate another authority signed, presented to this file system.
+    let subject = Subject::Client { credential: "intruder".into() };
+    let forged = credential(&scratch, "foreign.cred", &foreign, &real_authority, subject);
+    let refused = rt.block_on(async { status_with(channel(&address, &forged).await).await });
+    assert!(refused.is_err(), "a certificate of another authority was accepted");
+    wait_until("the foreign certificate's refusal in the log", Duration::from_secs(10), || {
+        log_of(&cluster).contains("refused a connection: TLS handshake failed")
+    })
+    .unwrap();
+
+    // TLS without any certificate: only joining is open; everything else says what is missing.
+    let anonymous = rt.block_on(async {
+        let config = cairn_trust::tls::client_config(&real_authority, None);
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{address}")).unwrap();
+        let channel = endpoint.tls_config(config).unwrap().connect().await.map_err(|e| e.to_string());
+        status_with(channel).await
+    });
+    let error = anonymous.expect_err("a caller without a certificate was served");
+    assert!(error.starts_with("Unauthenticated") && error.contains("--credential"), "{error}");
+    assert!(log_of(&cluster).contains("refused a request"), "no log line for the refused request");
+
+    // A client of this file system may not act as a server, nor change the cluster.
+    let subject = Subject::Client { credential: "c1".into() };
+    let client = credential(&scratch, "client.cred", &authority, &real_authority, subject);
+    rt.block_on(async {
+        let mut meta = MetaClient::new(channel(&address, &client).await.unwrap());
+        meta.status(pb::StatusRequest::default()).await.expect("a client may ask for status");
+        let raft = meta.raft_vote(pb::RaftBytes { payload: vec![] }).await.unwrap_err();
+        assert_eq!(raft.code(), Code::PermissionDenied, "{raft}");
+        let change = pb::RemoveMetaServerRequest { id: 1 };
+        let error = meta.remove_meta_server(change).await.unwrap_err();
+        assert_eq!(error.code(), Code::PermissionDenied, "{error}");
+    });
+
+    // And after all of that, the file system serves its own as before.
+    rt.block_on(async {
+        let admin = cluster.credential();
+        status_with(channel(&address, &admin).await).await.expect("the administrator is served");
+    });
+    assert!(cluster.status().is_some());
+}
+
+#[test]
+fn a_server_joins_only_with_this_file_systems_token() {
+    let cluster = common::cluster();
+    let token = JoinToken::parse(&std::fs::read_to_string(cluster.token()).unwrap()).unwrap();
+    let join = |token: &JoinToken, name: &str| {
+        let dir = cluster.dir.path().join(name);
+        let output = Command::new(common::bin())
+            .args(["data", "--dir", dir.to_str().unwrap(), "--listen", &cairn_testkit::free_address()])
+            .args(["--meta", &cluster.meta_addresses(), "--token", &token.to_string()])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{name} joined");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let mut wrong_secret = token.clone();
+    wrong_secret.secret[0] ^= 1;
+    let error = join(&wrong_secret, "wrong-secret");
+    assert!(error.contains("join token is not this file system's"), "{error}");
+    assert!(log_of(&cluster).contains("refused to enroll a server"), "no log line for the refused join");
+
+    let mut other_fs = token.clone();
+    other_fs.authority[0] ^= 1;
+    let error = join(&other_fs, "other-authority");
+    assert!(error.contains("belongs to another file system"), "{error}");
+
+    // Keys on disk are the owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["tls/ca.key", "tls/node.key", "tls/join.token", "tls/admin.cred"] {
+        let mode = std::fs::metadata(cluster.metas[0].dir.join(file)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{file} is readable by others: {mode:o}");
+    }
+}
+
+#[test]
+fn a_plaintext_file_system_runs_only_when_asked_and_says_so() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { plaintext: true, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let mount = cluster.mount().unwrap();
+    std::fs::write(mount.join("f"), b"in the clear").unwrap();
+    assert_eq!(std::fs::read(mount.join("f")).unwrap(), b"in the clear");
+    for server in cluster.metas.iter().chain(&cluster.datas) {
+        assert!(server.log().contains("WITHOUT TLS"), "{} did not warn:\n{}", server.name, server.log());
+    }
+    // A client that expects TLS is refused by a plaintext server's port, and says why.
+    let output = Command::new(common::bin())
+        .args(["status", "--meta", &cluster.meta_addresses(), "--credential", "/nonexistent.cred"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+}
