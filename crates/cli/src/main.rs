@@ -248,7 +248,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     // One provider for every TLS configuration of the process.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = (*cairn_trust::provider()).clone().install_default();
     if let Err(e) = run(cli) {
         eprintln!("cairn: {e:#}");
         std::process::exit(1);

@@ -51,6 +51,8 @@ pub fn server_config(files: &TrustFiles) -> TrustResult<ServerConfig> {
         .with_single_cert(certs_of(&files.chain_pem)?, key_of(&files.key_pem)?)
         .map_err(|e| TrustError::Tls(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // The server's order of cipher suites decides (see `provider`).
+    config.ignore_client_order = true;
     Ok(config)
 }
 
