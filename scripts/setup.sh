@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what running Cairn needs on a Debian machine (FUSE) and, with --test-tools, what
-# testing needs (the library pjdfstest links against, cargo-nextest, pjdfstest). Safe to run
+# testing needs (the library pjdfstest links against, cargo-nextest, pjdfstest, cargo-fuzz). Safe to run
 # again: only what is missing is installed.
 set -euo pipefail
 
@@ -28,6 +28,10 @@ if [ "${1:-}" = "--test-tools" ]; then
   if ! command -v pjdfstest >/dev/null 2>&1; then
     echo "setup: installing pjdfstest" >&2
     cargo install pjdfstest --locked -q
+  fi
+  if ! command -v cargo-fuzz >/dev/null 2>&1; then
+    echo "setup: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz --locked -q
   fi
   # pjdfstest switches to this unprivileged user for its permission tests.
   if ! id tests >/dev/null 2>&1; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, unit and integration tests (real processes, real
 # FUSE mounts, pjdfstest against the mount and the local disk, the random-operations checker
-# across a server kill). Installs what it needs first. The test runner's summary is the last
+# across a server kill), and a short run of each fuzz target. Installs what it needs first. The test runner's summary is the last
 # thing it prints.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,9 @@ cargo clippy -q --release --all-targets -- -D warnings
 
 echo "== build"
 cargo build -q --release --all-targets
+
+echo "== fuzz (a short run of each target; scripts/fuzz.sh runs them longer)"
+./scripts/fuzz.sh --seconds 10
 
 echo "== tests"
 # Tests that mount file systems share the machine's two cores; keep them few at a time.

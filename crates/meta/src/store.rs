@@ -33,7 +33,15 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 /// Opens (or creates) the metadata database in `dir`.
 pub fn open_database(dir: &Path) -> Result<Arc<Database>, redb::Error> {
     std::fs::create_dir_all(dir).map_err(redb::Error::Io)?;
-    let db = Database::create(dir.join("meta.redb"))?;
+    with_tables(Database::create(dir.join("meta.redb"))?)
+}
+
+/// A metadata database in memory, for fuzzing and tests of the state machine alone.
+pub fn open_memory_database() -> Result<Arc<Database>, redb::Error> {
+    with_tables(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
+}
+
+fn with_tables(db: Database) -> Result<Arc<Database>, redb::Error> {
     let txn = db.begin_write()?;
     txn.open_table(RAFT_LOG)?;
     txn.open_table(RAFT_META)?;
