@@ -10,6 +10,9 @@ if [ "${1:-}" = "--test-tools" ]; then
   # pjdfstest links against libacl; the lock tests run SQLite databases on the mount.
   [ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)
   command -v sqlite3 >/dev/null 2>&1 || need_apt+=(sqlite3)
+  # getfattr reads a mount's metrics; setpriv runs the permission tests as other users.
+  command -v getfattr >/dev/null 2>&1 || need_apt+=(attr)
+  command -v setpriv >/dev/null 2>&1 || need_apt+=(util-linux)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2

@@ -45,8 +45,13 @@ fuzz_target!(|data: &[u8]| {
         }
         let Ok(op) = pb::MutateRequest::decode(body) else { continue };
         seq += 1;
-        let request =
-            pb::MutateRequest { session: 1, seq, caller: op.caller.or(Some(pb::Caller::default())), op: op.op };
+        let request = pb::MutateRequest {
+            session: 1,
+            seq,
+            caller: op.caller.or(Some(pb::Caller::default())),
+            op: op.op,
+            confined_to: op.confined_to,
+        };
         apply(&db, Command::Mutate { now, request: request.encode_to_vec() });
     }
     // Whatever happened, the namespace still reads.

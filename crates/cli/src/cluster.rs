@@ -30,8 +30,17 @@ where
         let outcome = match endpoint.connect().await {
             Ok(channel) => match call(pb::meta_client::MetaClient::new(channel)).await {
                 Ok(reply) => return Ok(reply.into_inner()),
-                Err(status) if matches!(status.code(), Code::InvalidArgument | Code::NotFound) => {
-                    bail!("{}", status.message())
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        Code::InvalidArgument
+                            | Code::NotFound
+                            | Code::PermissionDenied
+                            | Code::Unauthenticated
+                            | Code::FailedPrecondition
+                    ) =>
+                {
+                    bail!("{address}: {}", status.message())
                 }
                 Err(status) => {
                     let leader = status.metadata().get(LEADER_HEADER).and_then(|v| v.to_str().ok());
@@ -93,6 +102,20 @@ pub async fn remove_meta_command(meta: Vec<String>, id: u64) -> Result<()> {
     let members = remove_meta(&meta, id).await?;
     println!("meta server {id} removed; the group is now:");
     print_members(&members);
+    Ok(())
+}
+
+/// `cairn cluster rotate-block-key`.
+pub async fn rotate_block_key_command(meta: Vec<String>) -> Result<()> {
+    let reply = on_leader(&meta, CHANGE_TIMEOUT, |mut c| async move {
+        c.rotate_block_token_key(pb::RotateBlockTokenKeyRequest {}).await
+    })
+    .await?;
+    println!(
+        "block-token key epoch {} in use; tokens of epoch {} still pass until they expire",
+        reply.epoch,
+        reply.epoch.saturating_sub(1)
+    );
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod credentials;
 pub mod dev_cluster;
 pub mod layout;
 pub mod registration;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use cairn::security::{self, Transport};
-use cairn::{bench, cluster, dev_cluster, roles, status};
+use cairn::{bench, cluster, credentials, dev_cluster, roles, status};
 use cairn_client::callbacks::PartitionPolicy;
 use cairn_data::scrub::ScrubPolicy;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -107,6 +107,11 @@ enum Command {
         #[command(subcommand)]
         change: ClusterChange,
     },
+    /// Issue, revoke and list client credentials (with the administrator's --credential).
+    Credential {
+        #[command(subcommand)]
+        action: CredentialAction,
+    },
     /// Run a data server that stores blocks for the file system at --meta.
     Data {
         #[arg(long)]
@@ -196,6 +201,58 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum CredentialAction {
+    /// Issue a client credential and write it (key and certificate) to --out.
+    Issue {
+        /// Any meta server of the file system, comma separated.
+        #[arg(long)]
+        meta: String,
+        /// A name to know it by (revoke takes it too).
+        #[arg(long)]
+        name: String,
+        /// Where to write the credential (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Allow no change at all (the mount is read-only).
+        #[arg(long)]
+        read_only: bool,
+        /// Confine the credential to this directory (a path from the file system's root): its
+        /// mounts see it as their root.
+        #[arg(long)]
+        subtree: Option<String>,
+        /// The user ids the client may act as, e.g. 1000-1999,3000 (default: any but root).
+        #[arg(long)]
+        uids: Option<String>,
+        /// The group ids the client may act as (default: any but root's).
+        #[arg(long)]
+        gids: Option<String>,
+        /// Let root act as root instead of as the squash identity.
+        #[arg(long)]
+        allow_root: bool,
+        /// The identity root and ids outside the ranges act as.
+        #[arg(long, default_value = "65534:65534")]
+        squash: String,
+        /// How long the credential is valid: 90s, 30m, 12h, 365d.
+        #[arg(long, default_value = "365d")]
+        expires: String,
+    },
+    /// Revoke a credential (by id or name): every request made with it is refused from then on.
+    Revoke {
+        #[arg(long)]
+        meta: String,
+        /// The credential's id or name.
+        which: String,
+    },
+    /// List the credentials issued.
+    List {
+        #[arg(long)]
+        meta: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ClusterChange {
     /// Add a running meta server to the group (`cairn meta --join` does this by itself).
     AddMeta {
@@ -216,6 +273,13 @@ enum ClusterChange {
         meta: String,
         #[arg(long)]
         id: u64,
+    },
+    /// Start a new block-token key: tokens are issued with it at once, data servers accept it
+    /// and the previous one, and the key before that is retired.
+    RotateBlockKey {
+        /// Any meta server of the group, comma separated.
+        #[arg(long)]
+        meta: String,
     },
     /// Take a data server out for good: its blocks are copied to the other servers first (from
     /// it if it still runs, else from their other copies), then it is removed.
@@ -303,9 +367,48 @@ fn run(cli: Cli) -> Result<()> {
                 ClusterChange::RemoveMeta { meta, id } => {
                     runtime.block_on(cluster::remove_meta_command(split(&meta), id))
                 }
+                ClusterChange::RotateBlockKey { meta } => {
+                    runtime.block_on(cluster::rotate_block_key_command(split(&meta)))
+                }
                 ClusterChange::RemoveData { meta, id, force, no_wait, wait_secs } => {
                     let wait = (!no_wait).then(|| std::time::Duration::from_secs(wait_secs));
                     runtime.block_on(cluster::remove_data_command(split(&meta), id, force, wait))
+                }
+            }
+        }
+        Command::Credential { action } => {
+            connect_only()?;
+            match action {
+                CredentialAction::Issue {
+                    meta,
+                    name,
+                    out,
+                    read_only,
+                    subtree,
+                    uids,
+                    gids,
+                    allow_root,
+                    squash,
+                    expires,
+                } => {
+                    let options = credentials::IssueOptions {
+                        name,
+                        out,
+                        read_only,
+                        subtree,
+                        uids,
+                        gids,
+                        allow_root,
+                        squash,
+                        expires,
+                    };
+                    runtime.block_on(credentials::issue_command(split(&meta), options))
+                }
+                CredentialAction::Revoke { meta, which } => {
+                    runtime.block_on(credentials::revoke_command(split(&meta), which))
+                }
+                CredentialAction::List { meta, json } => {
+                    runtime.block_on(credentials::list_command(split(&meta), json))
                 }
             }
         }

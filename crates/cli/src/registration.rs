@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_data::Volume;
+use cairn_data::tokens::BlockTokenKeys;
 use cairn_proto as pb;
+use cairn_trust::block_token::BlockTokenKey;
 use futures::future::join_all;
 use tonic::transport::Channel;
 
@@ -26,6 +28,8 @@ pub struct Report {
     pub address: String,
     pub domain: String,
     pub volume: Arc<Volume>,
+    /// Where the block-token keys meta's replies carry go (with TLS).
+    pub block_keys: Option<Arc<BlockTokenKeys>>,
 }
 
 /// Reports to every known meta server each period until the process ends. `meta` are the
@@ -65,6 +69,11 @@ pub async fn report_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, re
                             tracing::error!(error = %e, "could not record the file system id");
                         }
                     }
+                    if let Some(keys) = &report.block_keys
+                        && !reply.block_token_keys.is_empty()
+                    {
+                        keys.merge(token_keys_of(&reply.block_token_keys));
+                    }
                     if reported.is_empty() {
                         reported = reply.meta_addresses;
                     }
@@ -88,6 +97,12 @@ pub async fn report_loop(meta: Vec<String>, dir: PathBuf, mut marker: Marker, re
         }
         tokio::time::sleep(REPORT_PERIOD).await;
     }
+}
+
+fn token_keys_of(keys: &[pb::BlockTokenKey]) -> Vec<BlockTokenKey> {
+    keys.iter()
+        .filter_map(|k| Some(BlockTokenKey { epoch: k.epoch, key: <[u8; 32]>::try_from(k.key.as_slice()).ok()? }))
+        .collect()
 }
 
 /// The meta servers to report to: those given at start and the group's members as last

@@ -21,6 +21,7 @@ use tonic::transport::Server;
 use crate::layout::{self, Marker};
 use crate::registration::{Report, report_loop};
 use crate::security::{self, GuardLayer, Transport};
+use cairn_data::tokens::BlockTokenKeys;
 use cairn_trust::{JoinToken, Role, TrustFiles};
 
 /// Streams each client connection may have open at once.
@@ -266,6 +267,9 @@ impl LocalNode {
         if fresh && transport == Transport::Tls {
             security::init_authority(data, &marker.fs_id, 1)?;
         }
+        if transport == Transport::Tls {
+            security::renew_if_due(data, &[], Role::Meta, 1).await?;
+        }
         let trust = server_trust(data, transport, "this file system")?;
         let signer = security::load_signer(data)?;
         let (shutdown_tx, shutdown) = watch::channel(false);
@@ -277,7 +281,11 @@ impl LocalNode {
         node.wait_for_leader(Duration::from_secs(30)).await?;
         let volume = Arc::new(Volume::open(&layout::blocks_dir(data)).context("opening the block volume")?);
         let meta_service = MetaService::new(node.clone()).with_signer(signer);
-        let data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+        let block_keys = (transport == Transport::Tls).then(|| Arc::new(BlockTokenKeys::default()));
+        let mut data_service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+        if let Some(keys) = &block_keys {
+            data_service = data_service.with_block_tokens(keys.clone());
+        }
         tokio::spawn(serve(listener, Some(meta_service), Some(data_service), shutdown.clone(), trust));
         tokio::spawn(node.clone().run_background(shutdown.clone()));
         let scrubbing = scrub_and_report(
@@ -296,7 +304,7 @@ impl LocalNode {
             marker.data_server_id,
         );
         tokio::spawn(collection);
-        let report = Report { address: address.clone(), domain: host_name(), volume };
+        let report = Report { address: address.clone(), domain: host_name(), volume, block_keys };
         let registration = report_loop(vec![address.clone()], data.to_path_buf(), marker.clone(), report);
         tokio::spawn(registration);
         Ok(LocalNode { node, address, marker, fresh, shutdown: shutdown_tx })
@@ -427,6 +435,7 @@ pub async fn meta(start: MetaStart) -> Result<()> {
         } else if !join.is_empty() {
             security::enroll(&dir, &join, token.as_ref(), Role::Meta, id).await.context("joining with TLS")?;
         }
+        security::renew_if_due(&dir, &join, Role::Meta, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("meta server {id}"))?;
     let signer = security::load_signer(&dir)?;
@@ -494,17 +503,22 @@ pub async fn data(start: DataStart) -> Result<()> {
     if transport == Transport::Tls {
         let id = marker.data_server_id;
         security::enroll(&dir, &meta, token.as_ref(), Role::Data, id).await.context("joining with TLS")?;
+        security::renew_if_due(&dir, &meta, Role::Data, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("data server {}", marker.data_server_id))?;
     let volume = Arc::new(Volume::open(&layout::blocks_dir(&dir)).context("opening the block volume")?);
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+    let block_keys = (transport == Transport::Tls).then(|| Arc::new(BlockTokenKeys::default()));
+    let mut service = DataService::new(volume.clone(), marker.data_server_id, marker.fs_id.clone());
+    if let Some(keys) = &block_keys {
+        service = service.with_block_tokens(keys.clone());
+    }
     let server = tokio::spawn(serve(listener, None, Some(service), shutdown, trust));
     tokio::spawn(scrub_and_report(volume.clone(), scrub, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id));
     let collection =
         collect_orphans(volume.clone(), orphan_grace, shutdown_tx.subscribe(), meta.clone(), marker.data_server_id);
     tokio::spawn(collection);
-    let report = Report { address: address.clone(), domain, volume };
+    let report = Report { address: address.clone(), domain, volume, block_keys };
     tokio::spawn(report_loop(meta, dir.clone(), marker.clone(), report));
     println!("cairn data server {} serving {} at {address}", marker.data_server_id, dir.display());
     wait_for_signal().await?;

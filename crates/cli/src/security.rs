@@ -24,8 +24,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HANDSHAKES_MAX: usize = 256;
 /// How long a client credential made at `--init` (the administrator's) is valid.
 const ADMIN_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
-/// The administrator's credential id: it may change the cluster's membership.
-pub const ADMIN: &str = "admin";
+/// The administrator's credential id: it may change the cluster's membership and issue
+/// credentials.
+pub const ADMIN: &str = cairn_meta::credentials::ADMIN_CREDENTIAL;
 /// Where `--init` writes the administrator's credential, in the meta server's directory.
 pub fn admin_credential_path(dir: &Path) -> PathBuf {
     cairn_trust::files::tls_dir(dir).join("admin.cred")
@@ -58,7 +59,7 @@ pub fn init_authority(dir: &Path, fs_id: &str, meta_id: u64) -> Result<Arc<Signe
     own.save(dir)?;
     let admin = issue(&authority, &Subject::Client { credential: ADMIN.into() }, ADMIN_CREDENTIAL_VALIDITY)?;
     admin.save_bundle(&admin_credential_path(dir))?;
-    Ok(Arc::new(Signer { authority, token }))
+    Ok(Arc::new(Signer::new(authority, token)))
 }
 
 /// A key and a certificate for `subject`, made and signed here.
@@ -78,7 +79,7 @@ pub fn load_signer(dir: &Path) -> Result<Option<Arc<Signer>>> {
         return Ok(None);
     }
     let (authority, token) = AuthorityFiles::load(dir)?;
-    Ok(Some(Arc::new(Signer { authority, token })))
+    Ok(Some(Arc::new(Signer::new(authority, token))))
 }
 
 /// A join token given on the command line: the token itself, or a file holding it.
@@ -161,6 +162,73 @@ async fn enroll_at(address: &str, token: &JoinToken, role: Role, id: u64) -> Res
         authority_key_pem: reply.authority_key_pem,
         join_token: reply.join_token,
     })
+}
+
+/// A server's certificate is renewed (at start) once less than this is left of it; one that
+/// expired can only join again with the token.
+pub const RENEW_BEFORE: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Renews this server's certificate if it runs out within `RENEW_BEFORE`: a meta server that
+/// holds the authority signs it itself, a data server asks a meta server over TLS with the
+/// certificate it still has. The new key and certificate replace the old ones on disk.
+pub async fn renew_if_due(dir: &Path, meta: &[String], role: Role, id: u64) -> Result<()> {
+    if !TrustFiles::present(dir) {
+        return Ok(());
+    }
+    let files = TrustFiles::load(dir)?;
+    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
+    let Some(expires) = cairn_trust::identity::not_after(&leaf) else {
+        bail!("{}: the server's certificate has no readable expiry", dir.display());
+    };
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    if left > RENEW_BEFORE {
+        return Ok(());
+    }
+    if left.is_zero() {
+        bail!(
+            "{}: this server's certificate expired; move tls/node.crt and tls/node.key aside and start it with --token to join again",
+            dir.display()
+        );
+    }
+    let (key_pem, request_pem) = cairn_trust::new_key_and_request()?;
+    let chain_pem = if AuthorityFiles::present(dir) {
+        let (authority, _) = AuthorityFiles::load(dir)?;
+        let cert = authority.sign(&request_pem, &Subject::Server { role, id }, SERVER_CERT_VALIDITY)?;
+        format!("{cert}{}", authority.cert_pem())
+    } else {
+        renew_at_meta(&files, meta, &request_pem).await?
+    };
+    TrustFiles { authority_pem: files.authority_pem.clone(), chain_pem, key_pem }.save(dir)?;
+    let days = left.as_secs() / 86_400;
+    tracing::info!(days_left = days, "renewed this server's certificate for another year");
+    println!("cairn: renewed this server's certificate ({days} days were left); the new one is valid for a year");
+    Ok(())
+}
+
+async fn renew_at_meta(files: &TrustFiles, meta: &[String], request_pem: &str) -> Result<String> {
+    let config = cairn_trust::tls::client_config(&files.authority_pem, Some((&files.chain_pem, &files.key_pem)));
+    let mut last_error = anyhow!("no meta address given");
+    for address in meta {
+        let attempt = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))?
+                .tls_config(config.clone())?
+                .connect_timeout(pb::net::CONNECT_TIMEOUT)
+                .timeout(Duration::from_secs(30))
+                .connect()
+                .await?;
+            let request = pb::RenewCertificateRequest { request_pem: request_pem.to_string() };
+            let reply = pb::meta_client::MetaClient::new(channel)
+                .renew_certificate(request)
+                .await
+                .map_err(|s| anyhow!("{}", s.message()))?;
+            anyhow::Ok(reply.into_inner().chain_pem)
+        };
+        match attempt.await {
+            Ok(chain) => return Ok(chain),
+            Err(e) => last_error = e.context(format!("renewing the certificate at {address}")),
+        }
+    }
+    Err(last_error)
 }
 
 /// Makes this process's connections use `files` (TLS with its certificate).
@@ -262,8 +330,17 @@ fn admits(method: &str, peer: Option<&Peer>) -> Result<(), &'static str> {
         "Meta/RaftSnapshot",
         "Data/DeleteBlocks",
         "Data/ReplicateBlock",
+        "Meta/RenewCertificate",
     ];
-    const ADMIN_OR_SERVERS: &[&str] = &["Meta/AddMetaServer", "Meta/RemoveMetaServer", "Meta/RemoveDataServer"];
+    const ADMIN_OR_SERVERS: &[&str] = &[
+        "Meta/AddMetaServer",
+        "Meta/RemoveMetaServer",
+        "Meta/RemoveDataServer",
+        "Meta/IssueCredential",
+        "Meta/RevokeCredential",
+        "Meta/ListCredentials",
+        "Meta/RotateBlockTokenKey",
+    ];
     if ANYONE.contains(&method) {
         return Ok(());
     }
@@ -277,7 +354,7 @@ fn admits(method: &str, peer: Option<&Peer>) -> Result<(), &'static str> {
         return Err("only the file system's servers may call this");
     }
     if ADMIN_OR_SERVERS.contains(&method) && peer.id != ADMIN {
-        return Err("only the administrator's credential may change the cluster");
+        return Err("only the administrator's credential may change the cluster or its credentials");
     }
     Ok(())
 }

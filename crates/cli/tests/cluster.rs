@@ -146,7 +146,13 @@ fn every_server_killed_at_once_comes_back_healthy_with_every_acknowledged_file()
 }
 
 fn mutate(session: u64, seq: u64, op: Op) -> pb::MutateRequest {
-    pb::MutateRequest { session, seq, caller: Some(pb::Caller { uid: 0, gid: 0, groups: vec![] }), op: Some(op) }
+    pb::MutateRequest {
+        session,
+        seq,
+        caller: Some(pb::Caller { uid: 0, gid: 0, groups: vec![] }),
+        op: Some(op),
+        confined_to: 0,
+    }
 }
 
 /// Sends `request` to whichever meta server leads, following "not leader" answers.

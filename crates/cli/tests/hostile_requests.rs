@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use cairn_proto::{self as pb, errno, mutate_request::Op};
+use cairn_trust::block_token::{BlockAccess, BlockTokenKey};
 use tonic::Code;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -36,14 +37,18 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
 
         // Unknown and stale handles.
         let reply = meta
-            .get_attr(pb::GetAttrRequest { target: Some(pb::FileHandle { ino: 987_654, generation: 1 }), session: 0 })
+            .get_attr(pb::GetAttrRequest {
+                target: Some(pb::FileHandle { ino: 987_654, generation: 1 }),
+                session: 0,
+                caller: None,
+            })
             .await
             .unwrap();
         assert_eq!(reply.into_inner().errno, errno::ESTALE);
         let stale = pb::FileHandle { ino: root.ino, generation: root.generation + 1 };
-        let reply = meta.get_attr(pb::GetAttrRequest { target: Some(stale), session: 0 }).await.unwrap();
+        let reply = meta.get_attr(pb::GetAttrRequest { target: Some(stale), session: 0, caller: None }).await.unwrap();
         assert_eq!(reply.into_inner().errno, errno::ESTALE);
-        let reply = meta.get_attr(pb::GetAttrRequest { target: None, session: 0 }).await.unwrap();
+        let reply = meta.get_attr(pb::GetAttrRequest { target: None, session: 0, caller: None }).await.unwrap();
         assert_eq!(reply.into_inner().errno, errno::EINVAL);
 
         // Names with '/' or NUL, and names that are too long.
@@ -52,13 +57,16 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             (b"a\0b".to_vec(), errno::EINVAL),
             (vec![b'x'; 256], errno::ENAMETOOLONG),
         ] {
-            let reply =
-                meta.lookup(pb::LookupRequest { parent: Some(root), name: name.clone(), session: 0 }).await.unwrap();
+            let reply = meta
+                .lookup(pb::LookupRequest { parent: Some(root), name: name.clone(), session: 0, caller: None })
+                .await
+                .unwrap();
             assert_eq!(reply.into_inner().errno, expected);
             let create = pb::MutateRequest {
                 session: session.session,
                 seq: 1 + name.len() as u64,
                 caller: Some(pb::Caller::default()),
+                confined_to: 0,
                 op: Some(Op::Create(pb::CreateOp {
                     parent: Some(root),
                     name,
@@ -71,13 +79,14 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         }
 
         // A mutation without an operation, and one from a session that does not exist.
-        let empty = pb::MutateRequest { session: session.session, seq: 99, caller: None, op: None };
+        let empty = pb::MutateRequest { session: session.session, seq: 99, caller: None, op: None, confined_to: 0 };
         assert_eq!(meta.mutate(empty).await.unwrap_err().code(), Code::InvalidArgument);
         let unknown_session = pb::MutateRequest {
             session: 123_456_789,
             seq: 1,
             caller: None,
             op: Some(Op::Release(pb::ReleaseOp { target: Some(root) })),
+            confined_to: 0,
         };
         assert_eq!(meta.mutate(unknown_session).await.unwrap_err().code(), Code::FailedPrecondition);
 
@@ -86,6 +95,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             session: session.session,
             seq: 1000,
             caller: Some(pb::Caller::default()),
+            confined_to: 0,
             op: Some(Op::Create(pb::CreateOp {
                 parent: Some(root),
                 name: b"f".to_vec(),
@@ -97,7 +107,13 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         let attr = meta.mutate(file).await.unwrap().into_inner().attr.unwrap();
         let handle = pb::FileHandle { ino: attr.ino, generation: attr.generation };
         let reply = meta
-            .get_extents(pb::GetExtentsRequest { target: Some(handle), offset: u64::MAX, len: u64::MAX, session: 0 })
+            .get_extents(pb::GetExtentsRequest {
+                target: Some(handle),
+                offset: u64::MAX,
+                len: u64::MAX,
+                session: 0,
+                caller: None,
+            })
             .await
             .unwrap();
         assert_eq!(reply.into_inner().errno, 0);
@@ -105,6 +121,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             session: session.session,
             seq: 1001,
             caller: Some(pb::Caller::default()),
+            confined_to: 0,
             op: Some(Op::Commit(pb::CommitOp {
                 target: Some(handle),
                 extents: vec![pb::Extent {
@@ -121,6 +138,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             session: session.session,
             seq: 1002,
             caller: Some(pb::Caller::default()),
+            confined_to: 0,
             op: Some(Op::SetAttr(pb::SetAttrOp { target: Some(handle), size: Some(u64::MAX), ..Default::default() })),
         };
         assert_eq!(meta.mutate(huge_size).await.unwrap().into_inner().errno, errno::EFBIG);
@@ -128,6 +146,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             session: session.session,
             seq: 1003,
             caller: Some(pb::Caller::default()),
+            confined_to: 0,
             op: Some(Op::Commit(pb::CommitOp {
                 target: Some(handle),
                 extents: vec![pb::Extent { offset: 0, len: 1 << 30, inline_data: vec![1; 10], ..Default::default() }],
@@ -135,12 +154,15 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
             })),
         };
         assert_eq!(meta.mutate(inline_lie).await.unwrap().into_inner().errno, errno::EINVAL);
-        let placement =
-            meta.place_blocks(pb::PlaceBlocksRequest { count: 1_000_000, exclude: vec![] }).await.unwrap_err();
+        let placement = meta
+            .place_blocks(pb::PlaceBlocksRequest { count: 1_000_000, exclude: vec![], session: session.session })
+            .await
+            .unwrap_err();
         assert_eq!(placement.code(), Code::InvalidArgument);
 
         // A message over the size limit is refused by the transport.
-        let oversized = pb::LookupRequest { parent: Some(root), name: vec![b'y'; 16 * 1024 * 1024], session: 0 };
+        let oversized =
+            pb::LookupRequest { parent: Some(root), name: vec![b'y'; 16 * 1024 * 1024], session: 0, caller: None };
         let error = meta.lookup(oversized).await.unwrap_err();
         assert!(
             matches!(error.code(), Code::OutOfRange | Code::ResourceExhausted | Code::Internal | Code::Unknown),
@@ -148,15 +170,29 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         );
 
         // The data server: unknown blocks, impossible ranges, lying uploads.
+        // (With valid block tokens, made here from the authority's key: what is tested is
+        // what the server does past the token check.)
         let mut data = common::data_client(&cluster, &data_address).await.unwrap();
-        let unknown = pb::BlockRef { id_hi: 1, id_lo: 2, len: 10, digest: vec![0; 32], servers: vec![] };
+        let (authority, _) = cairn_trust::files::AuthorityFiles::load(&cluster.metas[0].dir).unwrap();
+        let key = BlockTokenKey::derive(&authority.key_pem(), 0);
+        let far = u64::MAX;
+        let unknown = pb::BlockRef {
+            id_hi: 1,
+            id_lo: 2,
+            len: 10,
+            digest: vec![0; 32],
+            servers: vec![],
+            token: key.issue(BlockAccess::Read, (1u128 << 64) | 2, far),
+        };
+        let write_token = key.issue(BlockAccess::Write, 1u128 << 64, far);
+        let writable = |block: pb::BlockRef| pb::BlockRef { token: write_token.clone(), ..block };
         let error =
             data.get_block(pb::GetBlockRequest { block: Some(unknown.clone()), offset: 0, len: 10 }).await.unwrap_err();
         assert_eq!(error.code(), Code::NotFound);
         let too_big = pb::BlockRef { len: u32::MAX, ..unknown.clone() };
         let upload = data
             .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
-                block: Some(too_big),
+                block: Some(writable(too_big)),
                 data: vec![0; 10].into(),
                 sync: true,
                 ..Default::default()
@@ -166,7 +202,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         let liar = pb::BlockRef { len: 10, ..unknown.clone() };
         let upload = data
             .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
-                block: Some(liar),
+                block: Some(writable(liar)),
                 data: vec![0; 10].into(),
                 sync: true,
                 ..Default::default()
@@ -176,7 +212,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         let short = pb::BlockRef { len: 100, ..unknown.clone() };
         let upload = data
             .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
-                block: Some(short),
+                block: Some(writable(short)),
                 data: vec![0; 10].into(),
                 sync: true,
                 ..Default::default()
@@ -185,7 +221,7 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(upload.unwrap_err().code(), Code::InvalidArgument);
         let endless_chain = data
             .put_block(tokio_stream::iter(vec![pb::PutBlockChunk {
-                block: Some(pb::BlockRef { len: 10, ..unknown.clone() }),
+                block: Some(writable(pb::BlockRef { len: 10, ..unknown.clone() })),
                 data: vec![0; 10].into(),
                 forward: vec!["127.0.0.1:1".into(); 100],
                 ..Default::default()
@@ -200,6 +236,6 @@ fn bad_requests_get_clear_errors_and_servers_keep_serving() {
         assert_eq!(status.role, "leader");
         data.status(pb::DataStatusRequest {}).await.unwrap();
         let mut fresh = common::meta_client(&cluster, &meta_address).await.unwrap();
-        fresh.get_attr(pb::GetAttrRequest { target: Some(root), session: 0 }).await.unwrap();
+        fresh.get_attr(pb::GetAttrRequest { target: Some(root), session: 0, caller: None }).await.unwrap();
     });
 }

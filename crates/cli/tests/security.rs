@@ -94,7 +94,9 @@ fn callers_without_this_file_systems_certificate_are_refused_and_others_are_serv
     let client = credential(&scratch, "client.cred", &authority, &real_authority, subject);
     rt.block_on(async {
         let mut meta = MetaClient::new(channel(&address, &client).await.unwrap());
-        meta.status(pb::StatusRequest::default()).await.expect("a client may ask for status");
+        // (Its credential was never issued, so even status is refused; see credentials.rs.)
+        let status = meta.status(pb::StatusRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied, "{status}");
         let raft = meta.raft_vote(pb::RaftBytes { payload: vec![] }).await.unwrap_err();
         assert_eq!(raft.code(), Code::PermissionDenied, "{raft}");
         let change = pb::RemoveMetaServerRequest { id: 1 };
@@ -162,4 +164,34 @@ fn a_plaintext_file_system_runs_only_when_asked_and_says_so() {
         .output()
         .unwrap();
     assert!(!output.status.success());
+}
+
+#[test]
+fn a_server_renews_its_certificate_before_it_runs_out() {
+    let mut cluster = common::cluster();
+    let (authority, _) = AuthorityFiles::load(&cluster.metas[0].dir).unwrap();
+    let dir = cluster.datas[0].dir.clone();
+    let old = TrustFiles::load(&dir).unwrap();
+    let leaf = cairn_trust::tls::certs_of(&old.chain_pem).unwrap().remove(0);
+    let peer = cairn_trust::Peer::of_certificate(&leaf).unwrap();
+    let id: u64 = peer.id.parse().unwrap();
+    // The data server's certificate, as if it had ten days left.
+    cluster.datas[0].process.kill();
+    let (key_pem, request) = cairn_trust::new_key_and_request().unwrap();
+    let subject = Subject::Server { role: cairn_trust::Role::Data, id };
+    let cert = authority.sign(&request, &subject, Duration::from_secs(10 * 86_400)).unwrap();
+    let short = TrustFiles { chain_pem: format!("{cert}{}", authority.cert_pem()), key_pem, ..old };
+    short.save(&dir).unwrap();
+    cluster.datas[0].process.restart().unwrap();
+    wait_until("the data server to renew its certificate", Duration::from_secs(30), || {
+        cluster.datas[0].log().contains("renewed this server's certificate")
+    })
+    .unwrap();
+    let renewed = TrustFiles::load(&dir).unwrap();
+    let leaf = cairn_trust::tls::certs_of(&renewed.chain_pem).unwrap().remove(0);
+    let expires = cairn_trust::identity::not_after(&leaf).unwrap();
+    let left = expires.duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(300 * 86_400), "renewed for only {left:?}");
+    assert!(log_of(&cluster).contains("renewed a server's certificate"), "meta did not log the renewal");
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
 }

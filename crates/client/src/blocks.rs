@@ -97,6 +97,7 @@ impl BlockStore {
                 len: data.len() as u32,
                 digest: digest.to_vec(),
                 servers,
+                token: placement.write_token.clone(),
             };
             let status = match self.upload(head, forward, &block, &data, sync).await {
                 Ok(()) => {
@@ -297,6 +298,10 @@ impl BlockStore {
                         tracing::error!(block = %id, server, what, "replica failed verification");
                         self.report_bad_copy(block, *server, &what);
                         last_error = what;
+                    }
+                    // Every copy would refuse the same token.
+                    Err(FetchError::Status(status)) if status.code() == tonic::Code::PermissionDenied => {
+                        return Err(ClientError::TokenRefused(status.message().to_string()));
                     }
                     Err(FetchError::Status(status)) => {
                         corrupt_everywhere = false;

@@ -17,6 +17,10 @@ pub enum ClientError {
     /// A block's data did not match its digest on every copy tried.
     #[error("block {0} failed verification")]
     Corrupt(String),
+    /// A data server refused the block token (expired, or of a retired key): the block map
+    /// must be fetched again for fresh ones.
+    #[error("block token refused: {0}")]
+    TokenRefused(String),
 }
 
 impl ClientError {
@@ -24,7 +28,10 @@ impl ClientError {
     pub fn errno(&self) -> i32 {
         match self {
             ClientError::Errno(code) => *code,
-            ClientError::Timeout { .. } | ClientError::Refused { .. } | ClientError::Corrupt(_) => errno::EIO,
+            ClientError::Timeout { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Corrupt(_)
+            | ClientError::TokenRefused(_) => errno::EIO,
         }
     }
 }

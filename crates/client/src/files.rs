@@ -347,7 +347,20 @@ impl Files {
         }
     }
 
-    pub async fn read(&self, file: &OpenFile, offset: u64, size: u32) -> ClientResult<Vec<u8>> {
+    /// Reads on behalf of `reader` (meta checks that it may read the file). A block map held
+    /// so long that its block tokens expired is fetched again, once.
+    pub async fn read(&self, file: &OpenFile, offset: u64, size: u32, reader: &pb::Caller) -> ClientResult<Vec<u8>> {
+        match self.read_once(file, offset, size, reader).await {
+            Err(ClientError::TokenRefused(why)) => {
+                tracing::debug!(ino = file.handle.ino, %why, "block token refused; fetching the block map again");
+                file.inner.lock().await.window = None;
+                self.read_once(file, offset, size, reader).await
+            }
+            other => other,
+        }
+    }
+
+    async fn read_once(&self, file: &OpenFile, offset: u64, size: u32, reader: &pb::Caller) -> ClientResult<Vec<u8>> {
         self.flush(file).await?;
         let (window, sequential) = {
             let mut inner = file.inner.lock().await;
@@ -356,7 +369,7 @@ impl Files {
                 inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
             if !covered {
                 let window_len = EXTENT_WINDOW_BYTES.max(size as u64);
-                let reply = self.meta.extents(file.handle, offset, window_len).await?;
+                let reply = self.meta.extents(reader, file.handle, offset, window_len).await?;
                 let file_size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
                 // A capped reply covers only as far as its last extent.
                 let end = match reply.extents.last() {

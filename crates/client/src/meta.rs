@@ -81,6 +81,8 @@ pub struct MetaConnection {
     seq: AtomicU64,
     root: RwLock<pb::FileHandle>,
     pub replication: u32,
+    /// The session's credential allows no change: the mount is read-only.
+    pub read_only: bool,
     pub lease: Duration,
     /// The file system's id, as meta reported it at connect.
     pub fs_id: String,
@@ -120,6 +122,7 @@ impl MetaConnection {
             seq: AtomicU64::new(0),
             root: RwLock::new(pb::FileHandle::default()),
             replication: 1,
+            read_only: false,
             lease: Duration::from_secs(60),
             fs_id: String::new(),
             client_name,
@@ -129,6 +132,7 @@ impl MetaConnection {
         };
         let reply = connection.open_session_rpc().await?;
         let connection = MetaConnection {
+            read_only: reply.read_only,
             replication: reply.replication.max(1),
             lease: Duration::from_millis(reply.lease_ms.max(1000)),
             fs_id: reply.fs_id.clone(),
@@ -282,6 +286,7 @@ impl MetaConnection {
                 seq: self.seq.fetch_add(1, Ordering::SeqCst) + 1,
                 caller: Some(caller.clone()),
                 op: Some(op.clone()),
+                confined_to: 0,
             };
             let result = self
                 .call("mutate", |mut c| {
@@ -334,7 +339,7 @@ impl MetaConnection {
 
     /// A name in `parent`, answered from the promised cache when it can be. ENOENT is an error
     /// here too, cached like any answer.
-    pub async fn lookup(&self, parent: pb::FileHandle, name: &[u8]) -> ClientResult<pb::Attr> {
+    pub async fn lookup(&self, caller: &pb::Caller, parent: pb::FileHandle, name: &[u8]) -> ClientResult<pb::Attr> {
         if let Some(cached) = self.callbacks.entry(parent.ino, name) {
             return cached.ok_or(ClientError::Errno(pb::errno::ENOENT));
         }
@@ -343,7 +348,12 @@ impl MetaConnection {
         let name = name.to_vec();
         let reply = self
             .call("lookup", |mut c| {
-                let request = pb::LookupRequest { parent: Some(parent), name: name.clone(), session };
+                let request = pb::LookupRequest {
+                    parent: Some(parent),
+                    name: name.clone(),
+                    session,
+                    caller: Some(caller.clone()),
+                };
                 async move { c.lookup(request).await }
             })
             .await?;
@@ -366,9 +376,9 @@ impl MetaConnection {
     pub async fn getattr_fresh(&self, target: pb::FileHandle) -> ClientResult<pb::Attr> {
         let epoch = self.callbacks.epoch();
         let session = self.session();
-        let reply =
-            self.call("getattr", |mut c| async move {
-                c.get_attr(pb::GetAttrRequest { target: Some(target), session }).await
+        let reply = self
+            .call("getattr", |mut c| async move {
+                c.get_attr(pb::GetAttrRequest { target: Some(target), session, caller: None }).await
             })
             .await?;
         check(reply.errno)?;
@@ -383,6 +393,7 @@ impl MetaConnection {
     /// come with a promise).
     pub async fn readdir(
         &self,
+        caller: &pb::Caller,
         dir: pb::FileHandle,
         after: &[u8],
         limit: u32,
@@ -392,7 +403,13 @@ impl MetaConnection {
         let after = after.to_vec();
         let reply = self
             .call("readdir", |mut c| {
-                let request = pb::ReadDirRequest { dir: Some(dir), after: after.clone(), limit, session };
+                let request = pb::ReadDirRequest {
+                    dir: Some(dir),
+                    after: after.clone(),
+                    limit,
+                    session,
+                    caller: Some(caller.clone()),
+                };
                 async move { c.read_dir(request).await }
             })
             .await?;
@@ -408,7 +425,7 @@ impl MetaConnection {
     pub async fn readlink(&self, target: pb::FileHandle) -> ClientResult<Vec<u8>> {
         let reply = self
             .call("readlink", |mut c| async move {
-                c.read_link(pb::GetAttrRequest { target: Some(target), session: 0 }).await
+                c.read_link(pb::GetAttrRequest { target: Some(target), session: 0, caller: None }).await
             })
             .await?;
         check(reply.errno)?;
@@ -417,7 +434,7 @@ impl MetaConnection {
 
     /// An extended attribute, answered from the promised cache when it can be (`ls -l` asks
     /// for one per file).
-    pub async fn getxattr(&self, target: pb::FileHandle, name: &[u8]) -> ClientResult<Vec<u8>> {
+    pub async fn getxattr(&self, caller: &pb::Caller, target: pb::FileHandle, name: &[u8]) -> ClientResult<Vec<u8>> {
         if let Some(cached) = self.callbacks.xattr(target, name) {
             return cached.map_err(ClientError::Errno);
         }
@@ -426,7 +443,12 @@ impl MetaConnection {
         let name = name.to_vec();
         let reply = self
             .call("getxattr", |mut c| {
-                let request = pb::GetXattrRequest { target: Some(target), name: name.clone(), session };
+                let request = pb::GetXattrRequest {
+                    target: Some(target),
+                    name: name.clone(),
+                    session,
+                    caller: Some(caller.clone()),
+                };
                 async move { c.get_xattr(request).await }
             })
             .await?;
@@ -438,10 +460,11 @@ impl MetaConnection {
         Ok(reply.value)
     }
 
-    pub async fn listxattr(&self, target: pb::FileHandle) -> ClientResult<Vec<Vec<u8>>> {
+    pub async fn listxattr(&self, caller: &pb::Caller, target: pb::FileHandle) -> ClientResult<Vec<Vec<u8>>> {
         let reply = self
-            .call("listxattr", |mut c| async move {
-                c.list_xattr(pb::GetAttrRequest { target: Some(target), session: 0 }).await
+            .call("listxattr", |mut c| {
+                let request = pb::GetAttrRequest { target: Some(target), session: 0, caller: Some(caller.clone()) };
+                async move { c.list_xattr(request).await }
             })
             .await?;
         check(reply.errno)?;
@@ -487,12 +510,20 @@ impl MetaConnection {
         heartbeat_period(self.lease) + USAGE_FRESH_MARGIN
     }
 
-    pub async fn extents(&self, target: pb::FileHandle, offset: u64, len: u64) -> ClientResult<pb::GetExtentsReply> {
+    pub async fn extents(
+        &self,
+        caller: &pb::Caller,
+        target: pb::FileHandle,
+        offset: u64,
+        len: u64,
+    ) -> ClientResult<pb::GetExtentsReply> {
         let epoch = self.callbacks.epoch();
         let session = self.session();
         let reply = self
-            .call("extents", |mut c| async move {
-                c.get_extents(pb::GetExtentsRequest { target: Some(target), offset, len, session }).await
+            .call("extents", |mut c| {
+                let request =
+                    pb::GetExtentsRequest { target: Some(target), offset, len, session, caller: Some(caller.clone()) };
+                async move { c.get_extents(request).await }
             })
             .await?;
         check(reply.errno)?;
@@ -506,7 +537,7 @@ impl MetaConnection {
 
     /// Data servers for `count` new blocks, none of them in `exclude`.
     pub async fn place_blocks(&self, count: u32, exclude: &[u64]) -> ClientResult<pb::PlaceBlocksReply> {
-        let request = pb::PlaceBlocksRequest { count, exclude: exclude.to_vec() };
+        let request = pb::PlaceBlocksRequest { count, exclude: exclude.to_vec(), session: self.session() };
         self.call("place blocks", |mut c| {
             let request = request.clone();
             async move { c.place_blocks(request).await }

@@ -3,6 +3,7 @@
 
 pub mod scrub;
 pub mod server;
+pub mod tokens;
 pub mod volume;
 
 pub use server::DataService;

@@ -20,7 +20,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::tokens::BlockTokenKeys;
 use crate::volume::{NewBlock, Volume, VolumeError};
+use cairn_trust::block_token::BlockAccess;
 
 /// Blocks being received at once; with [`BLOCK_BYTES_MAX`] this bounds the memory of uploads.
 const PUTS_IN_FLIGHT_MAX: usize = 32;
@@ -66,6 +68,9 @@ pub struct DataService {
     fs_id: String,
     puts: Arc<Semaphore>,
     peers: Mutex<HashMap<String, DataClient<Channel>>>,
+    /// With TLS: the keys clients' block tokens are checked with. Without, nothing is checked
+    /// (no peer is authenticated either).
+    tokens: Option<Arc<BlockTokenKeys>>,
 }
 
 impl DataService {
@@ -76,6 +81,25 @@ impl DataService {
             fs_id,
             puts: Arc::new(Semaphore::new(PUTS_IN_FLIGHT_MAX)),
             peers: Mutex::new(HashMap::new()),
+            tokens: None,
+        }
+    }
+
+    /// Requires block tokens from clients, checked with `keys` (which meta's reports fill).
+    pub fn with_block_tokens(self, keys: Arc<BlockTokenKeys>) -> Self {
+        DataService { tokens: Some(keys), ..self }
+    }
+
+    fn check_token(
+        &self,
+        peer: Option<&cairn_trust::Peer>,
+        token: &[u8],
+        access: BlockAccess,
+        subject: u128,
+    ) -> Result<(), Status> {
+        match &self.tokens {
+            Some(keys) => keys.check(peer, token, access, subject),
+            None => Ok(()),
         }
     }
 
@@ -102,7 +126,11 @@ impl DataService {
     /// Stores a complete, received block unless it is here already (a retried upload).
     async fn store(&self, id: BlockId, digest: &[u8], parts: Vec<Bytes>, sync: bool) -> Result<(), Status> {
         if self.volume.contains(id) {
-            return Ok(());
+            // A retried upload is the same block; anything else under a taken id is refused.
+            return match self.volume.piece_hashes(id, digest) {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Status::already_exists(format!("block {id} is stored here with another digest"))),
+            };
         }
         let received_at = std::time::Instant::now();
         let new_block = NewBlock::verified_parts(id, digest, parts).map_err(volume_status)?;
@@ -135,9 +163,12 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<GetBlockChunk, Status>> + Se
 impl Data for DataService {
     async fn put_block(&self, request: Request<Streaming<PutBlockChunk>>) -> Result<Response<PutBlockReply>, Status> {
         let _permit = self.puts.acquire().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let peer = request.extensions().get::<cairn_trust::Peer>().cloned();
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty block upload"))?;
         let block = first.block.ok_or_else(|| Status::invalid_argument("first chunk must name the block"))?;
+        // A client stores only blocks of its own session (their ids start with it).
+        self.check_token(peer.as_ref(), &block.token, BlockAccess::Write, u128::from(block.id_hi) << 64)?;
         let sync = first.sync;
         let len = block.len as usize;
         if len == 0 || len > BLOCK_BYTES_MAX {
@@ -210,9 +241,11 @@ impl Data for DataService {
     type GetBlockStream = ChunkStream;
 
     async fn get_block(&self, request: Request<GetBlockRequest>) -> Result<Response<ChunkStream>, Status> {
+        let peer = request.extensions().get::<cairn_trust::Peer>().cloned();
         let request = request.into_inner();
         let block = request.block.ok_or_else(|| Status::invalid_argument("no block named"))?;
         let id = BlockId::of(&block);
+        self.check_token(peer.as_ref(), &block.token, BlockAccess::Read, id.0)?;
         let (block_len, pieces) = self.volume.piece_hashes(id, &block.digest).map_err(volume_status)?;
         let offset = request.offset as usize;
         let len = request.len as usize;

@@ -3,6 +3,8 @@
 //! machine on openraft, stored in redb. A one-node file system is a one-member Raft group: the
 //! same code runs three or five members.
 
+pub mod access;
+pub mod credentials;
 pub mod extents;
 pub mod lock_table;
 pub mod locks;

@@ -61,8 +61,16 @@ impl Tables<'_> {
 
     /// Sets, changes or removes a lock (F_SETLK). A conflict answers EAGAIN with the lock in
     /// the way; a grant answers with the owner's write token on the file.
-    pub fn lock(&self, op: &pb::LockOp, session: u64) -> ApplyResult<pb::MutateReply> {
-        self.by_handle(op.target.as_ref())?;
+    pub fn lock(&self, op: &pb::LockOp, caller: &pb::Caller, session: u64) -> ApplyResult<pb::MutateReply> {
+        let inode = self.by_handle(op.target.as_ref())?;
+        // A lock is taken through an open file: the caller must be able to open it for reading
+        // or for writing (flock takes either kind through either), or own it.
+        if op.kind != pb::LockKind::LockUnlock as i32 {
+            use crate::access::{MAY_READ, MAY_WRITE, owns, permits};
+            if !(owns(&inode, caller) || permits(&inode, caller, MAY_READ) || permits(&inode, caller, MAY_WRITE)) {
+                return fail(errno::EACCES);
+            }
+        }
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let request = request_of(op, session).ok_or(ApplyError::Errno(errno::EINVAL))?;
         let held = self.locks(ino)?;

@@ -34,12 +34,29 @@ pub const DATA_SERVERS: Table = TableDefinition::new("data_servers");
 pub const SM_META: Table = TableDefinition::new("sm_meta");
 /// ino → `Vec<`[`LockRecord`]`>`: the byte-range locks held on the file
 pub const LOCKS: Table = TableDefinition::new("locks");
+/// credential id → protobuf-encoded `pb::Credential` (client credentials and their scopes)
+pub const CREDENTIALS: Table = TableDefinition::new("credentials");
 
 /// Every state-machine table, in the order a snapshot lists them (new tables go at the end).
-pub const STATE_TABLES: [Table; 12] =
-    [INODES, DENTRIES, XATTRS, EXTENTS, BLOCKS, GARBAGE, SESSIONS, RESULTS, ORPHANS, DATA_SERVERS, SM_META, LOCKS];
+pub const STATE_TABLES: [Table; 13] = [
+    INODES,
+    DENTRIES,
+    XATTRS,
+    EXTENTS,
+    BLOCKS,
+    GARBAGE,
+    SESSIONS,
+    RESULTS,
+    ORPHANS,
+    DATA_SERVERS,
+    SM_META,
+    LOCKS,
+    CREDENTIALS,
+];
 
 pub const ROOT_INO: u64 = 1;
+/// The counter holding the current block-token key epoch.
+pub const BLOCK_TOKEN_EPOCH: &str = "block_token_epoch";
 /// Links a file may have, as on ext4.
 pub const LINKS_MAX: u32 = 65_000;
 /// Results kept per session for replies to retried requests; a client never has more than
@@ -84,7 +101,9 @@ pub struct Inode {
     pub rdev: u32,
     /// Bytes covered by extents (what `st_blocks` reports).
     pub allocated: u64,
-    /// Parent directory (directories only; used to refuse moving a directory into itself).
+    /// Parent directory: for a directory its only one; for another file the directory it was
+    /// created or last renamed in (a hard link elsewhere does not change it). Used to refuse
+    /// moving a directory into itself and to confine a credential to a subtree.
     pub parent: u64,
     pub symlink_target: Vec<u8>,
 }
@@ -136,6 +155,7 @@ impl BlockRecord {
             len: self.len,
             digest: self.digest.to_vec(),
             servers: Vec::new(),
+            token: Vec::new(),
         }
     }
 }
@@ -145,6 +165,33 @@ pub struct Session {
     pub client_name: String,
     pub opened_ms: u64,
     pub expires_ms: u64,
+    /// Who opened it (the peer its certificate names, e.g. "client 7"; empty without TLS): only
+    /// that peer may use the session.
+    pub owner: String,
+}
+
+/// A session as written before sessions had owners.
+#[derive(Deserialize)]
+struct SessionV1 {
+    client_name: String,
+    opened_ms: u64,
+    expires_ms: u64,
+}
+
+impl Session {
+    /// Decodes a session in either form (an older one has no owner, like every session of a
+    /// file system without TLS: any peer may use it).
+    pub fn decode(bytes: &[u8]) -> Result<Session, postcard::Error> {
+        decode::<Session>(bytes).or_else(|e| match decode::<SessionV1>(bytes) {
+            Ok(old) => Ok(Session {
+                client_name: old.client_name,
+                opened_ms: old.opened_ms,
+                expires_ms: old.expires_ms,
+                owner: String::new(),
+            }),
+            Err(_) => Err(e),
+        })
+    }
 }
 
 /// An inode with no links left, kept while some session may still hold it open.

@@ -57,8 +57,80 @@ pub fn check_name(name: &[u8]) -> ApplyResult<()> {
     Ok(())
 }
 
-fn caller_in_group(caller: &pb::Caller, gid: u32) -> bool {
-    caller.gid == gid || caller.groups.contains(&gid)
+use crate::access::{self, MAY_EXEC, MAY_WRITE, in_group as caller_in_group};
+
+/// The ownership and permission rules of chmod, chown, truncate and utimes (checked before
+/// anything changes, in the kernel's order).
+fn may_set_attr(inode: &Inode, op: &pb::SetAttrOp, caller: &pb::Caller) -> Result<(), i32> {
+    let owner = access::owns(inode, caller);
+    if op.uid.is_some_and(|uid| uid != inode.uid) && !access::is_root(caller) {
+        return Err(errno::EPERM);
+    }
+    if let Some(gid) = op.gid
+        && gid != inode.gid
+        && !(access::is_root(caller) || (caller.uid == inode.uid && caller_in_group(caller, gid)))
+    {
+        return Err(errno::EPERM);
+    }
+    if (op.uid.is_some() || op.gid.is_some()) && !owner {
+        return Err(errno::EPERM);
+    }
+    if let Some(perm) = op.perm
+        && !owner
+    {
+        // The kernel drops setuid/setgid itself when someone else writes or truncates: a
+        // change that only clears those bits is allowed to whoever may write.
+        let dropped_only =
+            perm & 0o7777 == inode.perm & !(S_ISUID | S_ISGID) & 0o7777 || perm & 0o7777 == inode.perm & !S_ISUID;
+        if !dropped_only {
+            return Err(errno::EPERM);
+        }
+        access::require(inode, caller, MAY_WRITE)?;
+    }
+    if op.size.is_some() && !inode.is_dir() {
+        access::require_data_access(inode, caller, MAY_WRITE)?;
+    }
+    if op.kill_suid {
+        access::require_data_access(inode, caller, MAY_WRITE)?;
+    }
+    let explicit =
+        |set: &Option<pb::TimeSet>| set.as_ref().is_some_and(|t| matches!(t.value, Some(pb::time_set::Value::At(_))));
+    if explicit(&op.atime) || explicit(&op.mtime) {
+        if !owner {
+            return Err(errno::EPERM);
+        }
+    } else if (op.atime.is_some() || op.mtime.is_some()) && !owner {
+        access::require(inode, caller, MAY_WRITE)?;
+    }
+    Ok(())
+}
+
+/// `access` checks as apply results.
+fn check(result: Result<(), i32>) -> ApplyResult<()> {
+    result.map_err(ApplyError::Errno)
+}
+
+/// What the rules for extended attributes of one namespace ask of a caller.
+pub fn check_xattr_access(inode: &Inode, name: &[u8], caller: &pb::Caller, want: u32) -> Result<(), i32> {
+    if name.starts_with(b"trusted.") {
+        return match access::is_root(caller) {
+            true => Ok(()),
+            false if want & MAY_WRITE != 0 => Err(errno::EPERM),
+            false => Err(errno::ENODATA),
+        };
+    }
+    // security.* holds file capabilities and security labels: only root sets them.
+    if name.starts_with(b"security.") {
+        return if want & MAY_WRITE == 0 || access::is_root(caller) { Ok(()) } else { Err(errno::EPERM) };
+    }
+    // user.*: only on files and directories, and the data's own permission bits apply.
+    if !inode.is_regular() && !inode.is_dir() {
+        return Err(if want & MAY_WRITE != 0 { errno::EPERM } else { errno::ENODATA });
+    }
+    if want & MAY_WRITE != 0 && inode.is_dir() && inode.perm & 0o1000 != 0 && !access::owns(inode, caller) {
+        return Err(errno::EPERM);
+    }
+    access::require(inode, caller, want)
 }
 
 /// The tables of one write transaction, with typed accessors.
@@ -306,21 +378,51 @@ impl<'t> Tables<'t> {
     }
 
     pub fn session(&self, id: u64) -> ApplyResult<Option<Session>> {
-        self.decoded(SESSIONS, &key_u64(id))
+        match self.get(SESSIONS, &key_u64(id))? {
+            None => Ok(None),
+            Some(bytes) => Session::decode(&bytes)
+                .map(Some)
+                .map_err(|e| ApplyError::Corrupt { table: "sessions".into(), detail: e.to_string() }),
+        }
     }
 
-    pub fn open_session(&self, client_name: String, now_ms: u64, lease_ms: u64) -> ApplyResult<u64> {
+    pub fn open_session(&self, client_name: String, owner: String, now_ms: u64, lease_ms: u64) -> ApplyResult<u64> {
         let id = self.next("next_session")?;
-        let session = Session { client_name, opened_ms: now_ms, expires_ms: now_ms + lease_ms };
+        let session = Session { client_name, opened_ms: now_ms, expires_ms: now_ms.saturating_add(lease_ms), owner };
         self.put(SESSIONS, &key_u64(id), &encode(&session))?;
         Ok(id)
+    }
+
+    /// Records a client credential (protobuf-encoded, its id assigned here); returns the id,
+    /// or 0 for an undecodable one.
+    pub fn issue_credential(&self, encoded: &[u8]) -> ApplyResult<u64> {
+        use prost::Message;
+        let Ok(mut credential) = pb::Credential::decode(encoded) else {
+            return Ok(0);
+        };
+        credential.id = self.next("next_credential")?;
+        credential.revoked = false;
+        self.put(CREDENTIALS, &key_u64(credential.id), &credential.encode_to_vec())?;
+        Ok(credential.id)
+    }
+
+    pub fn revoke_credential(&self, id: u64) -> ApplyResult<bool> {
+        use prost::Message;
+        let Some(bytes) = self.get(CREDENTIALS, &key_u64(id))? else {
+            return Ok(false);
+        };
+        let mut credential = pb::Credential::decode(bytes.as_slice())
+            .map_err(|e| ApplyError::Corrupt { table: "credentials".into(), detail: e.to_string() })?;
+        credential.revoked = true;
+        self.put(CREDENTIALS, &key_u64(id), &credential.encode_to_vec())?;
+        Ok(true)
     }
 
     pub fn renew_session(&self, id: u64, now_ms: u64, lease_ms: u64) -> ApplyResult<bool> {
         let Some(mut session) = self.session(id)? else {
             return Ok(false);
         };
-        session.expires_ms = session.expires_ms.max(now_ms + lease_ms);
+        session.expires_ms = session.expires_ms.max(now_ms.saturating_add(lease_ms));
         self.put(SESSIONS, &key_u64(id), &encode(&session))?;
         Ok(true)
     }
@@ -333,7 +435,7 @@ impl<'t> Tables<'t> {
             let mut ids = Vec::new();
             for item in table.iter()? {
                 let (key, value) = item?;
-                let session: Session = decode(value.value())
+                let session = Session::decode(value.value())
                     .map_err(|e| ApplyError::Corrupt { table: "sessions".into(), detail: e.to_string() })?;
                 if session.expires_ms <= now_ms {
                     ids.push(u64_of_key(key.value()));
@@ -490,24 +592,48 @@ impl<'t> Tables<'t> {
     /// Applies one mutation and returns its reply (errno inside).
     pub fn mutate(&self, request: &pb::MutateRequest, now: Time) -> ApplyResult<pb::MutateReply> {
         let caller = request.caller.clone().unwrap_or_default();
+        if request.confined_to != 0
+            && let Some(op) = &request.op
+            && !self.within(request.confined_to, &op.named_inodes())?
+        {
+            return Ok(pb::MutateReply { errno: errno::EACCES, ..Default::default() });
+        }
         let result = match &request.op {
             Some(Op::Create(op)) => self.create(op, &caller, now),
-            Some(Op::Link(op)) => self.link(op, now),
-            Some(Op::Unlink(op)) => self.unlink(op, request.session, now),
-            Some(Op::Rename(op)) => self.rename(op, request.session, now),
+            Some(Op::Link(op)) => self.link(op, &caller, now),
+            Some(Op::Unlink(op)) => self.unlink(op, &caller, request.session, now),
+            Some(Op::Rename(op)) => self.rename(op, &caller, request.session, now),
             Some(Op::SetAttr(op)) => self.set_attr(op, &caller, now),
-            Some(Op::SetXattr(op)) => self.set_xattr(op, now),
-            Some(Op::RemoveXattr(op)) => self.remove_xattr(op, now),
-            Some(Op::Commit(op)) => self.commit(op, request.session, now),
-            Some(Op::Fallocate(op)) => self.fallocate(op, now),
+            Some(Op::SetXattr(op)) => self.set_xattr(op, &caller, now),
+            Some(Op::RemoveXattr(op)) => self.remove_xattr(op, &caller, now),
+            Some(Op::Commit(op)) => self.commit(op, &caller, request.session, now),
+            Some(Op::Fallocate(op)) => self.fallocate(op, &caller, now),
             Some(Op::Release(op)) => self.release(op, request.session),
-            Some(Op::Lock(op)) => self.lock(op, request.session),
+            Some(Op::Lock(op)) => self.lock(op, &caller, request.session),
             None => fail(errno::EINVAL),
         };
         match result {
             Ok(reply) => Ok(reply),
             Err(ApplyError::Errno(code)) => Ok(pb::MutateReply { errno: code, ..Default::default() }),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Whether every inode of `inos` lies under directory `root` (see `access::within`).
+    fn within(&self, root: u64, inos: &[u64]) -> ApplyResult<bool> {
+        let mut failure = None;
+        let all = inos.iter().all(|&ino| {
+            access::within(root, ino, |at| match self.inode(at) {
+                Ok(inode) => inode.map(|i| i.parent),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            })
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(all),
         }
     }
 
@@ -528,6 +654,7 @@ impl<'t> Tables<'t> {
         if parent.nlink == 0 {
             return fail(errno::ENOENT);
         }
+        check(access::require(&parent, caller, MAY_EXEC))?;
         let kind = pb::FileKind::try_from(op.kind).map_err(|_| ApplyError::Errno(errno::EINVAL))?;
         if kind == pb::FileKind::Unspecified {
             return fail(errno::EINVAL);
@@ -542,11 +669,16 @@ impl<'t> Tables<'t> {
             }
             return Ok(pb::MutateReply { attr: Some(inode.to_attr(existing)), ..Default::default() });
         }
+        check(access::require(&parent, caller, MAY_WRITE | MAY_EXEC))?;
         if kind == pb::FileKind::Symlink && (op.symlink_target.is_empty() || op.symlink_target.contains(&0)) {
             return fail(errno::ENOENT);
         }
         if op.symlink_target.len() > SYMLINK_MAX {
             return fail(errno::ENAMETOOLONG);
+        }
+        // Device nodes open the devices of every machine that mounts the file system.
+        if matches!(kind, pb::FileKind::CharDevice | pb::FileKind::BlockDevice) && !access::is_root(caller) {
+            return fail(errno::EPERM);
         }
         let is_dir = kind == pb::FileKind::Directory;
         if is_dir && parent.nlink >= LINKS_MAX {
@@ -597,7 +729,7 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
-    fn link(&self, op: &pb::LinkOp, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn link(&self, op: &pb::LinkOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
         check_name(&op.new_name)?;
         let target_ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut target = self.by_handle(op.target.as_ref())?;
@@ -609,6 +741,11 @@ impl<'t> Tables<'t> {
         if parent.nlink == 0 {
             return fail(errno::ENOENT);
         }
+        // As link(2) reports them: an existing name first, then permission.
+        if self.dentry(parent_ino, &op.new_name)?.is_some() {
+            return fail(errno::EEXIST);
+        }
+        check(access::require(&parent, caller, MAY_WRITE | MAY_EXEC))?;
         if target.is_dir() {
             return fail(errno::EPERM);
         }
@@ -654,7 +791,7 @@ impl<'t> Tables<'t> {
         self.orphan_or_reclaim(ino, inode, session, caller_not_holding)
     }
 
-    fn unlink(&self, op: &pb::UnlinkOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn unlink(&self, op: &pb::UnlinkOp, caller: &pb::Caller, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
         if op.name.len() > pb::NAME_BYTES_MAX {
             return fail(errno::ENAMETOOLONG);
         }
@@ -663,10 +800,12 @@ impl<'t> Tables<'t> {
         if !parent.is_dir() {
             return fail(errno::ENOTDIR);
         }
+        check(access::require(&parent, caller, MAY_EXEC))?;
         let Some(child_ino) = self.dentry(parent_ino, &op.name)? else {
             return fail(errno::ENOENT);
         };
         let mut child = self.inode(child_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+        check(access::may_delete(&parent, &child, caller))?;
         if op.directory {
             if !child.is_dir() {
                 return fail(errno::ENOTDIR);
@@ -682,6 +821,11 @@ impl<'t> Tables<'t> {
             parent.nlink = parent.nlink.saturating_sub(1);
         }
         self.touch_dir(parent_ino, &mut parent, now)?;
+        // A file whose recorded directory loses its name there has no known place left (its
+        // other links may be anywhere): confinement then counts it as outside.
+        if !child.is_dir() && child.parent == parent_ino {
+            child.parent = 0;
+        }
         let orphaned = self.drop_link(child_ino, &mut child, session, op.caller_not_holding, now)?;
         Ok(pb::MutateReply { attr: Some(child.to_attr(child_ino)), orphaned, ..Default::default() })
     }
@@ -706,7 +850,7 @@ impl<'t> Tables<'t> {
         })
     }
 
-    fn rename(&self, op: &pb::RenameOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn rename(&self, op: &pb::RenameOp, caller: &pb::Caller, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
         const NOREPLACE: u32 = 1;
         const EXCHANGE: u32 = 2;
         check_name(&op.new_name)?;
@@ -723,11 +867,35 @@ impl<'t> Tables<'t> {
         if !src_parent.is_dir() || !dst_parent.is_dir() {
             return fail(errno::ENOTDIR);
         }
+        check(access::require(&src_parent, caller, MAY_EXEC))?;
+        check(access::require(&dst_parent, caller, MAY_EXEC))?;
         let Some(src_ino) = self.dentry(src_parent_ino, &op.name)? else {
             return fail(errno::ENOENT);
         };
         let mut src = self.inode(src_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
         let dst_ino = self.dentry(dst_parent_ino, &op.new_name)?;
+        // As renameat2(2) reports them: the flags' conditions on the names before permission.
+        if op.flags & EXCHANGE != 0 && dst_ino.is_none() {
+            return fail(errno::ENOENT);
+        }
+        if op.flags & NOREPLACE != 0 && dst_ino.is_some() {
+            return fail(errno::EEXIST);
+        }
+        check(access::may_delete(&src_parent, &src, caller))?;
+        // A directory that moves to another parent has its ".." rewritten.
+        if src.is_dir() && src_parent_ino != dst_parent_ino {
+            check(access::require(&src, caller, MAY_WRITE))?;
+        }
+        match dst_ino {
+            Some(dst_ino) => {
+                let dst = self.inode(dst_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
+                check(access::may_delete(&dst_parent, &dst, caller))?;
+                if op.flags & EXCHANGE != 0 && dst.is_dir() && src_parent_ino != dst_parent_ino {
+                    check(access::require(&dst, caller, MAY_WRITE))?;
+                }
+            }
+            None => check(access::require(&dst_parent, caller, MAY_WRITE | MAY_EXEC))?,
+        }
         if op.flags & EXCHANGE != 0 {
             let Some(dst_ino) = dst_ino else {
                 return fail(errno::ENOENT);
@@ -766,13 +934,14 @@ impl<'t> Tables<'t> {
                 parent.nlink = parent.nlink.saturating_sub(1);
                 self.put_inode(dst_parent_ino, &parent)?;
             }
+            if !dst.is_dir() && dst.parent == dst_parent_ino {
+                dst.parent = 0;
+            }
             orphaned = self.drop_link(dst_ino, &mut dst, session, op.caller_not_holding, now)?;
         }
         self.remove_dentry(src_parent_ino, &op.name)?;
         self.put_dentry(dst_parent_ino, &op.new_name, src_ino)?;
-        if src.is_dir() {
-            src.parent = dst_parent_ino;
-        }
+        src.parent = dst_parent_ino;
         src.ctime = now;
         self.put_inode(src_ino, &src)?;
         let mut src_parent = self.inode(src_parent_ino)?.ok_or(ApplyError::Errno(errno::ENOENT))?;
@@ -829,12 +998,8 @@ impl<'t> Tables<'t> {
             self.put_inode(src_parent_ino, &src_parent)?;
             self.put_inode(dst_parent_ino, &dst_parent)?;
         }
-        if src.is_dir() {
-            src.parent = dst_parent_ino;
-        }
-        if dst.is_dir() {
-            dst.parent = src_parent_ino;
-        }
+        src.parent = dst_parent_ino;
+        dst.parent = src_parent_ino;
         src.ctime = now;
         dst.ctime = now;
         self.put_inode(src_ino, &src)?;
@@ -849,6 +1014,7 @@ impl<'t> Tables<'t> {
     fn set_attr(&self, op: &pb::SetAttrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        check(may_set_attr(&inode, op, caller))?;
         if let Some(size) = op.size {
             if inode.is_dir() {
                 return fail(errno::EISDIR);
@@ -905,7 +1071,7 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
-    fn set_xattr(&self, op: &pb::SetXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn set_xattr(&self, op: &pb::SetXattrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
         const CREATE: u32 = 1;
         const REPLACE: u32 = 2;
         check_xattr_name(&op.name)?;
@@ -914,6 +1080,7 @@ impl<'t> Tables<'t> {
         }
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        check(check_xattr_access(&inode, &op.name, caller, MAY_WRITE))?;
         let key = key_u64_name(ino, &op.name);
         let exists = self.get(XATTRS, &key)?.is_some();
         if op.flags & CREATE != 0 && exists {
@@ -928,10 +1095,11 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
-    fn remove_xattr(&self, op: &pb::RemoveXattrOp, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn remove_xattr(&self, op: &pb::RemoveXattrOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
         check_xattr_name(&op.name)?;
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        check(check_xattr_access(&inode, &op.name, caller, MAY_WRITE))?;
         let key = key_u64_name(ino, &op.name);
         if self.get(XATTRS, &key)?.is_none() {
             return fail(errno::ENODATA);
@@ -945,9 +1113,10 @@ impl<'t> Tables<'t> {
     /// A commit may name a block new to meta only if `session` uploaded it (a block id starts
     /// with the id of the session that made it): once a session has expired, nothing can make
     /// its uncommitted uploads live, so data servers may collect them.
-    fn commit(&self, op: &pb::CommitOp, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn commit(&self, op: &pb::CommitOp, caller: &pb::Caller, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        check(access::require_data_access(&inode, caller, MAY_WRITE))?;
         self.check_lock_token(ino, session, op.lock_token)?;
         if inode.is_dir() {
             return fail(errno::EISDIR);
@@ -978,7 +1147,15 @@ impl<'t> Tables<'t> {
                         return fail(errno::EINVAL);
                     }
                     let id = pb::BlockId::of(block).0;
-                    if self.get(BLOCKS, &key_u128(id))?.is_none() && !new_blocks.iter().any(|(b, _)| *b == id) {
+                    let known: Option<BlockRecord> = self.decoded(BLOCKS, &key_u128(id))?;
+                    // Naming a block some file already uses takes knowing its digest, which
+                    // only a reader of that file got: a guessed id alone opens nothing.
+                    if let Some(known) = &known
+                        && (known.digest.as_slice() != block.digest.as_slice() || known.len != block.len)
+                    {
+                        return fail(errno::EINVAL);
+                    }
+                    if known.is_none() && !new_blocks.iter().any(|(b, _)| *b == id) {
                         if block.id_hi != session {
                             return fail(errno::ESTALE);
                         }
@@ -1065,12 +1242,13 @@ impl<'t> Tables<'t> {
         Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
     }
 
-    fn fallocate(&self, op: &pb::FallocateOp, now: Time) -> ApplyResult<pb::MutateReply> {
+    fn fallocate(&self, op: &pb::FallocateOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
         const KEEP_SIZE: u32 = 0x01;
         const PUNCH_HOLE: u32 = 0x02;
         const ZERO_RANGE: u32 = 0x10;
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
+        check(access::require_data_access(&inode, caller, MAY_WRITE))?;
         if inode.is_dir() {
             return fail(errno::EISDIR);
         }

@@ -213,6 +213,7 @@ impl Query {
                         len: record.len,
                         digest: record.digest.to_vec(),
                         servers: record.servers,
+                        token: Vec::new(),
                     }),
                     block_offset: *offset,
                     inline_data: Vec::new(),
@@ -383,6 +384,51 @@ impl Query {
         Ok(self.get(SESSIONS, &key_u64(session))?.is_some())
     }
 
+    /// Who opened `session`, None for no such session.
+    pub fn session_owner(&self, session: u64) -> QueryResult<Option<String>> {
+        match self.get(SESSIONS, &key_u64(session))? {
+            None => Ok(None),
+            Some(bytes) => Ok(Some(Session::decode(&bytes).map_err(|e| corrupt("sessions", e))?.owner)),
+        }
+    }
+
+    pub fn credential(&self, id: u64) -> QueryResult<Option<pb::Credential>> {
+        use prost::Message;
+        match self.get(CREDENTIALS, &key_u64(id))? {
+            None => Ok(None),
+            Some(bytes) => pb::Credential::decode(bytes.as_slice()).map(Some).map_err(|e| corrupt("credentials", e)),
+        }
+    }
+
+    pub fn credentials(&self) -> QueryResult<Vec<pb::Credential>> {
+        use prost::Message;
+        let table = self.txn.open_table(CREDENTIALS)?;
+        let mut all = Vec::new();
+        for item in table.iter()? {
+            let (_, value) = item?;
+            all.push(pb::Credential::decode(value.value()).map_err(|e| corrupt("credentials", e))?);
+        }
+        Ok(all)
+    }
+
+    /// Whether every inode of `inos` lies under directory `root` (see `access::within`).
+    pub fn within(&self, root: u64, inos: &[u64]) -> QueryResult<bool> {
+        let mut failure = None;
+        let all = inos.iter().all(|&ino| {
+            crate::access::within(root, ino, |at| match self.inode(at) {
+                Ok(inode) => inode.map(|i| i.parent),
+                Err(e) => {
+                    failure = Some(e);
+                    None
+                }
+            })
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
+    }
+
     pub fn stored_result(&self, session: u64, seq: u64) -> QueryResult<Option<Vec<u8>>> {
         self.get(RESULTS, &key_u64_u64(session, seq))
     }
@@ -394,7 +440,7 @@ impl Query {
         let table = self.txn.open_table(SESSIONS)?;
         for item in table.iter()? {
             let (_, value) = item?;
-            let session: Session = decode(value.value()).map_err(|e| corrupt("sessions", e))?;
+            let session = Session::decode(value.value()).map_err(|e| corrupt("sessions", e))?;
             if session.expires_ms <= now_ms {
                 return Ok(true);
             }

@@ -57,6 +57,24 @@ pub enum Command {
         standing: Standing,
         force: bool,
     },
+    /// A session opened by `owner` (the peer its certificate names).
+    OpenSessionOf {
+        client_name: String,
+        owner: String,
+        now_ms: u64,
+        lease_ms: u64,
+    },
+    /// Records a new client credential: a protobuf-encoded `Credential` whose id is assigned
+    /// here (the reply's value).
+    IssueCredential {
+        credential: Vec<u8>,
+    },
+    /// Revokes credential `id` for good (the reply's value is 1 if it existed).
+    RevokeCredential {
+        id: u64,
+    },
+    /// Starts the next block-token key epoch (the reply's value).
+    RotateBlockTokenKey,
 }
 
 impl fmt::Display for Command {
@@ -70,6 +88,10 @@ impl fmt::Display for Command {
             Command::RegisterDataServer { id, address } => write!(f, "register-data-server({id}, {address})"),
             Command::ForgetGarbage { ids } => write!(f, "forget-garbage({})", ids.len()),
             Command::SetReplication { copies } => write!(f, "set-replication({copies})"),
+            Command::OpenSessionOf { client_name, owner, .. } => write!(f, "open-session({client_name}, {owner})"),
+            Command::IssueCredential { credential } => write!(f, "issue-credential({} bytes)", credential.len()),
+            Command::RevokeCredential { id } => write!(f, "revoke-credential({id})"),
+            Command::RotateBlockTokenKey => write!(f, "rotate-block-token-key"),
             Command::ReplaceCopies { id, added, dropped } => {
                 write!(f, "replace-copies({id:032x}, +{added:?}, -{dropped:?})")
             }

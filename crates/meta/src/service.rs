@@ -13,10 +13,13 @@ use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use prost::Message;
 use tonic::{Request, Response, Status};
 
-use crate::model::{Standing, decode, encode};
+use crate::access::{MAY_EXEC, MAY_READ, require, require_data_access};
+use crate::credentials::{Access, SessionOwners, access_of};
+use crate::model::{Inode, Standing, decode, encode};
 use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
 use crate::query::{Query, QueryError, READDIR_PAGE_MAX};
 use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
+use cairn_trust::block_token::{BlockAccess, BlockTokenKey};
 
 /// gRPC metadata key naming the leader's address on a "not leader" answer.
 pub const LEADER_HEADER: &str = "cairn-leader";
@@ -34,20 +37,42 @@ pub const SERVER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_
 /// The largest certificate request taken.
 const CERT_REQUEST_BYTES_MAX: usize = 16 * 1024;
 
-/// What a meta server signs new servers' certificates with.
+/// How long a block token meta issues is valid. A client holding a block map longer (it is
+/// cached while its promise lasts) is refused by the data server and fetches the map again.
+pub const BLOCK_TOKEN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// What a meta server signs new servers' certificates and block tokens with.
 pub struct Signer {
     pub authority: cairn_trust::Authority,
     pub token: cairn_trust::JoinToken,
+    /// The authority's key, which block-token keys derive from.
+    authority_key_pem: String,
+}
+
+impl Signer {
+    pub fn new(authority: cairn_trust::Authority, token: cairn_trust::JoinToken) -> Signer {
+        let authority_key_pem = authority.key_pem();
+        Signer { authority, token, authority_key_pem }
+    }
+
+    pub fn block_key(&self, epoch: u32) -> BlockTokenKey {
+        BlockTokenKey::derive(&self.authority_key_pem, epoch)
+    }
+}
+
+fn token_expiry() -> u64 {
+    now_ms() + BLOCK_TOKEN_VALIDITY.as_millis() as u64
 }
 
 pub struct MetaService {
     node: Arc<MetaNode>,
     signer: Option<Arc<Signer>>,
+    session_owners: SessionOwners,
 }
 
 impl MetaService {
     pub fn new(node: Arc<MetaNode>) -> Self {
-        MetaService { node, signer: None }
+        MetaService { node, signer: None, session_owners: SessionOwners::default() }
     }
 
     /// Lets servers holding the join token enroll (with TLS; without, there is nothing to sign).
@@ -71,6 +96,42 @@ impl MetaService {
 }
 
 impl MetaService {
+    /// The block-token key epoch as this member applied it.
+    fn block_token_epoch(&self) -> Result<u32, Status> {
+        let query = self.node.local_read().map_err(status_of)?;
+        Ok(query.counter(crate::model::BLOCK_TOKEN_EPOCH).map_err(|e| status_of(e.into()))? as u32)
+    }
+
+    /// What the peer of `request` may do (see `credentials`).
+    fn access<T>(&self, request: &Request<T>) -> Result<Access, Status> {
+        access_of(request.extensions().get::<cairn_trust::Peer>(), || self.node.local_read().map_err(status_of))
+    }
+
+    /// `access`, and that the session named (0: none) is the peer's own.
+    fn access_to_session<T>(&self, request: &Request<T>, session: u64) -> Result<Access, Status> {
+        let access = self.access(request)?;
+        self.session_owners.check(&access, session, || self.node.local_read().map_err(status_of))?;
+        Ok(access)
+    }
+
+    /// Before a read: the target must lie in the credential's subtree and pass `rule`. A
+    /// handle that names nothing passes, and the read itself reports it.
+    fn check_read(
+        query: &Query,
+        access: &Access,
+        handle: Option<&pb::FileHandle>,
+        rule: impl FnOnce(&Inode) -> Result<(), i32>,
+    ) -> Result<(), MetaError> {
+        let Ok((ino, inode)) = query.by_handle(handle) else {
+            return Ok(());
+        };
+        let confined_to = access.confined_to();
+        if confined_to != 0 && !query.within(confined_to, &[ino])? {
+            return Err(MetaError::Errno(errno::EACCES));
+        }
+        rule(&inode).map_err(MetaError::Errno)
+    }
+
     /// Before a read that may promise: the term and the count of changes so far, which the
     /// promise is checked against once the read is done.
     fn promise_point(&self, session: u64) -> Option<(u64, u64)> {
@@ -141,6 +202,32 @@ fn split<T: Default>(result: Result<T, MetaError>) -> Result<(i32, T), Status> {
     }
 }
 
+/// The directory at `path` (from the root), for a credential's subtree.
+fn resolve_directory(query: &Query, path: &str) -> Result<pb::FileHandle, Status> {
+    let mut at = query.root().map_err(|e| status_of(e.into()))?;
+    for component in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        let attr = query.lookup(Some(&at), component.as_bytes()).map_err(|e| match e {
+            QueryError::Errno(_) => Status::not_found(format!("no directory {path} in the file system")),
+            other => status_of(other.into()),
+        })?;
+        at = pb::FileHandle { ino: attr.ino, generation: attr.generation };
+        if attr.kind != pb::FileKind::Directory as i32 {
+            return Err(Status::invalid_argument(format!("{path} is not a directory")));
+        }
+    }
+    Ok(at)
+}
+
+/// What a read-only credential may still ask for: letting go of an orphan, and read locks.
+fn read_only_may(op: &pb::mutate_request::Op) -> bool {
+    use pb::mutate_request::Op;
+    match op {
+        Op::Release(_) => true,
+        Op::Lock(lock) => lock.kind != pb::LockKind::LockWrite as i32,
+        _ => false,
+    }
+}
+
 fn raft_status(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("undecodable raft message: {e}"))
 }
@@ -185,20 +272,157 @@ impl Meta for MetaService {
         }))
     }
 
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateReply>, Status> {
+        use cairn_trust::Subject;
+        let Some(signer) = &self.signer else {
+            return Err(Status::failed_precondition("this file system runs without TLS: there is nothing to renew"));
+        };
+        let peer = request.extensions().get::<cairn_trust::Peer>().cloned();
+        let Some(peer) = peer.filter(|p| p.role.is_server()) else {
+            return Err(Status::permission_denied("only a server renews its certificate"));
+        };
+        let id: u64 = peer.id.parse().map_err(|_| Status::invalid_argument("the certificate names no server id"))?;
+        let request = request.into_inner();
+        if request.request_pem.len() > CERT_REQUEST_BYTES_MAX {
+            return Err(Status::invalid_argument("certificate request too large"));
+        }
+        let subject = Subject::Server { role: peer.role, id };
+        let cert = signer
+            .authority
+            .sign(&request.request_pem, &subject, SERVER_CERT_VALIDITY)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(server = %peer, "renewed a server's certificate");
+        Ok(Response::new(pb::RenewCertificateReply { chain_pem: format!("{cert}{}", signer.authority.cert_pem()) }))
+    }
+
+    async fn issue_credential(
+        &self,
+        request: Request<pb::IssueCredentialRequest>,
+    ) -> Result<Response<pb::IssueCredentialReply>, Status> {
+        use cairn_trust::Subject;
+        let Some(signer) = &self.signer else {
+            return Err(Status::failed_precondition("this file system runs without TLS: credentials need it"));
+        };
+        let request = request.into_inner();
+        let scope = request.scope.ok_or_else(|| Status::invalid_argument("a credential needs a scope"))?;
+        crate::credentials::validate_scope(&scope)?;
+        if request.name.is_empty() || request.name.len() > 128 {
+            return Err(Status::invalid_argument("a credential needs a name of 1 to 128 bytes"));
+        }
+        if request.request_pem.len() > CERT_REQUEST_BYTES_MAX {
+            return Err(Status::invalid_argument("certificate request too large"));
+        }
+        let now = now_ms();
+        let valid_for = std::time::Duration::from_millis(scope.expires_ms.saturating_sub(now).max(1_000));
+        // The request is checked before anything is recorded.
+        let probe = Subject::Client { credential: "0".into() };
+        signer
+            .authority
+            .sign(&request.request_pem, &probe, valid_for)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let query = self.node.read().await.map_err(status_of)?;
+        let taken = query.credentials().map_err(|e| status_of(e.into()))?;
+        drop(query);
+        if taken.iter().any(|c| c.name == request.name && !c.revoked) {
+            return Err(Status::invalid_argument(format!(
+                "a credential named {:?} exists: revoke it first",
+                request.name
+            )));
+        }
+        let subtree_root = if scope.subtree.trim_matches('/').is_empty() {
+            None
+        } else {
+            let query = self.node.read().await.map_err(status_of)?;
+            Some(resolve_directory(&query, &scope.subtree)?)
+        };
+        let mut credential = pb::Credential {
+            id: 0,
+            name: request.name,
+            scope: Some(scope),
+            issued_ms: now,
+            revoked: false,
+            subtree_root,
+        };
+        let reply = self
+            .node
+            .propose(Command::IssueCredential { credential: credential.encode_to_vec() })
+            .await
+            .map_err(status_of)?;
+        credential.id = reply.value;
+        let subject = Subject::Client { credential: credential.id.to_string() };
+        let cert = signer
+            .authority
+            .sign(&request.request_pem, &subject, valid_for)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(id = credential.id, name = %credential.name, "issued a client credential");
+        let authority_pem = signer.authority.cert_pem().to_string();
+        Ok(Response::new(pb::IssueCredentialReply {
+            credential: Some(credential),
+            chain_pem: format!("{cert}{authority_pem}"),
+            authority_pem,
+        }))
+    }
+
+    async fn revoke_credential(
+        &self,
+        request: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialReply>, Status> {
+        let request = request.into_inner();
+        let query = self.node.read().await.map_err(status_of)?;
+        let all = query.credentials().map_err(|e| status_of(e.into()))?;
+        drop(query);
+        // By name, the active one (names are unique among active credentials).
+        let found = all
+            .into_iter()
+            .filter(|c| if request.id != 0 { c.id == request.id } else { c.name == request.name })
+            .min_by_key(|c| c.revoked)
+            .ok_or_else(|| Status::not_found("no such credential"))?;
+        self.node.propose(Command::RevokeCredential { id: found.id }).await.map_err(status_of)?;
+        tracing::info!(id = found.id, name = %found.name, "revoked a client credential");
+        Ok(Response::new(pb::RevokeCredentialReply { credential: Some(pb::Credential { revoked: true, ..found }) }))
+    }
+
+    async fn rotate_block_token_key(
+        &self,
+        _request: Request<pb::RotateBlockTokenKeyRequest>,
+    ) -> Result<Response<pb::RotateBlockTokenKeyReply>, Status> {
+        if self.signer.is_none() {
+            return Err(Status::failed_precondition("this file system runs without TLS: it issues no block tokens"));
+        }
+        let reply = self.node.propose(Command::RotateBlockTokenKey).await.map_err(status_of)?;
+        tracing::info!(epoch = reply.value, "rotated the block-token key");
+        Ok(Response::new(pb::RotateBlockTokenKeyReply { epoch: reply.value as u32 }))
+    }
+
+    async fn list_credentials(
+        &self,
+        _request: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsReply>, Status> {
+        let query = self.node.read().await.map_err(status_of)?;
+        let credentials = query.credentials().map_err(|e| status_of(e.into()))?;
+        Ok(Response::new(pb::ListCredentialsReply { credentials }))
+    }
+
     async fn open_session(
         &self,
         request: Request<pb::OpenSessionRequest>,
     ) -> Result<Response<pb::OpenSessionReply>, Status> {
+        let access = self.access(&request)?;
         let mut name = request.into_inner().client_name;
         name.truncate(256);
         let lease_ms = self.node.config.session_lease.as_millis() as u64;
-        let reply = self
-            .node
-            .propose(Command::OpenSession { client_name: name, now_ms: now_ms(), lease_ms })
-            .await
-            .map_err(status_of)?;
+        let command =
+            Command::OpenSessionOf { client_name: name, owner: access.owner.clone(), now_ms: now_ms(), lease_ms };
+        let reply = self.node.propose(command).await.map_err(status_of)?;
         let query = self.node.local_read().map_err(status_of)?;
-        let root = query.root().map_err(|e| status_of(e.into()))?;
+        // A confined credential's mount sees its subtree as the root.
+        let root = match access.subtree_root() {
+            Some(root) => root,
+            None => query.root().map_err(|e| status_of(e.into()))?,
+        };
         let fs_id = query.fs_id().map_err(|e| status_of(e.into()))?.unwrap_or_default();
         drop(query);
         Ok(Response::new(pb::OpenSessionReply {
@@ -208,11 +432,13 @@ impl Meta for MetaService {
             root: Some(root),
             replication: self.node.replication().map_err(status_of)?,
             meta_addresses: self.meta_addresses(),
+            read_only: access.read_only(),
         }))
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
-        let session = request.into_inner().session;
+        let session = request.get_ref().session;
+        self.access_to_session(&request, session)?;
         let lease_ms = self.node.config.session_lease.as_millis() as u64;
         let reply = self
             .node
@@ -233,11 +459,22 @@ impl Meta for MetaService {
     }
 
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::AttrReply>, Status> {
-        let request = request.into_inner();
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
+        let caller = access.caller(request.caller.take());
         let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
+        let parent = request.parent.as_ref();
+        // A confined mount's root has no parent it may see: its ".." is itself, as in a chroot.
+        let to_root =
+            request.name == b".." && access.confined_to() != 0 && parent.map(|h| h.ino) == Some(access.confined_to());
         let (errno, attr) =
-            split(query.lookup(request.parent.as_ref(), &request.name).map(Some).map_err(MetaError::from))?;
+            split(Self::check_read(&query, &access, parent, |dir| require(dir, &caller, MAY_EXEC)).and_then(|()| {
+                match to_root {
+                    true => query.getattr(parent).map(Some).map_err(MetaError::from),
+                    false => query.lookup(parent, &request.name).map(Some).map_err(MetaError::from),
+                }
+            }))?;
         drop(query);
         let parent = request.parent.map(|h| h.ino).unwrap_or_default();
         // A negative answer is promised too: the directory's names cover it.
@@ -247,25 +484,33 @@ impl Meta for MetaService {
     }
 
     async fn get_attr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
+        let access = self.access_to_session(&request, request.get_ref().session)?;
         let request = request.into_inner();
         let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, attr) = split(query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from))?;
+        let (errno, attr) = split(
+            Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
+                .and_then(|()| query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from)),
+        )?;
         drop(query);
         let promised = errno == 0 && attr.as_ref().is_some_and(|a| self.promise(point, request.session, &[a.ino]));
         Ok(Response::new(pb::AttrReply { errno, attr, promised }))
     }
 
     async fn read_dir(&self, request: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
-        let request = request.into_inner();
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
         if request.after.len() > pb::NAME_BYTES_MAX {
             return Err(Status::invalid_argument("resume name longer than a name can be"));
         }
+        let caller = access.caller(request.caller.take());
         let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
-        let (errno, (entries, eof)) =
-            split(query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from))?;
+        let (errno, (entries, eof)) = split(
+            Self::check_read(&query, &access, request.dir.as_ref(), |dir| require(dir, &caller, MAY_READ))
+                .and_then(|()| query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from)),
+        )?;
         drop(query);
         let dir = request.dir.map(|h| h.ino).unwrap_or_default();
         let inodes: Vec<u64> =
@@ -275,17 +520,29 @@ impl Meta for MetaService {
     }
 
     async fn read_link(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ReadLinkReply>, Status> {
+        let access = self.access_to_session(&request, request.get_ref().session)?;
         let request = request.into_inner();
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, target) = split(query.readlink(request.target.as_ref()).map_err(MetaError::from))?;
+        let (errno, target) = split(
+            Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
+                .and_then(|()| query.readlink(request.target.as_ref()).map_err(MetaError::from)),
+        )?;
         Ok(Response::new(pb::ReadLinkReply { errno, target }))
     }
 
     async fn get_xattr(&self, request: Request<pb::GetXattrRequest>) -> Result<Response<pb::GetXattrReply>, Status> {
-        let request = request.into_inner();
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
+        let caller = access.caller(request.caller.take());
         let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, value) = split(query.getxattr(request.target.as_ref(), &request.name).map_err(MetaError::from))?;
+        let name = request.name.clone();
+        let (errno, value) = split(
+            Self::check_read(&query, &access, request.target.as_ref(), |inode| {
+                crate::namespace::check_xattr_access(inode, &name, &caller, MAY_READ)
+            })
+            .and_then(|()| query.getxattr(request.target.as_ref(), &request.name).map_err(MetaError::from)),
+        )?;
         drop(query);
         // An absent name is promised too (setting it changes the inode's ctime and breaks), and
         // so is a refused namespace (the answer depends on the name alone).
@@ -296,13 +553,23 @@ impl Meta for MetaService {
     }
 
     async fn list_xattr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ListXattrReply>, Status> {
-        let request = request.into_inner();
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
+        let caller = access.caller(request.caller.take());
         let query = self.node.read().await.map_err(status_of)?;
-        let (errno, names) = split(query.listxattr(request.target.as_ref()).map_err(MetaError::from))?;
+        let (errno, mut names) = split(
+            Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
+                .and_then(|()| query.listxattr(request.target.as_ref()).map_err(MetaError::from)),
+        )?;
+        // Only root sees trusted.* names, as on Linux.
+        if caller.uid != 0 {
+            names.retain(|name| !name.starts_with(b"trusted."));
+        }
         Ok(Response::new(pb::ListXattrReply { errno, names }))
     }
 
-    async fn stat_fs(&self, _request: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
+    async fn stat_fs(&self, request: Request<pb::StatFsRequest>) -> Result<Response<pb::StatFsReply>, Status> {
+        self.access(&request)?;
         let query = self.node.read().await.map_err(status_of)?;
         Ok(Response::new(self.usage(&query)?))
     }
@@ -311,15 +578,31 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::GetExtentsRequest>,
     ) -> Result<Response<pb::GetExtentsReply>, Status> {
-        let request = request.into_inner();
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
+        let caller = access.caller(request.caller.take());
         let point = self.promise_point(request.session);
         let query = self.node.read().await.map_err(status_of)?;
         let (errno, (attr, extents)) = split(
-            query
-                .extents(request.target.as_ref(), request.offset, request.len)
-                .map(|(a, e)| (Some(a), e))
-                .map_err(MetaError::from),
+            Self::check_read(&query, &access, request.target.as_ref(), |file| {
+                require_data_access(file, &caller, MAY_READ)
+            })
+            .and_then(|()| {
+                query
+                    .extents(request.target.as_ref(), request.offset, request.len)
+                    .map(|(a, e)| (Some(a), e))
+                    .map_err(MetaError::from)
+            }),
         )?;
+        let mut extents = extents;
+        if let Some(signer) = &self.signer {
+            let epoch = query.counter(crate::model::BLOCK_TOKEN_EPOCH).map_err(|e| status_of(e.into()))?;
+            let key = signer.block_key(epoch as u32);
+            let expires = token_expiry();
+            for block in extents.iter_mut().filter_map(|e| e.block.as_mut()) {
+                block.token = key.issue(BlockAccess::Read, pb::BlockId::of(block).0, expires);
+            }
+        }
         let servers = if extents.iter().any(|e| e.block.is_some()) {
             query
                 .data_servers()
@@ -339,6 +622,13 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::PlaceBlocksRequest>,
     ) -> Result<Response<pb::PlaceBlocksReply>, Status> {
+        let access = self.access(&request)?;
+        let session = request.get_ref().session;
+        self.session_owners.check_existing(&access, session, || self.node.local_read().map_err(status_of))?;
+        if access.read_only() {
+            tracing::warn!(caller = %access.owner, "refused a block placement: the credential is read-only");
+            return Err(Status::permission_denied("the credential is read-only"));
+        }
         let request = request.into_inner();
         let count = request.count;
         if request.exclude.len() > PLACEMENTS_PER_REQUEST_MAX as usize {
@@ -374,14 +664,29 @@ impl Meta for MetaService {
                 draining: false,
             })
             .collect();
-        Ok(Response::new(pb::PlaceBlocksReply { servers, replication: replication as u32 }))
+        let write_token = match &self.signer {
+            Some(signer) => {
+                let epoch = self.block_token_epoch()?;
+                signer.block_key(epoch).issue(BlockAccess::Write, u128::from(request.session) << 64, token_expiry())
+            }
+            None => Vec::new(),
+        };
+        Ok(Response::new(pb::PlaceBlocksReply { servers, replication: replication as u32, write_token }))
     }
 
     async fn mutate(&self, request: Request<pb::MutateRequest>) -> Result<Response<pb::MutateReply>, Status> {
-        let request = request.into_inner();
-        if request.op.is_none() {
+        let access = self.access_to_session(&request, request.get_ref().session)?;
+        let mut request = request.into_inner();
+        let Some(op) = &request.op else {
             return Err(Status::invalid_argument("mutation without an operation"));
+        };
+        if access.read_only() && !read_only_may(op) {
+            tracing::warn!(caller = %access.owner, "refused a change: the credential is read-only");
+            return Ok(Response::new(pb::MutateReply { errno: errno::EROFS, ..Default::default() }));
         }
+        // The state machine applies permissions to this identity, never to the one claimed.
+        request.caller = Some(access.caller(request.caller.take()));
+        request.confined_to = access.confined_to();
         let encoded = request.encode_to_vec();
         let named = request.op.as_ref().map(pb::mutate_request::Op::named_inodes).unwrap_or_default();
         let breaks = request.op.as_ref().is_some_and(pb::mutate_request::Op::changes_cached_state);
@@ -420,6 +725,7 @@ impl Meta for MetaService {
         &self,
         request: Request<tonic::Streaming<pb::CallbackUp>>,
     ) -> Result<Response<Self::CallbacksStream>, Status> {
+        let access = self.access(&request)?;
         let mut inbound = request.into_inner();
         let Some(term) = self.node.leader_term() else {
             return Err(status_of(MetaError::NotLeader { leader: self.node.leader_address() }));
@@ -429,6 +735,7 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("a callback stream starts with a registration"));
         };
         let session = register.session;
+        self.session_owners.check(&access, session, || self.node.local_read().map_err(status_of))?;
         if !self.node.local_read().map_err(status_of)?.session_exists(session).map_err(|e| status_of(e.into()))? {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
         }
@@ -457,6 +764,7 @@ impl Meta for MetaService {
     }
 
     async fn get_lock(&self, request: Request<pb::GetLockRequest>) -> Result<Response<pb::GetLockReply>, Status> {
+        let access = self.access_to_session(&request, request.get_ref().session)?;
         let request = request.into_inner();
         let op = request.lock.unwrap_or_default();
         let Some(lock) = crate::lock_table::request_of(&op, request.session) else {
@@ -464,6 +772,9 @@ impl Meta for MetaService {
         };
         let query = self.node.read().await.map_err(status_of)?;
         let target = op.target.unwrap_or_default();
+        if let Err(MetaError::Errno(code)) = Self::check_read(&query, &access, Some(&target), |_| Ok(())) {
+            return Ok(Response::new(pb::GetLockReply { errno: code, ..Default::default() }));
+        }
         match query.by_handle(Some(&target)) {
             Ok(_) => {}
             Err(QueryError::Errno(code)) => {
@@ -531,11 +842,30 @@ impl Meta for MetaService {
                 },
             );
         }
-        Ok(Response::new(pb::RegisterDataServerReply { fs_id, meta_addresses: self.meta_addresses() }))
+        // The current key and the one before it: a token issued just before a rotation still
+        // passes until it expires.
+        let block_token_keys = match &self.signer {
+            Some(signer) => {
+                let epoch = self.block_token_epoch()?;
+                let epochs = if epoch == 0 { vec![0] } else { vec![epoch, epoch - 1] };
+                epochs
+                    .into_iter()
+                    .map(|epoch| pb::BlockTokenKey { epoch, key: signer.block_key(epoch).key.to_vec() })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        Ok(Response::new(pb::RegisterDataServerReply {
+            fs_id,
+            meta_addresses: self.meta_addresses(),
+            block_token_keys,
+        }))
     }
 
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        let with_digest = request.into_inner().with_digest;
+        let access = self.access(&request)?;
+        // Hashing the whole state is for servers and the administrator.
+        let with_digest = request.into_inner().with_digest && access.credential.is_none();
         let metrics = self.node.raft.metrics().borrow_watched().clone();
         let query = self.node.local_read().map_err(status_of)?;
         let role = match metrics.state {
@@ -590,12 +920,26 @@ impl Meta for MetaService {
         &self,
         request: Request<pb::ReportBadBlockRequest>,
     ) -> Result<Response<pb::ReportBadBlockReply>, Status> {
+        let access = self.access(&request)?;
+        let from_server = request.extensions().get::<cairn_trust::Peer>().is_some_and(|p| p.role.is_server());
         let request = request.into_inner();
         let block = request.block.ok_or_else(|| Status::invalid_argument("no block named"))?;
         if request.what.len() > 4096 {
             return Err(Status::invalid_argument("report too long"));
         }
         let id = pb::BlockId::of(&block);
+        // A client reports only a block it was given to read (its read token), so nobody can
+        // have good copies dropped by naming ids.
+        if let Some(signer) = &self.signer
+            && !from_server
+        {
+            let epoch = self.block_token_epoch()?;
+            let keys = [signer.block_key(epoch), signer.block_key(epoch.saturating_sub(1))];
+            if let Err(e) = cairn_trust::block_token::verify(&keys, &block.token, BlockAccess::Read, id.0, now_ms()) {
+                tracing::warn!(caller = %access.owner, block = %id, "refused a bad-copy report: {e}");
+                return Err(Status::permission_denied(e.to_string()));
+            }
+        }
         self.node.drop_bad_copy(id.0, request.server).await.map_err(status_of)?;
         tracing::warn!(block = %id, server = request.server, what = %request.what, "bad copy reported and dropped");
         Ok(Response::new(pb::ReportBadBlockReply {}))

@@ -18,7 +18,7 @@ use prost::Message;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{SM_META, STATE_TABLES, decode, encode};
+use crate::model::{BLOCK_TOKEN_EPOCH, SM_META, STATE_TABLES, decode, encode};
 use crate::namespace::{ApplyError, Tables};
 use crate::raft_types::{Command, CommandReply, SESSION_EXPIRED, TypeConfig};
 use cairn_proto as pb;
@@ -367,8 +367,23 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
             tables.init_fs(&fs_id, now)?;
             CommandReply::default()
         }
-        Command::OpenSession { client_name, now_ms, lease_ms } => {
-            CommandReply { value: tables.open_session(client_name, now_ms, lease_ms)?, ..Default::default() }
+        Command::OpenSession { client_name, now_ms, lease_ms } => CommandReply {
+            value: tables.open_session(client_name, String::new(), now_ms, lease_ms)?,
+            ..Default::default()
+        },
+        Command::OpenSessionOf { client_name, owner, now_ms, lease_ms } => {
+            CommandReply { value: tables.open_session(client_name, owner, now_ms, lease_ms)?, ..Default::default() }
+        }
+        Command::IssueCredential { credential } => {
+            CommandReply { value: tables.issue_credential(&credential)?, ..Default::default() }
+        }
+        Command::RotateBlockTokenKey => {
+            let epoch = tables.counter(BLOCK_TOKEN_EPOCH)? + 1;
+            tables.set_counter(BLOCK_TOKEN_EPOCH, epoch)?;
+            CommandReply { value: epoch, ..Default::default() }
+        }
+        Command::RevokeCredential { id } => {
+            CommandReply { value: u64::from(tables.revoke_credential(id)?), ..Default::default() }
         }
         Command::RenewSession { session, now_ms, lease_ms } => {
             let known = tables.renew_session(session, now_ms, lease_ms)?;

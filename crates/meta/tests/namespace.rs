@@ -57,6 +57,7 @@ impl Fixture {
             seq,
             caller: Some(pb::Caller { uid: 0, gid: 0, groups: vec![] }),
             op: Some(op),
+            confined_to: 0,
         };
         let reply =
             self.apply(Command::Mutate { now: Time { sec: self.clock, nsec: 0 }, request: request.encode_to_vec() });
@@ -154,6 +155,7 @@ fn link_count_stops_at_the_limit_with_emlink() {
             session: fs.session,
             seq: 100 + i as u64,
             caller: None,
+            confined_to: 0,
             op: Some(Op::Link(pb::LinkOp {
                 target: Some(handle(&file)),
                 new_parent: Some(handle(&dir)),
@@ -216,7 +218,14 @@ fn committed_blocks_become_garbage_when_no_extent_references_them() {
     let mut fs = Fixture::new();
     let root = fs.root();
     let f = fs.create(root, "f", pb::FileKind::Regular).unwrap();
-    let block = pb::BlockRef { id_hi: fs.session, id_lo: 1, len: 8192, digest: vec![7; 32], servers: vec![1] };
+    let block = pb::BlockRef {
+        id_hi: fs.session,
+        id_lo: 1,
+        len: 8192,
+        digest: vec![7; 32],
+        servers: vec![1],
+        token: Vec::new(),
+    };
     let extent = |offset: u64, len: u64, block_offset: u32| pb::Extent {
         offset,
         len,
@@ -331,7 +340,7 @@ fn locks_conflict_across_sessions_end_with_the_session_and_fence_commits() {
     let regranted = fs.mutate(lock_op(file, 1, pb::LockKind::LockWrite, 0, 99));
     assert_eq!(regranted.errno, 0);
     assert!(regranted.lock.unwrap().token > token);
-    let late = pb::MutateRequest { session: first, seq: 1_000, caller: None, op: Some(commit(token)) };
+    let late = pb::MutateRequest { session: first, seq: 1_000, caller: None, op: Some(commit(token)), confined_to: 0 };
     let reply = fs.apply(Command::Mutate { now: Time { sec: 10_000, nsec: 0 }, request: late.encode_to_vec() });
     assert_ne!(reply.errno, 0, "a commit of the expired session goes nowhere");
 }

@@ -79,10 +79,9 @@ pub fn file_attr(attr: &pb::Attr, size: u64) -> FileAttr {
 
 /// The calling process's identity, with its supplementary groups read from /proc (FUSE
 /// passes only the primary ids).
-pub fn caller(uid: u32, gid: u32, pid: u32, with_groups: bool) -> pb::Caller {
+pub fn caller(uid: u32, gid: u32, pid: u32) -> pb::Caller {
     let mut groups = Vec::new();
-    if with_groups
-        && uid != 0
+    if uid != 0
         && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
         && let Some(line) = status.lines().find(|l| l.starts_with("Groups:"))
     {

@@ -49,6 +49,8 @@ struct DirStream {
     page_after: Vec<u8>,
     eof: bool,
     loaded: bool,
+    /// Who opened the directory: meta checks that it may list it.
+    opener: pb::Caller,
 }
 
 enum Handle {
@@ -66,6 +68,8 @@ pub struct CairnFs {
     next_handle: AtomicU64,
     /// Set once the session is up: tells the kernel to drop what it caches of an inode.
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// The meta inode of the mount's root (see `swap_root`).
+    root_ino: u64,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -104,6 +108,7 @@ impl CairnFs {
             inodes: inodes.clone(),
             names: names.clone(),
             notifier: notifier.clone(),
+            root_ino: root.ino,
         };
         let handler: ForgetHandler = Arc::new(move |what: &Forget| forget.forget(what));
         client.meta.callbacks.set_handler(handler);
@@ -116,6 +121,7 @@ impl CairnFs {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             notifier,
+            root_ino: root.ino,
         }
     }
 
@@ -142,7 +148,7 @@ impl CairnFs {
     // file's directory are the ones programs coordinate through.
     fn forget_kernel_caches(&self, ino: u64) {
         let Some(notifier) = self.notifier.get() else { return };
-        if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+        if let Err(e) = notifier.inval_inode(self.kernel_ino(ino), 0, 0) {
             tracing::debug!(ino, error = %e, "kernel cache invalidation failed");
         }
         let stale: Vec<(u64, Vec<u8>)> = {
@@ -151,13 +157,16 @@ impl CairnFs {
         };
         for (parent, name) in stale {
             // ENOENT means the kernel no longer had it: nothing to forget.
-            let _ = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(&name));
+            let _ = notifier.inval_entry(self.kernel_ino(parent), OsStr::from_bytes(&name));
         }
     }
 
     fn handle_of(&self, ino: INodeNo) -> Result<pb::FileHandle, ClientError> {
         let inodes = self.inodes.lock().expect("inode table poisoned");
-        inodes.get(&ino.0).map(|known| pb::FileHandle { ino: ino.0, generation: known.generation }).ok_or_else(stale)
+        inodes
+            .get(&self.meta_ino(ino))
+            .map(|known| pb::FileHandle { ino: self.meta_ino(ino), generation: known.generation })
+            .ok_or_else(stale)
     }
 
     /// Records that the kernel now holds one more reference to `attr`'s inode.
@@ -208,14 +217,26 @@ impl CairnFs {
 
     /// Attributes for the kernel: the size includes this client's uncommitted writes as they
     /// were in `dirty_end`, taken before `attr` was fetched.
-    fn attr_with(attr: &pb::Attr, dirty_end: Option<u64>) -> fuser::FileAttr {
-        file_attr(attr, dirty_end.map_or(attr.size, |end| end.max(attr.size)))
+    fn attr_with(&self, attr: &pb::Attr, dirty_end: Option<u64>) -> fuser::FileAttr {
+        let mut fattr = file_attr(attr, dirty_end.map_or(attr.size, |end| end.max(attr.size)));
+        fattr.ino = self.kernel_ino(attr.ino);
+        fattr
+    }
+
+    /// The meta inode the kernel's `ino` names: the kernel calls the mount's root 1, whatever
+    /// inode it is (for a credential confined to a subtree, a directory deeper in).
+    fn meta_ino(&self, ino: INodeNo) -> u64 {
+        swap_root(ino.0, self.root_ino)
+    }
+
+    fn kernel_ino(&self, ino: u64) -> INodeNo {
+        INodeNo(swap_root(ino, self.root_ino))
     }
 
     /// Attributes of an inode this request just created or changed (the reply is current).
     async fn attr_of(&self, attr: &pb::Attr) -> fuser::FileAttr {
         let dirty_end = self.client.files.dirty_end(attr.ino).await;
-        Self::attr_with(attr, dirty_end)
+        self.attr_with(attr, dirty_end)
     }
 
     fn reply_entry(&self, parent: u64, name: &[u8], attr: &pb::Attr, fattr: &fuser::FileAttr, reply: ReplyEntry) {
@@ -233,7 +254,7 @@ impl CairnFs {
     ) -> Result<pb::Attr, ClientError> {
         let parent_handle = self.handle_of(parent)?;
         let (uid, gid, pid) = req_ids;
-        let caller = caller(uid, gid, pid, true);
+        let caller = caller(uid, gid, pid);
         let reply =
             self.client.meta.mutate(&caller, Op::Create(pb::CreateOp { parent: Some(parent_handle), ..op })).await?;
         reply.attr.ok_or(ClientError::Errno(errno::EIO))
@@ -247,7 +268,7 @@ impl CairnFs {
             Ok::<_, ClientError>((attr, fattr))
         });
         match result {
-            Ok((attr, fattr)) => self.reply_entry(parent.0, name.as_bytes(), &attr, &fattr, reply),
+            Ok((attr, fattr)) => self.reply_entry(self.meta_ino(parent), name.as_bytes(), &attr, &fattr, reply),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -297,7 +318,7 @@ impl CairnFs {
             if position >= stream.base && position <= stream.base + stream.page.len() as u64 {
                 let at = (position - stream.base) as usize;
                 let after = if at == 0 { stream.page_after.clone() } else { stream.page[at - 1].name.clone() };
-                let (page, eof) = self.client.meta.readdir(stream.dir, &after, READDIR_PAGE).await?;
+                let (page, eof) = self.client.meta.readdir(&stream.opener, stream.dir, &after, READDIR_PAGE).await?;
                 stream.base = position;
                 stream.page = page;
                 stream.page_after = after;
@@ -322,7 +343,8 @@ impl CairnFs {
                 _ => {
                     let position = index - 2;
                     if !stream.loaded || position < stream.base {
-                        let (page, eof) = self.client.meta.readdir(stream.dir, b"", READDIR_PAGE).await?;
+                        let (page, eof) =
+                            self.client.meta.readdir(&stream.opener, stream.dir, b"", READDIR_PAGE).await?;
                         *stream = DirStream {
                             base: 0,
                             page,
@@ -337,7 +359,8 @@ impl CairnFs {
                             return Ok(());
                         }
                         let after = stream.page.last().map(|e| e.name.clone()).unwrap_or_default();
-                        let (page, eof) = self.client.meta.readdir(stream.dir, &after, READDIR_PAGE).await?;
+                        let (page, eof) =
+                            self.client.meta.readdir(&stream.opener, stream.dir, &after, READDIR_PAGE).await?;
                         stream.base += stream.page.len() as u64;
                         stream.page = page;
                         stream.page_after = after;
@@ -367,6 +390,7 @@ fn stream_clone(stream: &DirStream) -> Box<DirStream> {
         page_after: Vec::new(),
         eof: stream.eof,
         loaded: stream.loaded,
+        opener: stream.opener.clone(),
     })
 }
 
@@ -388,34 +412,35 @@ impl Filesystem for CairnFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let parent_handle = self.handle_of(parent)?;
-            let known = self.known_name(parent.0, name.as_bytes());
+            let known = self.known_name(self.meta_ino(parent), name.as_bytes());
             let dirty_end = match known {
                 Some(ino) => self.client.files.dirty_end(ino).await,
                 None => None,
             };
-            let attr = self.client.meta.lookup(parent_handle, name.as_bytes()).await?;
+            let attr = self.client.meta.lookup(&who, parent_handle, name.as_bytes()).await?;
             let dirty_end =
                 if known == Some(attr.ino) { dirty_end } else { self.client.files.dirty_end(attr.ino).await };
-            Ok::<_, ClientError>((attr, Self::attr_with(&attr, dirty_end)))
+            Ok::<_, ClientError>((attr, self.attr_with(&attr, dirty_end)))
         });
         match result {
-            Ok((attr, fattr)) => self.reply_entry(parent.0, name.as_bytes(), &attr, &fattr, reply),
+            Ok((attr, fattr)) => self.reply_entry(self.meta_ino(parent), name.as_bytes(), &attr, &fattr, reply),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let mut inodes = self.inodes.lock().expect("inode table poisoned");
-        if ino.0 == self.client.meta.root().ino {
+        if self.meta_ino(ino) == self.client.meta.root().ino {
             return;
         }
-        if let Some(known) = inodes.get_mut(&ino.0) {
+        if let Some(known) = inodes.get_mut(&self.meta_ino(ino)) {
             known.lookups = known.lookups.saturating_sub(nlookup);
             if known.lookups == 0 {
-                inodes.remove(&ino.0);
+                inodes.remove(&self.meta_ino(ino));
             }
         }
     }
@@ -423,12 +448,12 @@ impl Filesystem for CairnFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let result = self.runtime.block_on(async {
             let handle = self.handle_of(ino)?;
-            let dirty_end = self.client.files.dirty_end(ino.0).await;
+            let dirty_end = self.client.files.dirty_end(self.meta_ino(ino)).await;
             let attr = self.client.meta.getattr(handle).await?;
-            Ok::<_, ClientError>(Self::attr_with(&attr, dirty_end))
+            Ok::<_, ClientError>(self.attr_with(&attr, dirty_end))
         });
         match result {
-            Ok(fattr) => reply.attr(&self.attr_ttl(ino.0), &fattr),
+            Ok(fattr) => reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -451,10 +476,10 @@ impl Filesystem for CairnFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let who = caller(req.uid(), req.gid(), req.pid(), mode.is_some());
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let handle = self.handle_of(ino)?;
-            if let Some(file) = self.client.files.get(ino.0) {
+            if let Some(file) = self.client.files.get(self.meta_ino(ino)) {
                 self.client.files.flush(&file).await?;
             }
             let op = pb::SetAttrOp {
@@ -470,12 +495,12 @@ impl Filesystem for CairnFs {
             let reply = self.client.meta.mutate(&who, Op::SetAttr(op)).await?;
             let attr = reply.attr.ok_or(ClientError::Errno(errno::EIO))?;
             if size.is_some() {
-                self.client.files.invalidate(ino.0, attr.size).await;
+                self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
             }
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
         match result {
-            Ok(fattr) => reply.attr(&self.attr_ttl(ino.0), &fattr),
+            Ok(fattr) => reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -546,7 +571,7 @@ impl Filesystem for CairnFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let mut wire_flags = 0;
         if flags.contains(RenameFlags::RENAME_NOREPLACE) {
             wire_flags |= 1;
@@ -565,19 +590,19 @@ impl Filesystem for CairnFs {
                 new_parent: Some(self.handle_of(newparent)?),
                 new_name: newname.as_bytes().to_vec(),
                 flags: wire_flags,
-                caller_not_holding: !self.may_hold(newparent.0, newname.as_bytes()),
+                caller_not_holding: !self.may_hold(self.meta_ino(newparent), newname.as_bytes()),
             };
-            let replaced = self.known_name(newparent.0, newname.as_bytes());
+            let replaced = self.known_name(self.meta_ino(newparent), newname.as_bytes());
             let reply = self.client.meta.mutate(&who, Op::Rename(op)).await?;
-            let moved = self.forget_name(parent.0, name.as_bytes());
-            let replaced_now = self.forget_name(newparent.0, newname.as_bytes()).or(replaced);
+            let moved = self.forget_name(self.meta_ino(parent), name.as_bytes());
+            let replaced_now = self.forget_name(self.meta_ino(newparent), newname.as_bytes()).or(replaced);
             if wire_flags & 2 != 0
                 && let Some(other) = replaced_now
             {
-                let _ = self.remember_name(parent.0, name.as_bytes(), other);
+                let _ = self.remember_name(self.meta_ino(parent), name.as_bytes(), other);
             }
             if let Some(ino) = moved {
-                let _ = self.remember_name(newparent.0, newname.as_bytes(), ino);
+                let _ = self.remember_name(self.meta_ino(newparent), newname.as_bytes(), ino);
             }
             if reply.orphaned
                 && let Some(ino) = replaced_now
@@ -596,7 +621,7 @@ impl Filesystem for CairnFs {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let op = pb::LinkOp {
                 target: Some(self.handle_of(ino)?),
@@ -609,7 +634,7 @@ impl Filesystem for CairnFs {
             Ok::<_, ClientError>((attr, fattr))
         });
         match result {
-            Ok((attr, fattr)) => self.reply_entry(newparent.0, newname.as_bytes(), &attr, &fattr, reply),
+            Ok((attr, fattr)) => self.reply_entry(self.meta_ino(newparent), newname.as_bytes(), &attr, &fattr, reply),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -618,8 +643,8 @@ impl Filesystem for CairnFs {
         match self.handle_of(ino) {
             Ok(handle) => {
                 let file = self.client.files.open(handle, 0);
-                let fh = self.new_handle(Handle::File { ino: ino.0, file });
-                reply.opened(FileHandle(fh), self.file_open_flags(ino.0));
+                let fh = self.new_handle(Handle::File { ino: self.meta_ino(ino), file });
+                reply.opened(FileHandle(fh), self.file_open_flags(self.meta_ino(ino)));
             }
             Err(e) => reply.error(errno_of(&e)),
         }
@@ -627,7 +652,7 @@ impl Filesystem for CairnFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -638,7 +663,7 @@ impl Filesystem for CairnFs {
     ) {
         let result = self.runtime.block_on(async {
             let (_, file) = self.open_file(fh)?;
-            self.client.files.read(&file, offset, size).await
+            self.client.files.read(&file, offset, size, &caller(req.uid(), req.gid(), req.pid())).await
         });
         match result {
             Ok(data) => reply.data(&data),
@@ -658,7 +683,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.runtime.block_on(async {
             let (_, file) = self.open_file(fh)?;
@@ -736,23 +761,24 @@ impl Filesystem for CairnFs {
         self.flush(_req, _ino, fh, LockOwner(0), reply);
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.handle_of(ino) {
             Ok(dir) => {
                 let stream = DirStream {
                     dir,
-                    parent: ino.0,
+                    parent: self.meta_ino(ino),
                     base: 0,
                     page: Vec::new(),
                     page_after: Vec::new(),
                     eof: false,
                     loaded: false,
+                    opener: caller(req.uid(), req.gid(), req.pid()),
                 };
                 let fh = self.new_handle(Handle::Dir(Box::new(stream)));
                 // The kernel keeps the listing while the directory's promise holds (a break
                 // drops it with the directory's other cached pages).
                 let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                if self.client.meta.callbacks.open_keeps_pages(ino.0) {
+                if self.client.meta.callbacks.open_keeps_pages(self.meta_ino(ino)) {
                     flags |= FopenFlags::FOPEN_KEEP_CACHE;
                 }
                 reply.opened(FileHandle(fh), flags);
@@ -764,7 +790,7 @@ impl Filesystem for CairnFs {
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let result = self.runtime.block_on(self.list(fh, offset, |ino, next, name, attr| {
             let kind = attr.map(|a| file_type(a.kind)).unwrap_or(fuser::FileType::Directory);
-            reply.add(INodeNo(ino), next, kind, OsStr::from_bytes(name))
+            reply.add(self.kernel_ino(ino), next, kind, OsStr::from_bytes(name))
         }));
         match result {
             Ok(()) => reply.ok(),
@@ -784,13 +810,13 @@ impl Filesystem for CairnFs {
         let dirty_ends = self.runtime.block_on(self.client.files.dirty_ends());
         let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
             Some(attr) => {
-                let fattr = Self::attr_with(attr, dirty_ends.get(&attr.ino).copied());
-                let tracked = self.remember_name(ino.0, name, attr.ino);
+                let fattr = self.attr_with(attr, dirty_ends.get(&attr.ino).copied());
+                let tracked = self.remember_name(self.meta_ino(ino), name, attr.ino);
                 let full = reply.add(
-                    INodeNo(entry_ino),
+                    self.kernel_ino(entry_ino),
                     next,
                     OsStr::from_bytes(name),
-                    &self.entry_ttl(ino.0, name, attr.ino, tracked),
+                    &self.entry_ttl(self.meta_ino(ino), name, attr.ino, tracked),
                     &fattr,
                     Generation(attr.generation),
                 );
@@ -801,8 +827,15 @@ impl Filesystem for CairnFs {
             }
             None => {
                 let mut fattr = file_attr(&dir_attr, dir_attr.size);
-                fattr.ino = INodeNo(entry_ino);
-                reply.add(INodeNo(entry_ino), next, OsStr::from_bytes(name), &Duration::ZERO, &fattr, Generation(0))
+                fattr.ino = self.kernel_ino(entry_ino);
+                reply.add(
+                    self.kernel_ino(entry_ino),
+                    next,
+                    OsStr::from_bytes(name),
+                    &Duration::ZERO,
+                    &fattr,
+                    Generation(0),
+                )
             }
         }));
         for attr in &added {
@@ -843,7 +876,7 @@ impl Filesystem for CairnFs {
             }
             Ok(None) => reply.locked(start, end, libc::F_UNLCK, 0),
             Err(e) => {
-                tracing::debug!(ino = ino.0, error = %e, "getlk failed");
+                tracing::debug!(ino = self.meta_ino(ino), error = %e, "getlk failed");
                 reply.error(errno_of(&e));
             }
         }
@@ -872,8 +905,8 @@ impl Filesystem for CairnFs {
             if call.kind != pb::LockKind::LockUnlock {
                 // Whoever held the lock before may have changed the file: read it afresh.
                 let attr = self.client.meta.getattr(file.handle).await?;
-                self.client.files.invalidate(ino.0, attr.size).await;
-                self.forget_kernel_caches(ino.0);
+                self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
+                self.forget_kernel_caches(self.meta_ino(ino));
             }
             Ok::<_, ClientError>(())
         });
@@ -921,7 +954,7 @@ impl Filesystem for CairnFs {
             reply.error(Errno::EINVAL);
             return;
         }
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let op = pb::SetXattrOp {
                 target: Some(self.handle_of(ino)?),
@@ -937,11 +970,13 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let result = if name.as_bytes() == METRICS_XATTR && ino.0 == self.client.meta.root().ino {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let result = if name.as_bytes() == METRICS_XATTR && self.meta_ino(ino) == self.client.meta.root().ino {
             Ok(self.metrics().into_bytes())
         } else {
-            self.runtime.block_on(async { self.client.meta.getxattr(self.handle_of(ino)?, name.as_bytes()).await })
+            let who = caller(req.uid(), req.gid(), req.pid());
+            self.runtime
+                .block_on(async { self.client.meta.getxattr(&who, self.handle_of(ino)?, name.as_bytes()).await })
         };
         match result {
             Ok(value) if size == 0 => reply.size(value.len() as u32),
@@ -951,8 +986,9 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let result = self.runtime.block_on(async { self.client.meta.listxattr(self.handle_of(ino)?).await });
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let who = caller(req.uid(), req.gid(), req.pid());
+        let result = self.runtime.block_on(async { self.client.meta.listxattr(&who, self.handle_of(ino)?).await });
         match result {
             Ok(names) => {
                 let mut list = Vec::new();
@@ -973,7 +1009,7 @@ impl Filesystem for CairnFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let op = pb::RemoveXattrOp { target: Some(self.handle_of(ino)?), name: name.as_bytes().to_vec() };
             self.client.meta.mutate(&who, Op::RemoveXattr(op)).await
@@ -1018,11 +1054,11 @@ impl Filesystem for CairnFs {
         match result {
             Ok((attr, fattr)) => {
                 self.remember(&attr);
-                let tracked = self.remember_name(parent.0, name.as_bytes(), attr.ino);
+                let tracked = self.remember_name(self.meta_ino(parent), name.as_bytes(), attr.ino);
                 let file =
                     self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
                 let fh = self.new_handle(Handle::File { ino: attr.ino, file });
-                let entry_ttl = self.entry_ttl(parent.0, name.as_bytes(), attr.ino, tracked);
+                let entry_ttl = self.entry_ttl(self.meta_ino(parent), name.as_bytes(), attr.ino, tracked);
                 reply.created(
                     &entry_ttl,
                     &fattr,
@@ -1045,7 +1081,7 @@ impl Filesystem for CairnFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             if let Ok((_, file)) = self.open_file(fh) {
                 self.client.files.flush(&file).await?;
@@ -1053,7 +1089,7 @@ impl Filesystem for CairnFs {
             let op = pb::FallocateOp { target: Some(self.handle_of(ino)?), offset, len: length, mode: mode as u32 };
             let reply = self.client.meta.mutate(&who, Op::Fallocate(op)).await?;
             if let Some(attr) = reply.attr {
-                self.client.files.invalidate(ino.0, attr.size).await;
+                self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
             }
             Ok::<_, ClientError>(())
         });
@@ -1095,16 +1131,16 @@ impl CairnFs {
     }
 
     fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
-        let who = caller(req.uid(), req.gid(), req.pid(), false);
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let op = pb::UnlinkOp {
                 parent: Some(self.handle_of(parent)?),
                 name: name.as_bytes().to_vec(),
                 directory,
-                caller_not_holding: !self.may_hold(parent.0, name.as_bytes()),
+                caller_not_holding: !self.may_hold(self.meta_ino(parent), name.as_bytes()),
             };
             let reply = self.client.meta.mutate(&who, Op::Unlink(op)).await?;
-            self.forget_name(parent.0, name.as_bytes());
+            self.forget_name(self.meta_ino(parent), name.as_bytes());
             if reply.orphaned
                 && let Some(attr) = &reply.attr
             {
@@ -1148,6 +1184,7 @@ struct KernelForget {
     inodes: Arc<Mutex<HashMap<u64, KnownInode>>>,
     names: Arc<Mutex<KernelNames>>,
     notifier: Arc<OnceLock<fuser::Notifier>>,
+    root_ino: u64,
 }
 
 impl KernelForget {
@@ -1164,14 +1201,28 @@ impl KernelForget {
             let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
             // ENOENT: the kernel had already forgotten it.
             if known {
-                let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+                let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), 0, 0);
             }
             if matches!(what, Forget::Inodes(_)) {
                 let names = self.names.lock().expect("name cache poisoned").take_dir(ino);
                 for name in names {
-                    let _ = notifier.inval_entry(INodeNo(ino), OsStr::from_bytes(&name));
+                    let _ = notifier.inval_entry(INodeNo(swap_root(ino, self.root_ino)), OsStr::from_bytes(&name));
                 }
             }
         }
+    }
+}
+
+/// The kernel's root is inode 1. A mount whose root is another directory (a credential's
+/// subtree) swaps the two numbers at the kernel boundary; inode 1 itself lies outside such a
+/// mount, so the swap never shows it. With the file system's root, the swap changes nothing.
+fn swap_root(ino: u64, root: u64) -> u64 {
+    const KERNEL_ROOT: u64 = 1;
+    if ino == KERNEL_ROOT {
+        root
+    } else if ino == root {
+        KERNEL_ROOT
+    } else {
+        ino
     }
 }

@@ -100,13 +100,16 @@ pub fn mount(
     }
     let path = path.canonicalize().map_err(|source| MountError::Mount { path: path.to_path_buf(), source })?;
     let notifier = Arc::new(OnceLock::new());
+    // A read-only credential mounts read-only: the kernel then refuses writes itself (EROFS)
+    // and meta would refuse them anyway.
+    let access = if client.meta.read_only { MountOption::RO } else { MountOption::RW };
     let fs = CairnFs::new(client, runtime, options, notifier.clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("cairn".into()),
         MountOption::Subtype("cairn".into()),
         MountOption::DefaultPermissions,
-        MountOption::RW,
+        access,
         MountOption::Dev,
         MountOption::Suid,
     ];

@@ -521,6 +521,13 @@ impl Cluster {
         self.mount_with(&cache, extra)
     }
 
+    /// Like [`Cluster::mount`], connecting with the client credential at `credential` instead
+    /// of the administrator's.
+    pub fn mount_as(&mut self, credential: &Path) -> Result<PathBuf> {
+        let cache = self.dir.path().join(format!("cache{}", self.mounts_started));
+        self.mount_inner(&cache, &[], Some(credential))
+    }
+
     /// The loopback IP the last mount started sends from.
     pub fn last_mount_ip(&self) -> IpAddr {
         Self::mount_ip(self.mounts_started.saturating_sub(1))
@@ -532,6 +539,10 @@ impl Cluster {
     }
 
     fn mount_with(&mut self, cache: &Path, extra: &[&str]) -> Result<PathBuf> {
+        self.mount_inner(cache, extra, None)
+    }
+
+    fn mount_inner(&mut self, cache: &Path, extra: &[&str], credential: Option<&Path>) -> Result<PathBuf> {
         let index = self.mounts_started;
         self.mounts_started += 1;
         let path = self.dir.path().join(format!("mnt{index}"));
@@ -547,7 +558,10 @@ impl Cluster {
             "--bind".into(),
             Self::mount_ip(index).to_string(),
         ];
-        args.extend(self.client_args());
+        match credential {
+            Some(credential) => args.extend(["--credential".into(), credential.display().to_string()]),
+            None => args.extend(self.client_args()),
+        }
         args.extend(extra.iter().map(|a| a.to_string()));
         let process = Process::start(
             &self.bin,

@@ -52,3 +52,10 @@ impl std::fmt::Display for Peer {
         write!(f, "{} {}", self.role.as_str(), self.id)
     }
 }
+
+/// When a certificate (DER) stops being valid.
+pub fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}

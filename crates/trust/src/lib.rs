@@ -8,6 +8,7 @@
 //! never pass for a server.
 
 pub mod authority;
+pub mod block_token;
 pub mod files;
 pub mod identity;
 pub mod join;
