@@ -200,13 +200,16 @@ fn uploads_of_a_client_that_died_before_committing_are_collected() {
         |cluster: &Cluster| cluster.status().and_then(|s| s["data_servers"][0]["blocks"].as_u64()).unwrap_or(u64::MAX);
     assert_eq!(blocks(&cluster), 2, "the committed file is two blocks");
     // A writer on a second mount fills three blocks and never closes its file; then that
-    // mount's client dies without committing them.
+    // mount's client dies without committing them. Every close of a descriptor of the file
+    // flushes, and a flush of written data commits: a child's exit, an exec closing an inherited
+    // copy, a shell restoring a redirected stdout. So the writer opens the file as its stdout
+    // (that close comes before any write), writes with a builtin and becomes `sleep`.
     let doomed = cluster.mount().unwrap();
-    let script = format!("exec 3>{}/lost; head -c 12582912 /dev/zero >&3; exec sleep 600", doomed.display());
+    let script = format!("exec >{}/lost; printf '%*s' 12582912 ''; exec sleep 600", doomed.display());
     let mut writer = std::process::Command::new("bash").arg("-c").arg(script).spawn().unwrap();
     wait_until("the writer's full blocks to upload", Duration::from_secs(60), || {
         let held = blocks(&cluster);
-        held != u64::MAX && held >= 4
+        held != u64::MAX && held >= 5
     })
     .unwrap();
     cluster.mounts[1].process.kill();
