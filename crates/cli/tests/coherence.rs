@@ -177,6 +177,46 @@ fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
 }
 
 #[test]
+fn a_mount_filling_its_own_new_directory_asks_meta_only_to_change_it_and_still_sees_other_mounts() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    // A made the directory and every change in it: it knows which names do not exist and what
+    // the directory looks like after each change, so a file costs a create and a commit.
+    fs::create_dir(a.join("own")).unwrap();
+    let rpcs = metrics(&a)["meta_rpcs"].as_u64().unwrap();
+    for i in 0..50 {
+        fs::write(a.join(format!("own/{i}")), format!("{i}")).unwrap();
+    }
+    let asked = metrics(&a)["meta_rpcs"].as_u64().unwrap() - rpcs;
+    assert!(asked <= 2 * 50 + 1, "50 files in a new directory took {asked} requests to meta");
+    for i in (0..50).step_by(2) {
+        fs::remove_file(a.join(format!("own/{i}"))).unwrap();
+    }
+    assert_eq!(names(&b.join("own")).len(), 25);
+    for round in 0..50u32 {
+        let dir = a.join(format!("d{round}"));
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("mine"), b"a").unwrap();
+        assert_eq!(stat(&dir.join("theirs")), None);
+        // Another mount's changes reach A at once, though A answered the name itself.
+        let theirs = b.join(format!("d{round}/theirs"));
+        fs::write(&theirs, b"b").unwrap();
+        assert!(stat(&dir.join("theirs")).is_some(), "round {round}: made elsewhere");
+        assert_eq!(fs::read(dir.join("theirs")).unwrap(), b"b");
+        fs::remove_file(&theirs).unwrap();
+        assert_eq!(stat(&dir.join("theirs")), None, "round {round}: removed elsewhere");
+        fs::remove_file(b.join(format!("d{round}/mine"))).unwrap();
+        assert_eq!(stat(&dir.join("mine")), None, "round {round}: own file removed elsewhere");
+        assert!(names(&dir).is_empty(), "round {round}: listing");
+    }
+}
+
+#[test]
 fn a_client_cut_off_from_meta_never_serves_data_replaced_elsewhere_and_resumes_after_healing() {
     if !common::can_mount() {
         return;

@@ -30,6 +30,10 @@ const NAMES_PER_DIR_MAX: usize = 65_536;
 /// Extended attributes cached per inode at most, and the largest value cached.
 const XATTRS_PER_INODE_MAX: usize = 32;
 const XATTR_VALUE_CACHED_MAX: usize = 4096;
+/// Search (execute) permission for owner, group and others.
+const SEARCHABLE_BY_ALL: u32 = 0o111;
+/// The extended attribute the kernel reads before the first write to a file.
+const SECURITY_CAPABILITY: &[u8] = b"security.capability";
 /// Inodes one registration message names (the leader takes up to 4,096).
 const REGISTER_BATCH: usize = 4096;
 /// Breaks handled at once (each may wait for the kernel).
@@ -48,6 +52,15 @@ pub enum Forget {
 /// only once the kernel forgot.
 pub type ForgetHandler = Arc<dyn Fn(&Forget) + Send + Sync>;
 
+/// A name this client itself added to or removed from a directory, as meta answered.
+#[derive(Debug, Clone, Copy)]
+pub struct OwnEntry<'a> {
+    pub name: &'a [u8],
+    pub removed: bool,
+    /// What the change created under the name, if it created something.
+    pub created: Option<pb::FileKind>,
+}
+
 /// What a client does when it cannot reach meta and its lease ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PartitionPolicy {
@@ -63,6 +76,9 @@ struct CachedInode {
     attr: Option<pb::Attr>,
     /// Name to child inode (0: no such name).
     names: HashMap<Vec<u8>, u64>,
+    /// `names` holds every name of this directory (it was made empty here and every change
+    /// since was this client's own): a name it lacks does not exist.
+    complete: bool,
     /// Extended attribute name to value, or the errno meta answered (ENODATA, EOPNOTSUPP).
     xattrs: HashMap<Vec<u8>, Result<Vec<u8>, i32>>,
     /// The kernel's cached pages of this file were filled under this promise.
@@ -144,7 +160,18 @@ impl Callbacks {
             return None;
         }
         let mut cache = self.cache();
-        let child = *cache.get(&parent)?.names.get(name)?;
+        let dir = cache.get(&parent)?;
+        // An answer from here skips meta's check that the caller may search the directory, and
+        // the kernel keeps the names it is given for every caller: only a directory anyone may
+        // search is answered from here.
+        if dir.attr.is_none_or(|a| a.perm & SEARCHABLE_BY_ALL != SEARCHABLE_BY_ALL) {
+            return None;
+        }
+        let child = match dir.names.get(name) {
+            Some(&child) => child,
+            None if dir.complete => 0,
+            None => return None,
+        };
         if child == 0 {
             return Some(None);
         }
@@ -216,16 +243,50 @@ impl Callbacks {
     }
 
     /// This client changed these inodes itself: its own cache of them is dropped (the kernel
-    /// updates its own view from the replies). `promised` is the changed inode's new state
-    /// when meta promised it, kept if nothing moved `epoch` since the request was sent.
-    pub fn forget_own(&self, inodes: &[u64], promised: Option<&pb::Attr>, epoch: u64) {
+    /// updates its own view from the replies). `promised` is the new state of the inodes meta
+    /// promised, kept if nothing moved `epoch` since the request was sent; with `entry`, the
+    /// second promised is the directory the change named, which keeps its names with this one
+    /// change applied.
+    pub fn forget_own(&self, inodes: &[u64], promised: &[pb::Attr], entry: Option<OwnEntry<'_>>, epoch: u64) {
         let mut cache = self.cache();
         let unchanged = self.epoch.fetch_add(1, Ordering::SeqCst) == epoch;
-        for ino in inodes {
-            cache.pop(ino);
+        let kept_dir = match (&entry, promised.get(1)) {
+            (Some(_), Some(dir)) if unchanged => Some(dir.ino),
+            _ => None,
+        };
+        for &ino in inodes {
+            if Some(ino) != kept_dir {
+                cache.pop(&ino);
+            }
         }
-        if let Some(attr) = promised.filter(|_| unchanged) {
-            cache.get_or_insert_mut(attr.ino, CachedInode::default).attr = Some(*attr);
+        if !unchanged {
+            return;
+        }
+        for attr in promised {
+            let cached = cache.get_or_insert_mut(attr.ino, CachedInode::default);
+            if cached.attr.is_some_and(|old| old.generation != attr.generation) {
+                *cached = CachedInode::default();
+            }
+            cached.attr = Some(*attr);
+        }
+        let (Some(entry), Some(dir), Some(child)) = (entry, kept_dir, promised.first()) else { return };
+        if let Some(dir) = cache.get_mut(&dir) {
+            let value = if entry.removed { 0 } else { child.ino };
+            if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(entry.name) {
+                dir.names.insert(entry.name.to_vec(), value);
+            } else {
+                dir.names.remove(entry.name);
+                dir.complete = false;
+            }
+        }
+        if let Some(created) = cache.get_mut(&child.ino).filter(|_| !entry.removed) {
+            match entry.created {
+                Some(pb::FileKind::Regular) => {
+                    created.xattrs.insert(SECURITY_CAPABILITY.to_vec(), Err(pb::errno::ENODATA));
+                }
+                Some(pb::FileKind::Directory) => created.complete = true,
+                _ => {}
+            }
         }
     }
 
@@ -438,7 +499,7 @@ mod tests {
     use super::*;
 
     fn attr(ino: u64) -> pb::Attr {
-        pb::Attr { ino, generation: 1, size: ino, ..Default::default() }
+        pb::Attr { ino, generation: 1, size: ino, perm: 0o755, ..Default::default() }
     }
 
     fn trusting() -> Callbacks {
@@ -451,6 +512,7 @@ mod tests {
     fn answers_come_from_the_cache_only_while_trusted() {
         let callbacks = Callbacks::new(PartitionPolicy::Wait);
         let epoch = callbacks.epoch();
+        callbacks.note_attr(&attr(1), epoch);
         callbacks.note_entry(1, b"a", Some(&attr(2)), epoch);
         assert_eq!(callbacks.attr(2), None, "never renewed: nothing is trusted");
         callbacks.renewed(Instant::now(), Duration::from_secs(30));
@@ -469,6 +531,7 @@ mod tests {
         assert_eq!(callbacks.attr(2), None);
         assert_eq!(callbacks.entry(1, b"x"), None);
         let epoch = callbacks.epoch();
+        callbacks.note_attr(&attr(1), epoch);
         callbacks.note_entry(1, b"x", None, epoch);
         assert_eq!(callbacks.entry(1, b"x"), Some(None));
     }
@@ -497,8 +560,65 @@ mod tests {
         assert_eq!(callbacks.xattr(handle, b"user.a"), Some(Ok(value)));
         assert_eq!(callbacks.xattr(handle, b"user.b"), Some(Err(pb::errno::ENODATA)));
         assert_eq!(callbacks.xattr(pb::FileHandle { ino: 4, generation: 2 }, b"user.a"), None);
-        callbacks.forget_own(&[4], None, callbacks.epoch());
+        callbacks.forget_own(&[4], &[], None, callbacks.epoch());
         assert_eq!(callbacks.xattr(handle, b"user.a"), None);
+    }
+
+    #[test]
+    fn a_promised_change_keeps_the_directory_with_the_change_applied() {
+        let callbacks = trusting();
+        let dir = attr(1);
+        callbacks.note_attr(&dir, callbacks.epoch());
+        callbacks.note_entry(1, b"old", Some(&attr(2)), callbacks.epoch());
+        let made = OwnEntry { name: b"new", removed: false, created: Some(pb::FileKind::Regular) };
+        callbacks.forget_own(&[1, 5], &[attr(5), dir], Some(made), callbacks.epoch());
+        assert_eq!(callbacks.attr(5), Some(attr(5)));
+        assert_eq!(callbacks.attr(1), Some(dir));
+        assert_eq!(callbacks.entry(1, b"new"), Some(Some(attr(5))));
+        assert_eq!(callbacks.entry(1, b"old"), Some(Some(attr(2))));
+        assert_eq!(callbacks.entry(1, b"other"), None, "not known complete: ask meta");
+        let created = pb::FileHandle { ino: 5, generation: 1 };
+        assert_eq!(callbacks.xattr(created, SECURITY_CAPABILITY), Some(Err(pb::errno::ENODATA)));
+        let gone = OwnEntry { name: b"old", removed: true, created: None };
+        callbacks.forget_own(&[1, 2], &[attr(2), dir], Some(gone), callbacks.epoch());
+        assert_eq!(callbacks.entry(1, b"old"), Some(None));
+        // Without the directory promised, it is dropped.
+        callbacks.forget_own(&[1, 6], &[attr(6)], Some(made), callbacks.epoch());
+        assert_eq!(callbacks.attr(1), None);
+        // A change that raced with a break keeps nothing.
+        callbacks.note_attr(&dir, callbacks.epoch());
+        let epoch = callbacks.epoch();
+        callbacks.forget(&Forget::Inodes(vec![9]));
+        callbacks.forget_own(&[1, 7], &[attr(7), dir], Some(made), epoch);
+        assert_eq!(callbacks.attr(7), None);
+        assert_eq!(callbacks.attr(1), None);
+    }
+
+    #[test]
+    fn names_of_a_directory_not_everyone_may_search_are_asked_of_meta() {
+        let callbacks = trusting();
+        let private = pb::Attr { perm: 0o710, ..attr(1) };
+        callbacks.note_attr(&private, callbacks.epoch());
+        callbacks.note_entry(1, b"a", Some(&attr(2)), callbacks.epoch());
+        assert_eq!(callbacks.entry(1, b"a"), None);
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        assert_eq!(callbacks.entry(1, b"a"), Some(Some(attr(2))));
+    }
+
+    #[test]
+    fn a_directory_made_here_answers_absent_names_until_it_changes_elsewhere() {
+        let callbacks = trusting();
+        let parent = attr(1);
+        callbacks.note_attr(&parent, callbacks.epoch());
+        let made = OwnEntry { name: b"d", removed: false, created: Some(pb::FileKind::Directory) };
+        callbacks.forget_own(&[1, 3], &[attr(3), parent], Some(made), callbacks.epoch());
+        assert_eq!(callbacks.entry(3, b"x"), Some(None));
+        let file = OwnEntry { name: b"x", removed: false, created: Some(pb::FileKind::Regular) };
+        callbacks.forget_own(&[3, 4], &[attr(4), attr(3)], Some(file), callbacks.epoch());
+        assert_eq!(callbacks.entry(3, b"x"), Some(Some(attr(4))));
+        assert_eq!(callbacks.entry(3, b"y"), Some(None));
+        callbacks.forget(&Forget::Inodes(vec![3]));
+        assert_eq!(callbacks.entry(3, b"y"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use cairn_proto::{self as pb, mutate_request::Op};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-use crate::callbacks::{Callbacks, PartitionPolicy};
+use crate::callbacks::{Callbacks, OwnEntry, PartitionPolicy};
 use crate::error::{ClientError, ClientResult, check};
 
 /// gRPC metadata key naming the leader on a "not leader" answer (see cairn-meta).
@@ -73,12 +73,32 @@ struct Current {
     client: MetaClient<Channel>,
 }
 
+/// Counts one mutation in flight while alive (also when the request is abandoned).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        InFlight(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct MetaConnection {
     addresses: RwLock<Vec<String>>,
     current: RwLock<Current>,
     pub policy: RetryPolicy,
     session: AtomicU64,
     seq: AtomicU64,
+    /// Mutations sent and not yet answered. A directory's cached names are updated with this
+    /// client's own change only when no other was in flight: one applied before it but
+    /// answered after would be missing from them.
+    mutations_in_flight: AtomicU64,
     root: RwLock<pb::FileHandle>,
     pub replication: u32,
     /// The session's credential allows no change: the mount is read-only.
@@ -120,6 +140,7 @@ impl MetaConnection {
             policy,
             session: AtomicU64::new(0),
             seq: AtomicU64::new(0),
+            mutations_in_flight: AtomicU64::new(0),
             root: RwLock::new(pb::FileHandle::default()),
             replication: 1,
             read_only: false,
@@ -240,7 +261,10 @@ impl MetaConnection {
                 attempt.await
             };
             let status = match result {
-                Ok(response) => return Ok(response.into_inner()),
+                Ok(response) => {
+                    tracing::trace!(what, elapsed_us = started.elapsed().as_micros() as u64, "meta answered");
+                    return Ok(response.into_inner());
+                }
                 Err(status) => status,
             };
             if status.code() == Code::FailedPrecondition && status.message() == SESSION_EXPIRED_MESSAGE {
@@ -279,6 +303,7 @@ impl MetaConnection {
 
     /// Applies a mutation exactly once: retries reuse the same (session, seq).
     pub async fn mutate(&self, caller: &pb::Caller, op: Op) -> ClientResult<pb::MutateReply> {
+        let _in_flight = InFlight::enter(&self.mutations_in_flight);
         for _ in 0..3 {
             let epoch = self.callbacks.epoch();
             let request = pb::MutateRequest {
@@ -300,8 +325,24 @@ impl MetaConnection {
                     let mut changed = if op.changes_cached_state() { op.named_inodes() } else { Vec::new() };
                     changed.extend(reply.attr.as_ref().map(|a| a.ino));
                     changed.extend(reply.changed.iter().copied());
-                    let promised = reply.attr.as_ref().filter(|_| reply.promised);
-                    self.callbacks.forget_own(&changed, promised, epoch);
+                    let promised: Vec<pb::Attr> = if reply.promised {
+                        reply.attr.iter().chain(reply.parent.iter()).copied().collect()
+                    } else {
+                        Vec::new()
+                    };
+                    // A create that found the name taken answers without the directory.
+                    let alone = self.mutations_in_flight.load(Ordering::SeqCst) == 1;
+                    let entry = match &op {
+                        _ if reply.parent.is_none() || !alone => None,
+                        Op::Create(c) => Some(OwnEntry {
+                            name: &c.name,
+                            removed: false,
+                            created: pb::FileKind::try_from(c.kind).ok(),
+                        }),
+                        Op::Unlink(u) => Some(OwnEntry { name: &u.name, removed: true, created: None }),
+                        _ => None,
+                    };
+                    self.callbacks.forget_own(&changed, &promised, entry, epoch);
                     return Ok(reply);
                 }
                 Err(ClientError::Refused { status, .. }) if status == SESSION_EXPIRED_MESSAGE => {

@@ -667,6 +667,7 @@ impl<'t> Tables<'t> {
             if inode.is_dir() {
                 return fail(errno::EISDIR);
             }
+            // Without `parent`: the reply says nothing was created.
             return Ok(pb::MutateReply { attr: Some(inode.to_attr(existing)), ..Default::default() });
         }
         check(access::require(&parent, caller, MAY_WRITE | MAY_EXEC))?;
@@ -726,7 +727,11 @@ impl<'t> Tables<'t> {
         self.touch_dir(parent_ino, &mut parent, now)?;
         let inodes = self.counter("inodes")?;
         self.set_counter("inodes", inodes + 1)?;
-        Ok(pb::MutateReply { attr: Some(inode.to_attr(ino)), ..Default::default() })
+        Ok(pb::MutateReply {
+            attr: Some(inode.to_attr(ino)),
+            parent: Some(parent.to_attr(parent_ino)),
+            ..Default::default()
+        })
     }
 
     fn link(&self, op: &pb::LinkOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
@@ -827,7 +832,12 @@ impl<'t> Tables<'t> {
             child.parent = 0;
         }
         let orphaned = self.drop_link(child_ino, &mut child, session, op.caller_not_holding, now)?;
-        Ok(pb::MutateReply { attr: Some(child.to_attr(child_ino)), orphaned, ..Default::default() })
+        Ok(pb::MutateReply {
+            attr: Some(child.to_attr(child_ino)),
+            orphaned,
+            parent: Some(parent.to_attr(parent_ino)),
+            ..Default::default()
+        })
     }
 
     /// Whether `ancestor` is `dir` or one of its ancestors.

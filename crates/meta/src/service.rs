@@ -692,8 +692,10 @@ impl Meta for MetaService {
         let breaks = request.op.as_ref().is_some_and(pb::mutate_request::Op::changes_cached_state);
         let in_flight =
             self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
+        let proposed = std::time::Instant::now();
         let reply =
             self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
+        tracing::trace!(elapsed_us = proposed.elapsed().as_micros() as u64, "mutation committed");
         if reply.errno == SESSION_EXPIRED {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
         }
@@ -711,7 +713,11 @@ impl Meta for MetaService {
             let change = self.break_promises(request.session, &changed).await.map_err(status_of)?;
             // The writer may cache what it just changed, as of its own change.
             reply.promised = match (&reply.attr, self.node.leader_term()) {
-                (Some(attr), Some(term)) => self.node.promises.promise(term, request.session, &[attr.ino], change),
+                (Some(attr), Some(term)) => {
+                    let mut promised = vec![attr.ino];
+                    promised.extend(reply.parent.as_ref().map(|p| p.ino));
+                    self.node.promises.promise(term, request.session, &promised, change)
+                }
                 _ => false,
             };
         }

@@ -175,6 +175,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let encoded: Vec<(u64, Vec<u8>)> = entries.into_iter().map(|e| (e.log_id.index, encode(&e))).collect();
         let db = self.db.clone();
+        let started = std::time::Instant::now();
         let result = inline(move || {
             let txn = db.begin_write().map_err(io_err)?;
             {
@@ -186,6 +187,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             txn.commit().map_err(io_err)
         })
         .await;
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "log entries on disk");
         match result {
             Ok(()) => {
                 callback.io_completed(Ok(()));
