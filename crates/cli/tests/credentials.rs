@@ -244,6 +244,17 @@ fn permissions_hold_between_two_client_identities() {
     refused(&a, 0, 0, &[], "chown 0 shared/root.txt", "Operation not permitted");
     refused(&a, 0, 0, &[], "mknod shared/mem c 1 1", "Operation not permitted");
     refused(&a, 0, 0, &[], "setfattr -n security.label -v x shared/root.txt", "Operation not permitted");
+    // A directory closed on this very mount: the names its kernel cached while anyone could
+    // search it are forgotten once the change is answered (without that, the kernel would
+    // use them for anyone until the promise lease runs out, up to 5 s).
+    allowed(&a, 1000, 1000, &[], "mkdir shared/closing && echo x > shared/closing/f && cat shared/closing/f");
+    assert_eq!(allowed(&a, 0, 0, &[], "cat shared/closing/f"), "x\n");
+    allowed(&a, 1000, 1000, &[], "chmod 700 shared/closing");
+    wait_until("the kernel to forget the closed directory's names", Duration::from_secs(2), || {
+        !sh_as(&a, 0, 0, &[], "cat shared/closing/f").0
+    })
+    .unwrap();
+    refused(&a, 0, 0, &[], "cat shared/closing/f", "Permission denied");
     // An id outside alice's ranges acts as nobody too, even with the team's group on hand.
     refused(&a, 2000, 1500, &[1500], "touch team/c.txt", "Permission denied");
 

@@ -161,6 +161,25 @@ impl CairnFs {
         }
     }
 
+    /// After this mount changed who may search `dir`: the kernel, which shares the names it
+    /// caches among all callers, forgets those it holds in it (other mounts get a break for
+    /// the change; this one does not). On another thread, once the reply is sent: the kernel
+    /// holds the directory's lock until then, and an invalidation waits for that lock.
+    fn forget_kernel_names_in(&self, dir: u64) {
+        let Some(notifier) = self.notifier.get().cloned() else { return };
+        let names = self.names.lock().expect("name cache poisoned").take_dir(dir);
+        if names.is_empty() {
+            return;
+        }
+        let kernel_dir = self.kernel_ino(dir);
+        std::thread::spawn(move || {
+            for name in names {
+                // ENOENT: the kernel had already forgotten it.
+                let _ = notifier.inval_entry(kernel_dir, OsStr::from_bytes(&name));
+            }
+        });
+    }
+
     fn handle_of(&self, ino: INodeNo) -> Result<pb::FileHandle, ClientError> {
         let inodes = self.inodes.lock().expect("inode table poisoned");
         inodes
@@ -500,7 +519,12 @@ impl Filesystem for CairnFs {
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
         match result {
-            Ok(fattr) => reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr),
+            Ok(fattr) => {
+                reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr);
+                if mode.is_some() && fattr.kind == fuser::FileType::Directory {
+                    self.forget_kernel_names_in(self.meta_ino(ino));
+                }
+            }
             Err(e) => reply.error(errno_of(&e)),
         }
     }
