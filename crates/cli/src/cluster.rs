@@ -27,7 +27,7 @@ where
     let mut attempt = 0usize;
     loop {
         let endpoint = pb::net::endpoint(&address)?.timeout(CHANGE_TIMEOUT);
-        let outcome = match endpoint.connect().await {
+        let outcome = match pb::net::connect(&endpoint).await {
             Ok(channel) => match call(pb::meta_client::MetaClient::new(channel)).await {
                 Ok(reply) => return Ok(reply.into_inner()),
                 Err(status)

@@ -145,7 +145,7 @@ impl MetaServers {
             }
             match pb::net::endpoint(address) {
                 Ok(endpoint) => {
-                    let channel = endpoint.connect_lazy();
+                    let channel = pb::net::lazy_channel(&endpoint);
                     self.channels.insert(address.clone(), channel.clone());
                     out.push((address.clone(), channel));
                 }

@@ -273,7 +273,7 @@ pub async fn connect_with(address: &str, credential: &Path) -> Result<tonic::tra
 
 /// The connections a server accepts: each TLS handshake runs in its own task (bounded in
 /// number and time), and a refused one is logged with the peer's address.
-pub type Incoming = ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>;
+pub type Incoming = ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<pb::tcp::BufferedTcp>>>;
 
 pub fn tls_incoming(listener: TcpListener, files: &TrustFiles) -> Result<Incoming> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cairn_trust::tls::server_config(files)?));
@@ -294,6 +294,7 @@ pub fn tls_incoming(listener: TcpListener, files: &TrustFiles) -> Result<Incomin
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
+                let stream = pb::tcp::BufferedTcp::new(stream);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;

@@ -14,13 +14,13 @@ fn endpoint(address: &str) -> Result<tonic::transport::Endpoint> {
 }
 
 async fn meta_status(address: &str) -> Result<pb::StatusReply> {
-    let mut client = pb::meta_client::MetaClient::new(endpoint(address)?.connect().await?)
+    let mut client = pb::meta_client::MetaClient::new(pb::net::connect(&endpoint(address)?).await?)
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES);
     Ok(client.status(pb::StatusRequest::default()).await?.into_inner())
 }
 
 async fn data_status(address: &str) -> Result<pb::DataStatusReply> {
-    let mut client = pb::data_client::DataClient::new(endpoint(address)?.connect().await?);
+    let mut client = pb::data_client::DataClient::new(pb::net::connect(&endpoint(address)?).await?);
     Ok(client.status(pb::DataStatusRequest {}).await?.into_inner())
 }
 

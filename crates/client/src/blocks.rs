@@ -1,6 +1,12 @@
 //! Moving blocks to and from data servers: uploads placed by the meta leader, reads verified
 //! piece by piece against the digest meta holds, and a bounded in-memory cache of verified
 //! pieces (blocks never change, so a cached piece is never stale).
+//!
+//! A block is fetched once however many readers want it at the same time: a fetch in flight is
+//! registered, its verified pieces enter the cache as they arrive, and a reader that misses the
+//! cache waits for the fetch that covers its pieces instead of starting another. Readahead
+//! ([`BlockStore::prefetch`]) uses the same registry, so a sequential reader finds the next
+//! block arriving or arrived.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -8,10 +14,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use cairn_proto::data_client::DataClient;
 use cairn_proto::{self as pb, BlockId, PIECE_BYTES, digest_of_pieces, piece_hash};
 use lru::LruCache;
+use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::disk_cache::DiskCache;
@@ -30,6 +37,34 @@ pub struct BlockStore {
     /// Pieces kept on local disk across mounts, behind the memory cache.
     disk: Option<DiskCache>,
     next_block: AtomicU64,
+    /// Fetches in flight, by block id: at most one per block.
+    fetching: Mutex<HashMap<u128, Fetching>>,
+}
+
+/// A fetch in flight of pieces `first..=last` of a block. Its pieces enter the cache as they are
+/// verified, each batch announced on `progress`; the sender drops when the fetch ends, whether
+/// it succeeded or not.
+struct Fetching {
+    first: u32,
+    last: u32,
+    progress: Arc<watch::Sender<u32>>,
+}
+
+/// Removes its block's entry from the registry when the fetch ends (or is abandoned).
+struct FetchingEntry<'a> {
+    registry: &'a Mutex<HashMap<u128, Fetching>>,
+    id: u128,
+    progress: Arc<watch::Sender<u32>>,
+}
+
+impl Drop for FetchingEntry<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut registry) = self.registry.lock()
+            && registry.get(&self.id).is_some_and(|f| Arc::ptr_eq(&f.progress, &self.progress))
+        {
+            registry.remove(&self.id);
+        }
+    }
 }
 
 fn transient(status: &tonic::Status) -> bool {
@@ -49,6 +84,7 @@ impl BlockStore {
             cache: Mutex::new(LruCache::new(pieces)),
             disk,
             next_block: AtomicU64::new(0),
+            fetching: Mutex::new(HashMap::new()),
         }
     }
 
@@ -57,7 +93,7 @@ impl BlockStore {
         if let Some(client) = clients.get(address) {
             return Ok(client.clone());
         }
-        let client = DataClient::new(endpoint(address, &self.meta.policy)?.connect_lazy())
+        let client = DataClient::new(pb::net::lazy_channel(&endpoint(address, &self.meta.policy)?))
             .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
         clients.insert(address.to_string(), client.clone());
@@ -102,7 +138,7 @@ impl BlockStore {
             let status = match self.upload(head, forward, &block, &data, sync).await {
                 Ok(()) => {
                     tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
-                    self.insert_pieces(id.0, 0, &data);
+                    self.insert_pieces(id.0, 0, data.chunks(PIECE_BYTES));
                     return Ok(StoredBlock { block, addresses });
                 }
                 Err(status) if !transient(&status) => {
@@ -186,16 +222,17 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Caches verified pieces in memory and on disk.
-    fn insert_pieces(&self, id: u128, first_piece: u32, data: &[u8]) {
+    /// Caches verified pieces in memory and on disk. The memory cache holds copies: a slice
+    /// would keep its whole network buffer alive and void the cache's bound.
+    fn insert_pieces<'p>(&self, id: u128, first_piece: u32, pieces: impl Iterator<Item = &'p [u8]> + Clone) {
         {
             let mut cache = self.cache.lock().expect("block cache poisoned");
-            for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+            for (i, piece) in pieces.clone().enumerate() {
                 cache.put((id, first_piece + i as u32), Bytes::copy_from_slice(piece));
             }
         }
         if let Some(disk) = &self.disk {
-            for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+            for (i, piece) in pieces.enumerate() {
                 disk.put(id, first_piece + i as u32, piece);
             }
         }
@@ -219,56 +256,125 @@ impl BlockStore {
         Some(pieces)
     }
 
-    /// Reads `len` bytes at `offset` of a block. With `whole_rest`, fetches through the end of
-    /// the block so that the sequential reads that follow hit the cache.
-    pub async fn read(
+    /// Fills `dest` with the block's bytes from `offset`. With `whole_rest`, fetches through
+    /// the end of the block so that the sequential reads that follow hit the cache.
+    pub async fn read_into(
         &self,
         block: &pb::BlockRef,
         servers: &HashMap<u64, String>,
         offset: u32,
-        len: u32,
+        dest: &mut [u8],
         whole_rest: bool,
-    ) -> ClientResult<Bytes> {
+    ) -> ClientResult<()> {
         let id = BlockId::of(block);
-        if len == 0 {
-            return Ok(Bytes::new());
+        if dest.is_empty() {
+            return Ok(());
         }
-        let end = offset as usize + len as usize;
+        let end = offset as usize + dest.len();
         if end > block.len as usize {
             return Err(ClientError::Errno(pb::errno::EIO));
         }
         let first = (offset as usize / PIECE_BYTES) as u32;
         let last = ((end - 1) / PIECE_BYTES) as u32;
-        let pieces = match self.cached(id.0, first, last) {
-            Some(pieces) => pieces,
-            None => {
-                let fetch_last = if whole_rest { ((block.len as usize - 1) / PIECE_BYTES) as u32 } else { last };
-                let data = self.fetch(block, servers, first, fetch_last).await?;
-                self.insert_pieces(id.0, first, &data);
-                data.chunks(PIECE_BYTES).take((last - first + 1) as usize).map(Bytes::copy_from_slice).collect()
-            }
-        };
-        let mut out = BytesMut::with_capacity(len as usize);
-        let skip = offset as usize - first as usize * PIECE_BYTES;
-        let mut remaining = len as usize;
-        for (i, piece) in pieces.iter().enumerate() {
-            let start = if i == 0 { skip } else { 0 };
-            let take = (piece.len() - start).min(remaining);
-            out.extend_from_slice(&piece[start..start + take]);
-            remaining -= take;
+        let pieces = self.pieces(block, servers, first, last, whole_rest).await?;
+        let mut at = offset as usize - first as usize * PIECE_BYTES;
+        let mut filled = 0;
+        for piece in &pieces {
+            let take = piece.len().saturating_sub(at).min(dest.len() - filled);
+            let source = piece.get(at..at + take).ok_or_else(|| ClientError::Corrupt(id.to_string()))?;
+            dest[filled..filled + take].copy_from_slice(source);
+            filled += take;
+            at = 0;
         }
-        if remaining != 0 {
+        if filled != dest.len() {
             return Err(ClientError::Corrupt(id.to_string()));
         }
-        Ok(out.freeze())
+        Ok(())
     }
 
-    /// Whether every piece of the block from `offset` on is cached.
-    pub fn is_cached(&self, block: &pb::BlockRef, offset: u32) -> bool {
-        let id = BlockId::of(block);
+    /// Pieces `first..=last` of a block: from the cache, from a fetch in flight that covers
+    /// them, or fetched (through the end of the block with `whole_rest`).
+    async fn pieces(
+        &self,
+        block: &pb::BlockRef,
+        servers: &HashMap<u64, String>,
+        first: u32,
+        last: u32,
+        whole_rest: bool,
+    ) -> ClientResult<Vec<Bytes>> {
+        let id = BlockId::of(block).0;
+        if let Some(pieces) = self.cached(id, first, last) {
+            return Ok(pieces);
+        }
+        let joined = {
+            let registry = self.fetching.lock().expect("fetch registry poisoned");
+            registry.get(&id).filter(|f| f.first <= first && last <= f.last).map(|f| f.progress.subscribe())
+        };
+        if let Some(mut progress) = joined {
+            loop {
+                if let Some(pieces) = self.cached(id, first, last) {
+                    return Ok(pieces);
+                }
+                if progress.changed().await.is_err() {
+                    break;
+                }
+            }
+            // The fetch ended without them (it failed, or they were evicted): fetch here.
+            if let Some(pieces) = self.cached(id, first, last) {
+                return Ok(pieces);
+            }
+        }
+        let fetch_last = if whole_rest { ((block.len as usize - 1) / PIECE_BYTES) as u32 } else { last };
+        let (progress, _entry) = self.register(id, first, fetch_last);
+        let mut fetched = self.fetch(block, servers, first, fetch_last, &progress).await?;
+        fetched.truncate((last - first + 1) as usize);
+        Ok(fetched)
+    }
+
+    /// Registers a fetch of pieces `first..=last` unless one of the block is in flight already
+    /// (then the fetch goes on unregistered, and `progress` has no listener).
+    fn register(&self, id: u128, first: u32, last: u32) -> (Arc<watch::Sender<u32>>, Option<FetchingEntry<'_>>) {
+        let progress = Arc::new(watch::Sender::new(first));
+        let mut registry = self.fetching.lock().expect("fetch registry poisoned");
+        if registry.contains_key(&id) {
+            return (progress, None);
+        }
+        registry.insert(id, Fetching { first, last, progress: progress.clone() });
+        let entry = FetchingEntry { registry: &self.fetching, id, progress: progress.clone() };
+        (progress, Some(entry))
+    }
+
+    /// Starts fetching a block from `offset` to its end in the background, unless it is cached
+    /// or being fetched: readahead for sequential readers.
+    pub fn prefetch(self: &Arc<Self>, block: pb::BlockRef, offset: u32, servers: Arc<HashMap<u64, String>>) {
+        if offset >= block.len {
+            return;
+        }
+        let id = BlockId::of(&block).0;
         let first = offset / PIECE_BYTES as u32;
-        let last = (block.len.saturating_sub(1)) / PIECE_BYTES as u32;
-        self.cached(id.0, first, last).is_some()
+        let last = (block.len - 1) / PIECE_BYTES as u32;
+        if self.fetching.lock().map(|registry| registry.contains_key(&id)).unwrap_or(true)
+            || self.is_cached(id, first, last)
+        {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let (progress, entry) = store.register(id, first, last);
+            if entry.is_none() {
+                return;
+            }
+            if let Err(e) = store.fetch(&block, &servers, first, last, &progress).await {
+                tracing::debug!(error = %e, "readahead failed");
+            }
+        });
+    }
+
+    /// Whether pieces `first..=last` of a block are in the memory cache (the disk cache is not
+    /// asked: readahead only needs to know whether to fetch).
+    fn is_cached(&self, id: u128, first: u32, last: u32) -> bool {
+        let cache = self.cache.lock().expect("block cache poisoned");
+        (first..=last).all(|piece| cache.contains(&(id, piece)))
     }
 
     /// Fetches whole pieces `first..=last` from a replica, verifying them; tries every replica
@@ -279,7 +385,8 @@ impl BlockStore {
         servers: &HashMap<u64, String>,
         first: u32,
         last: u32,
-    ) -> ClientResult<Vec<u8>> {
+        progress: &watch::Sender<u32>,
+    ) -> ClientResult<Vec<Bytes>> {
         let id = BlockId::of(block);
         let policy = self.meta.policy.clone();
         let started = Instant::now();
@@ -292,7 +399,7 @@ impl BlockStore {
             let mut corrupt_everywhere = !block.servers.is_empty();
             for server in replica_order(&block.servers, id, self.meta.session()) {
                 let Some(address) = servers.get(server) else { continue };
-                match self.fetch_from(address, block, offset, len).await {
+                match self.fetch_from(address, block, offset, len, progress).await {
                     Ok(data) => return Ok(data),
                     Err(FetchError::Corrupt(what)) => {
                         tracing::error!(block = %id, server, what, "replica failed verification");
@@ -339,20 +446,26 @@ impl BlockStore {
         });
     }
 
+    /// Fetches `len` bytes from `offset` (whole pieces) from one replica, verifying each piece
+    /// and caching it as it arrives. Returns the pieces, slices of the received messages.
     async fn fetch_from(
         &self,
         address: &str,
         block: &pb::BlockRef,
         offset: u32,
         len: u32,
-    ) -> Result<Vec<u8>, FetchError> {
+        progress: &watch::Sender<u32>,
+    ) -> Result<Vec<Bytes>, FetchError> {
+        let id = BlockId::of(block);
         let mut client =
             self.client(address).map_err(|e| FetchError::Status(tonic::Status::invalid_argument(e.to_string())))?;
         let request = pb::GetBlockRequest { block: Some(block.clone()), offset, len };
         let mut stream = client.get_block(request).await.map_err(FetchError::Status)?.into_inner();
         let mut hashes: Option<Vec<[u8; 32]>> = None;
-        let mut data = Vec::with_capacity(len as usize);
         let first_piece = offset as usize / PIECE_BYTES;
+        let piece_count = (len as usize).div_ceil(PIECE_BYTES);
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(piece_count);
+        let mut received = 0usize;
         while let Some(chunk) = stream.message().await.map_err(FetchError::Status)? {
             if chunk.errno != 0 {
                 return Err(FetchError::Corrupt(format!("data server reported errno {}", chunk.errno)));
@@ -367,25 +480,31 @@ impl BlockStore {
                 hashes = Some(list);
             }
             let hashes = hashes.as_ref().expect("set above");
-            if chunk.first_piece as usize != first_piece + data.len() / PIECE_BYTES || data.len() % PIECE_BYTES != 0 {
+            if chunk.first_piece as usize != first_piece + pieces.len() || received % PIECE_BYTES != 0 {
                 return Err(FetchError::Corrupt("pieces out of order".into()));
             }
-            for (i, piece) in chunk.data.chunks(PIECE_BYTES).enumerate() {
-                let index = chunk.first_piece as usize + i;
-                if hashes.get(index) != Some(&piece_hash(piece)) {
+            let batch_start = pieces.len();
+            for at in (0..chunk.data.len()).step_by(PIECE_BYTES) {
+                let piece = chunk.data.slice(at..(at + PIECE_BYTES).min(chunk.data.len()));
+                let index = chunk.first_piece as usize + (at / PIECE_BYTES);
+                if hashes.get(index) != Some(&piece_hash(&piece)) {
                     return Err(FetchError::Corrupt(format!("piece {index} does not match its hash")));
                 }
+                pieces.push(piece);
             }
-            data.extend_from_slice(&chunk.data);
-            if data.len() > len as usize + PIECE_BYTES {
+            received += chunk.data.len();
+            if received > len as usize + PIECE_BYTES {
                 return Err(FetchError::Corrupt("more data than asked for".into()));
             }
+            let batch = &pieces[batch_start..];
+            self.insert_pieces(id.0, chunk.first_piece, batch.iter().map(|p| p.as_ref()));
+            progress.send_replace(chunk.first_piece + batch.len() as u32);
         }
-        if data.len() < len as usize {
+        if received < len as usize {
             return Err(FetchError::Status(tonic::Status::unavailable("block stream ended early")));
         }
-        data.truncate(len as usize);
-        Ok(data)
+        debug_assert_eq!(pieces.len(), piece_count);
+        Ok(pieces)
     }
 }
 

@@ -18,6 +18,9 @@ use crate::meta::MetaConnection;
 
 /// Data map fetched per request for reads (a window of the file).
 const EXTENT_WINDOW_BYTES: u64 = 256 * 1024 * 1024;
+/// Blocks a sequential reader fetches ahead of the one it reads (4 MiB each at most): enough
+/// that the data server reads the next while the client verifies and hands over this one.
+const READ_AHEAD_BLOCKS: usize = 2;
 /// A small file's data goes into the metadata instead of a block.
 const INLINE_BYTES_MAX: usize = 64 * 1024;
 const INLINE_FILE_BYTES_MAX: u64 = 1024 * 1024;
@@ -405,8 +408,10 @@ impl Files {
         let end = (offset + size as u64).min(window.size);
         let mut out = vec![0u8; (end - offset) as usize];
         let first = window.extents.partition_point(|e| e.offset + e.len <= offset);
-        let mut next_block: Option<pb::Extent> = None;
-        for (i, extent) in window.extents[first..].iter().enumerate() {
+        if sequential {
+            self.read_ahead(&window, first, end);
+        }
+        for extent in &window.extents[first..] {
             if extent.offset >= end {
                 break;
             }
@@ -422,33 +427,21 @@ impl Files {
                 }
                 Some(block) => {
                     let block_offset = extent.block_offset + skip as u32;
-                    let data =
-                        self.blocks.read(block, &window.servers, block_offset, dest.len() as u32, sequential).await?;
-                    dest.copy_from_slice(&data);
-                    if sequential && to == extent.offset + extent.len {
-                        next_block = window.extents[first + i + 1..].iter().find(|e| e.block.is_some()).cloned();
-                    }
+                    self.blocks.read_into(block, &window.servers, block_offset, dest, sequential).await?;
                 }
             }
-        }
-        if let Some(next) = next_block {
-            self.prefetch(next, window.servers.clone());
         }
         Ok(out)
     }
 
-    /// Starts fetching the next block of a sequential read in the background.
-    fn prefetch(&self, extent: pb::Extent, servers: Arc<HashMap<u64, String>>) {
-        let Some(block) = extent.block else { return };
-        if self.blocks.is_cached(&block, extent.block_offset) {
-            return;
-        }
-        let blocks = self.blocks.clone();
-        tokio::spawn(async move {
-            let len = (extent.len as u32).min(block.len - extent.block_offset);
-            if let Err(e) = blocks.read(&block, &servers, extent.block_offset, len.max(1), true).await {
-                tracing::debug!(error = %e, "prefetch failed");
+    /// Starts fetching the blocks a sequential reader reaches next: those of the next
+    /// [`READ_AHEAD_BLOCKS`] extents past `end`, from extent `first` on.
+    fn read_ahead(&self, window: &ExtentWindow, first: usize, end: u64) {
+        let ahead = window.extents[first..].iter().filter(|e| e.offset >= end && e.block.is_some());
+        for extent in ahead.take(READ_AHEAD_BLOCKS) {
+            if let Some(block) = &extent.block {
+                self.blocks.prefetch(block.clone(), extent.block_offset, window.servers.clone());
             }
-        });
+        }
     }
 }

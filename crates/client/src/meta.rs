@@ -117,7 +117,7 @@ pub struct MetaConnection {
 }
 
 fn meta_client(address: &str, policy: &RetryPolicy) -> ClientResult<MetaClient<Channel>> {
-    Ok(MetaClient::new(endpoint(address, policy)?.connect_lazy())
+    Ok(MetaClient::new(pb::net::lazy_channel(&endpoint(address, policy)?))
         .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(pb::MAX_MESSAGE_BYTES))
 }

@@ -116,7 +116,7 @@ impl DataService {
             .map_err(|e| Status::invalid_argument(format!("replica address {address}: {e}")))?
             .initial_stream_window_size(cairn_proto::STREAM_WINDOW_BYTES)
             .initial_connection_window_size(cairn_proto::CONNECTION_WINDOW_BYTES);
-        let client = DataClient::new(endpoint.connect_lazy())
+        let client = DataClient::new(cairn_proto::net::lazy_channel(&endpoint))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         peers.insert(address.to_string(), client.clone());
@@ -257,6 +257,7 @@ impl Data for DataService {
         let (sender, receiver) = mpsc::channel::<Result<GetBlockChunk, Status>>(2);
         let volume = self.volume.clone();
         tokio::task::spawn_blocking(move || {
+            volume.will_read(id, first_piece, last_piece);
             let mut piece = first_piece;
             let mut first_chunk = true;
             while piece <= last_piece {

@@ -42,7 +42,7 @@ impl Peer {
             return Ok(client.clone());
         }
         let endpoint = cairn_proto::net::endpoint(&self.address).map_err(unreachable)?;
-        let client = MetaClient::new(endpoint.connect_lazy())
+        let client = MetaClient::new(cairn_proto::net::lazy_channel(&endpoint))
             .max_decoding_message_size(cairn_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(cairn_proto::MAX_MESSAGE_BYTES);
         self.client = Some(client.clone());

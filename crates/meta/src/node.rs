@@ -320,7 +320,8 @@ impl MetaNode {
             let doomed = record.block_ref(id);
             tokio::spawn(async move {
                 let result = async {
-                    let mut client = pb::data_client::DataClient::new(pb::net::endpoint(&address)?.connect().await?);
+                    let mut client =
+                        pb::data_client::DataClient::new(pb::net::connect(&pb::net::endpoint(&address)?).await?);
                     client.delete_blocks(pb::DeleteBlocksRequest { blocks: vec![doomed] }).await?;
                     Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
                 }
@@ -416,7 +417,8 @@ impl MetaNode {
         for (server, blocks) in by_server {
             let Some(address) = addresses.get(&server) else { continue };
             let result = async {
-                let mut client = pb::data_client::DataClient::new(pb::net::endpoint(address)?.connect().await?);
+                let mut client =
+                    pb::data_client::DataClient::new(pb::net::connect(&pb::net::endpoint(address)?).await?);
                 let mut request = tonic::Request::new(pb::DeleteBlocksRequest { blocks });
                 request.set_timeout(Duration::from_secs(30));
                 client.delete_blocks(request).await?;

@@ -290,7 +290,7 @@ async fn replicate(
     target: &str,
     request: pb::ReplicateBlockRequest,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = pb::net::endpoint(target)?.timeout(COPY_TIMEOUT).connect().await?;
+    let channel = pb::net::connect(&pb::net::endpoint(target)?.timeout(COPY_TIMEOUT)).await?;
     pb::data_client::DataClient::new(channel).replicate_block(request).await?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 #![allow(clippy::large_enum_variant, clippy::doc_lazy_continuation)]
 
 pub mod net;
+pub mod tcp;
 
 /// gRPC metadata key naming the replica (address) whose failure broke a block upload chain.
 pub const FAILED_REPLICA_HEADER: &str = "cairn-failed-replica";

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::tcp::BufferedConnector;
 
 static SOURCE_ADDRESS: OnceLock<IpAddr> = OnceLock::new();
 static SECURITY: OnceLock<Security> = OnceLock::new();
@@ -57,4 +59,25 @@ pub fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
         Some(Security::Plaintext) | None => Endpoint::from_shared(format!("http://{host}"))?,
     };
     Ok(endpoint.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true).local_address(source_address()))
+}
+
+/// A channel to `endpoint` that connects on first use. Under TLS its connections read through
+/// a buffer (see [`crate::tcp`]).
+pub fn lazy_channel(endpoint: &Endpoint) -> Channel {
+    match SECURITY.get() {
+        Some(Security::Tls(_)) => endpoint.connect_with_connector_lazy(connector()),
+        Some(Security::Plaintext) | None => endpoint.connect_lazy(),
+    }
+}
+
+/// A channel to `endpoint`, connected now (see [`lazy_channel`]).
+pub async fn connect(endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+    match SECURITY.get() {
+        Some(Security::Tls(_)) => endpoint.connect_with_connector(connector()).await,
+        Some(Security::Plaintext) | None => endpoint.connect().await,
+    }
+}
+
+fn connector() -> BufferedConnector {
+    BufferedConnector { source: source_address() }
 }
