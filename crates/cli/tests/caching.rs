@@ -1,5 +1,6 @@
-//! The client's on-disk block cache: it outlives a mount, serves blocks with every data server
-//! gone, and a damaged cached piece is never served.
+//! The client's block caches: the on-disk cache outlives a mount, serves blocks with every data
+//! server gone, and a damaged cached piece is never served; a sequential read fetches each
+//! block once, however many reads and readaheads want it.
 
 mod common;
 
@@ -53,4 +54,35 @@ fn blocks_read_once_are_served_from_disk_after_a_remount() {
     assert!(fs::read(third.join("file")).unwrap() == content, "the damaged piece came from the data server");
     let log = cluster.mounts[0].process.log();
     assert!(log.contains("cached piece failed its check"), "the damage was noticed:\n{log}");
+}
+
+#[test]
+fn a_sequential_read_fetches_each_block_once() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    // Six full 4 MiB blocks and a short one.
+    let content = pattern(5, 6 * 4 * 1024 * 1024 + 777);
+    let writer = cluster.mount().unwrap();
+    fs::write(writer.join("file"), &content).unwrap();
+
+    // A fresh mount (empty caches) reads it front to back in 128 KiB reads; the kernel's own
+    // readahead sends larger reads of its own, some at once.
+    let reader = cluster.mount().unwrap();
+    let before = common::metrics(&reader)["block_bytes_fetched"].as_u64().unwrap();
+    let mut file = fs::File::open(reader.join("file")).unwrap();
+    let mut read_back = Vec::with_capacity(content.len());
+    let mut buffer = vec![0u8; 128 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buffer).unwrap();
+        if n == 0 {
+            break;
+        }
+        read_back.extend_from_slice(&buffer[..n]);
+    }
+    assert!(read_back == content, "the file read back differs from what was written");
+    let fetched = common::metrics(&reader)["block_bytes_fetched"].as_u64().unwrap() - before;
+    assert_eq!(fetched, content.len() as u64, "every block fetched exactly once");
 }

@@ -132,17 +132,6 @@ fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
     }
 }
 
-/// This mount's counters (see the mount's metrics attribute).
-fn metrics(mount: &std::path::Path) -> serde_json::Value {
-    let out = std::process::Command::new("getfattr")
-        .args(["--only-values", "-n", "user.cairn.metrics"])
-        .arg(mount)
-        .output()
-        .expect("getfattr runs");
-    assert!(out.status.success(), "getfattr: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("metrics are JSON")
-}
-
 #[test]
 fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
     if !common::can_mount() {
@@ -166,13 +155,13 @@ fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
         }
     };
     walk(&b);
-    let rpcs = metrics(&b)["meta_rpcs"].as_u64().unwrap();
-    let breaks = metrics(&b)["breaks"].as_u64().unwrap();
+    let rpcs = common::metrics(&b)["meta_rpcs"].as_u64().unwrap();
+    let breaks = common::metrics(&b)["breaks"].as_u64().unwrap();
     walk(&b);
     walk(&b);
-    assert_eq!(metrics(&b)["meta_rpcs"].as_u64().unwrap(), rpcs, "a cached walk asked meta");
+    assert_eq!(common::metrics(&b)["meta_rpcs"].as_u64().unwrap(), rpcs, "a cached walk asked meta");
     fs::write(a.join("d/7"), b"changed").unwrap();
-    assert!(metrics(&b)["breaks"].as_u64().unwrap() > breaks, "the change was not pushed to the other mount");
+    assert!(common::metrics(&b)["breaks"].as_u64().unwrap() > breaks, "the change was not pushed to the other mount");
     assert_eq!(fs::read(b.join("d/7")).unwrap(), b"changed");
 }
 
@@ -188,11 +177,11 @@ fn a_mount_filling_its_own_new_directory_asks_meta_only_to_change_it_and_still_s
     // A made the directory and every change in it: it knows which names do not exist and what
     // the directory looks like after each change, so a file costs a create and a commit.
     fs::create_dir(a.join("own")).unwrap();
-    let rpcs = metrics(&a)["meta_rpcs"].as_u64().unwrap();
+    let rpcs = common::metrics(&a)["meta_rpcs"].as_u64().unwrap();
     for i in 0..50 {
         fs::write(a.join(format!("own/{i}")), format!("{i}")).unwrap();
     }
-    let asked = metrics(&a)["meta_rpcs"].as_u64().unwrap() - rpcs;
+    let asked = common::metrics(&a)["meta_rpcs"].as_u64().unwrap() - rpcs;
     assert!(asked <= 2 * 50 + 1, "50 files in a new directory took {asked} requests to meta");
     for i in (0..50).step_by(2) {
         fs::remove_file(a.join(format!("own/{i}"))).unwrap();

@@ -42,3 +42,14 @@ pub async fn data_client(
     let channel = cairn::security::connect_with(address, &cluster.credential()).await?;
     Ok(cairn_proto::data_client::DataClient::new(channel))
 }
+
+/// A mount's counters (see the mount's metrics attribute).
+pub fn metrics(mount: &Path) -> serde_json::Value {
+    let out = std::process::Command::new("getfattr")
+        .args(["--only-values", "-n", "user.cairn.metrics"])
+        .arg(mount)
+        .output()
+        .expect("getfattr runs");
+    assert!(out.status.success(), "getfattr: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("metrics are JSON")
+}

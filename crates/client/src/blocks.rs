@@ -38,7 +38,9 @@ pub struct BlockStore {
     disk: Option<DiskCache>,
     next_block: AtomicU64,
     /// Fetches in flight, by block id: at most one per block.
-    fetching: Mutex<HashMap<u128, Fetching>>,
+    fetching: Arc<Mutex<HashMap<u128, Fetching>>>,
+    /// Block bytes received from data servers, for metrics and tests.
+    pub bytes_fetched: AtomicU64,
 }
 
 /// A fetch in flight of pieces `first..=last` of a block. Its pieces enter the cache as they are
@@ -51,13 +53,13 @@ struct Fetching {
 }
 
 /// Removes its block's entry from the registry when the fetch ends (or is abandoned).
-struct FetchingEntry<'a> {
-    registry: &'a Mutex<HashMap<u128, Fetching>>,
+struct FetchingEntry {
+    registry: Arc<Mutex<HashMap<u128, Fetching>>>,
     id: u128,
     progress: Arc<watch::Sender<u32>>,
 }
 
-impl Drop for FetchingEntry<'_> {
+impl Drop for FetchingEntry {
     fn drop(&mut self) {
         if let Ok(mut registry) = self.registry.lock()
             && registry.get(&self.id).is_some_and(|f| Arc::ptr_eq(&f.progress, &self.progress))
@@ -84,7 +86,8 @@ impl BlockStore {
             cache: Mutex::new(LruCache::new(pieces)),
             disk,
             next_block: AtomicU64::new(0),
-            fetching: Mutex::new(HashMap::new()),
+            fetching: Arc::new(Mutex::new(HashMap::new())),
+            bytes_fetched: AtomicU64::new(0),
         }
     }
 
@@ -138,7 +141,16 @@ impl BlockStore {
             let status = match self.upload(head, forward, &block, &data, sync).await {
                 Ok(()) => {
                     tracing::debug!(block = %id, bytes = data.len(), elapsed_us = started.elapsed().as_micros() as u64, "block stored");
-                    self.insert_pieces(id.0, 0, data.chunks(PIECE_BYTES));
+                    // A full block comes from a streaming write: kept in memory, a large file
+                    // would sweep the cache of everything else, and the kernel keeps the pages
+                    // just written anyway. The disk cache, much larger, takes it.
+                    if data.len() < pb::BLOCK_BYTES_MAX {
+                        self.insert_pieces(id.0, 0, data.chunks(PIECE_BYTES));
+                    } else if let Some(disk) = &self.disk {
+                        for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
+                            disk.put(id.0, i as u32, piece);
+                        }
+                    }
                     return Ok(StoredBlock { block, addresses });
                 }
                 Err(status) if !transient(&status) => {
@@ -333,19 +345,20 @@ impl BlockStore {
 
     /// Registers a fetch of pieces `first..=last` unless one of the block is in flight already
     /// (then the fetch goes on unregistered, and `progress` has no listener).
-    fn register(&self, id: u128, first: u32, last: u32) -> (Arc<watch::Sender<u32>>, Option<FetchingEntry<'_>>) {
+    fn register(&self, id: u128, first: u32, last: u32) -> (Arc<watch::Sender<u32>>, Option<FetchingEntry>) {
         let progress = Arc::new(watch::Sender::new(first));
         let mut registry = self.fetching.lock().expect("fetch registry poisoned");
         if registry.contains_key(&id) {
             return (progress, None);
         }
         registry.insert(id, Fetching { first, last, progress: progress.clone() });
-        let entry = FetchingEntry { registry: &self.fetching, id, progress: progress.clone() };
+        let entry = FetchingEntry { registry: self.fetching.clone(), id, progress: progress.clone() };
         (progress, Some(entry))
     }
 
-    /// Starts fetching a block from `offset` to its end in the background, unless it is cached
-    /// or being fetched: readahead for sequential readers.
+    /// Starts fetching a block from `offset` to its end in the background (from the disk cache
+    /// when it holds it), unless it is in memory or being fetched: readahead for sequential
+    /// readers.
     pub fn prefetch(self: &Arc<Self>, block: pb::BlockRef, offset: u32, servers: Arc<HashMap<u64, String>>) {
         if offset >= block.len {
             return;
@@ -353,15 +366,16 @@ impl BlockStore {
         let id = BlockId::of(&block).0;
         let first = offset / PIECE_BYTES as u32;
         let last = (block.len - 1) / PIECE_BYTES as u32;
-        if self.fetching.lock().map(|registry| registry.contains_key(&id)).unwrap_or(true)
-            || self.is_cached(id, first, last)
-        {
+        if self.is_cached(id, first, last) {
             return;
         }
+        // Registered before the task starts, so that a read arriving meanwhile joins it.
+        let (progress, Some(entry)) = self.register(id, first, last) else { return };
         let store = self.clone();
         tokio::spawn(async move {
-            let (progress, entry) = store.register(id, first, last);
-            if entry.is_none() {
+            let _entry = entry;
+            // The disk cache may hold it (and then serves it even with every server away).
+            if store.cached(id, first, last).is_some() {
                 return;
             }
             if let Err(e) = store.fetch(&block, &servers, first, last, &progress).await {
@@ -480,7 +494,7 @@ impl BlockStore {
                 hashes = Some(list);
             }
             let hashes = hashes.as_ref().expect("set above");
-            if chunk.first_piece as usize != first_piece + pieces.len() || received % PIECE_BYTES != 0 {
+            if chunk.first_piece as usize != first_piece + pieces.len() || !received.is_multiple_of(PIECE_BYTES) {
                 return Err(FetchError::Corrupt("pieces out of order".into()));
             }
             let batch_start = pieces.len();
@@ -493,6 +507,7 @@ impl BlockStore {
                 pieces.push(piece);
             }
             received += chunk.data.len();
+            self.bytes_fetched.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
             if received > len as usize + PIECE_BYTES {
                 return Err(FetchError::Corrupt("more data than asked for".into()));
             }

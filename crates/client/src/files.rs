@@ -197,11 +197,11 @@ impl Files {
             {
                 let start = (at - building.offset) as usize;
                 let take = rest.len().min(BLOCK_BYTES_MAX - start);
-                let end = start + take;
-                if building.data.len() < end {
-                    building.data.resize(end, 0);
-                }
-                building.data[start..end].copy_from_slice(&rest[..take]);
+                debug_assert!(start <= building.data.len(), "a write extends a block only from inside or its end");
+                // Overwrite what the write overlaps, then append the rest (no zero-filling).
+                let overlap = (building.data.len() - start).min(take);
+                building.data[start..start + overlap].copy_from_slice(&rest[..overlap]);
+                building.data.extend_from_slice(&rest[overlap..take]);
                 at += take as u64;
                 rest = &rest[take..];
                 if building.data.len() == BLOCK_BYTES_MAX {

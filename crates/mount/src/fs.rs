@@ -1133,8 +1133,9 @@ impl CairnFs {
     fn metrics(&self) -> String {
         let callbacks = &self.client.meta.callbacks;
         format!(
-            "{{\"meta_rpcs\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
+            self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
             callbacks.ttl().as_millis(),
             self.names.lock().expect("name cache poisoned").len(),
