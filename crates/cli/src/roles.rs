@@ -22,6 +22,7 @@ use crate::layout::{self, Marker};
 use crate::registration::{Report, report_loop};
 use crate::security::{self, GuardLayer, Transport};
 use cairn_data::tokens::BlockTokenKeys;
+use cairn_trust::tls::CertSlot;
 use cairn_trust::{JoinToken, Role, TrustFiles};
 
 /// Streams each client connection may have open at once.
@@ -62,7 +63,7 @@ async fn serve(
     meta: Option<MetaService>,
     data: Option<DataService>,
     mut shutdown: watch::Receiver<bool>,
-    trust: Option<TrustFiles>,
+    trust: Option<ServerTrust>,
 ) -> Result<()> {
     let transport = if trust.is_some() { Transport::Tls } else { Transport::Plaintext };
     let router = Server::builder()
@@ -77,9 +78,9 @@ async fn serve(
     let stop = async move {
         let _ = shutdown.changed().await;
     };
-    if let Some(files) = trust {
+    if let Some(trust) = trust {
         return router
-            .serve_with_incoming_shutdown(security::tls_incoming(listener, &files)?, stop)
+            .serve_with_incoming_shutdown(security::tls_incoming(listener, &trust.files, trust.certs)?, stop)
             .await
             .context("serving");
     }
@@ -101,7 +102,7 @@ async fn serve(
 
 /// The trust files a server serves and connects with (TLS), after checking they exist; or
 /// none, loudly, with `--plaintext`.
-fn server_trust(dir: &std::path::Path, transport: Transport, what: &str) -> Result<Option<TrustFiles>> {
+fn server_trust(dir: &std::path::Path, transport: Transport, what: &str) -> Result<Option<ServerTrust>> {
     if transport == Transport::Plaintext {
         security::warn_plaintext(what);
         security::install_plaintext();
@@ -114,8 +115,22 @@ fn server_trust(dir: &std::path::Path, transport: Transport, what: &str) -> Resu
         );
     }
     let files = TrustFiles::load(dir)?;
-    security::install(&files);
-    Ok(Some(files))
+    let certs = security::install(&files)?;
+    Ok(Some(ServerTrust { files, certs }))
+}
+
+/// What a TLS server serves with: its trust files and the slot its certificate is presented
+/// from (replaced when it renews).
+struct ServerTrust {
+    files: TrustFiles,
+    certs: Arc<CertSlot>,
+}
+
+impl ServerTrust {
+    /// Renews the certificate whenever it falls due, for as long as the process runs.
+    fn keep_renewed(&self, dir: &std::path::Path, meta: Vec<String>, role: Role, id: u64) {
+        tokio::spawn(security::keep_renewed(dir.to_path_buf(), meta, role, id, self.certs.clone()));
+    }
 }
 
 pub async fn wait_for_signal() -> Result<()> {
@@ -271,6 +286,9 @@ impl LocalNode {
             security::renew_if_due(data, &[], Role::Meta, 1).await?;
         }
         let trust = server_trust(data, transport, "this file system")?;
+        if let Some(trust) = &trust {
+            trust.keep_renewed(data, Vec::new(), Role::Meta, 1);
+        }
         let signer = security::load_signer(data)?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let listener = bind(listen).await?;
@@ -438,6 +456,9 @@ pub async fn meta(start: MetaStart) -> Result<()> {
         security::renew_if_due(&dir, &join, Role::Meta, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("meta server {id}"))?;
+    if let Some(trust) = &trust {
+        trust.keep_renewed(&dir, join.clone(), Role::Meta, id);
+    }
     let signer = security::load_signer(&dir)?;
     tracing::info!(%address, id, "listening; starting the meta store and raft");
     let config =
@@ -506,6 +527,9 @@ pub async fn data(start: DataStart) -> Result<()> {
         security::renew_if_due(&dir, &meta, Role::Data, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("data server {}", marker.data_server_id))?;
+    if let Some(trust) = &trust {
+        trust.keep_renewed(&dir, meta.clone(), Role::Data, marker.data_server_id);
+    }
     let volume = Arc::new(Volume::open(&layout::blocks_dir(&dir)).context("opening the block volume")?);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let block_keys = (transport == Transport::Tls).then(|| Arc::new(BlockTokenKeys::default()));

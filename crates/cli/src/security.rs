@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use cairn_meta::service::{SERVER_CERT_VALIDITY, Signer};
 use cairn_proto as pb;
 use cairn_trust::files::AuthorityFiles;
+use cairn_trust::tls::CertSlot;
 use cairn_trust::{Authority, JoinToken, Peer, Role, Subject, TrustFiles};
 use pb::net::Security;
 use tokio::net::TcpListener;
@@ -164,32 +165,50 @@ async fn enroll_at(address: &str, token: &JoinToken, role: Role, id: u64) -> Res
     })
 }
 
-/// A server's certificate is renewed (at start) once less than this is left of it; one that
-/// expired can only join again with the token.
+/// A server's certificate is renewed once less than this is left of it, or less than half its
+/// lifetime for one issued for under twice this (whichever is less); one that expired can only
+/// join again with the token.
 pub const RENEW_BEFORE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// How often a running server looks at its certificate's expiry, at most.
+const RENEWAL_CHECK_MAX: Duration = Duration::from_secs(3600);
 
-/// Renews this server's certificate if it runs out within `RENEW_BEFORE`: a meta server that
+/// How long until this server's certificate is due for renewal (zero: due now), and whether it
+/// has expired.
+fn renewal_due_in(files: &TrustFiles, dir: &Path) -> Result<(Duration, bool)> {
+    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
+    let Some((from, until)) = cairn_trust::identity::validity(&leaf) else {
+        bail!("{}: the server's certificate has no readable validity", dir.display());
+    };
+    let now = std::time::SystemTime::now();
+    let left = until.duration_since(now).unwrap_or_default();
+    let lifetime = until.duration_since(from).unwrap_or_default();
+    let renew_before = RENEW_BEFORE.min(lifetime / 2);
+    Ok((left.saturating_sub(renew_before), left.is_zero()))
+}
+
+/// Renews this server's certificate if it is due (see `RENEW_BEFORE`): a meta server that
 /// holds the authority signs it itself, a data server asks a meta server over TLS with the
-/// certificate it still has. The new key and certificate replace the old ones on disk.
-pub async fn renew_if_due(dir: &Path, meta: &[String], role: Role, id: u64) -> Result<()> {
+/// certificate it still has. The new key and certificate replace the old ones on disk. Returns
+/// whether it renewed.
+pub async fn renew_if_due(dir: &Path, meta: &[String], role: Role, id: u64) -> Result<bool> {
     if !TrustFiles::present(dir) {
-        return Ok(());
+        return Ok(false);
     }
     let files = TrustFiles::load(dir)?;
-    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
-    let Some(expires) = cairn_trust::identity::not_after(&leaf) else {
-        bail!("{}: the server's certificate has no readable expiry", dir.display());
-    };
-    let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
-    if left > RENEW_BEFORE {
-        return Ok(());
+    let (due_in, expired) = renewal_due_in(&files, dir)?;
+    if !due_in.is_zero() {
+        return Ok(false);
     }
-    if left.is_zero() {
+    if expired {
         bail!(
             "{}: this server's certificate expired; move tls/node.crt and tls/node.key aside and start it with --token to join again",
             dir.display()
         );
     }
+    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
+    let left = cairn_trust::identity::not_after(&leaf)
+        .and_then(|until| until.duration_since(std::time::SystemTime::now()).ok())
+        .unwrap_or_default();
     let (key_pem, request_pem) = cairn_trust::new_key_and_request()?;
     let chain_pem = if AuthorityFiles::present(dir) {
         let (authority, _) = AuthorityFiles::load(dir)?;
@@ -200,9 +219,46 @@ pub async fn renew_if_due(dir: &Path, meta: &[String], role: Role, id: u64) -> R
     };
     TrustFiles { authority_pem: files.authority_pem.clone(), chain_pem, key_pem }.save(dir)?;
     let days = left.as_secs() / 86_400;
-    tracing::info!(days_left = days, "renewed this server's certificate for another year");
+    tracing::info!(
+        days_left = days,
+        seconds_left = left.as_secs(),
+        "renewed this server's certificate for another year"
+    );
     println!("cairn: renewed this server's certificate ({days} days were left); the new one is valid for a year");
-    Ok(())
+    Ok(true)
+}
+
+/// Keeps a running server's certificate renewed: when it falls due, renews it (as at start)
+/// and presents the new one from the next handshake on, inbound and outbound, with no restart.
+/// A failed renewal is logged and tried again later; the old certificate still serves.
+pub async fn keep_renewed(dir: PathBuf, meta: Vec<String>, role: Role, id: u64, certs: Arc<CertSlot>) {
+    let mut retry = Duration::from_secs(1);
+    loop {
+        let wait = match TrustFiles::load(&dir).map_err(anyhow::Error::from).and_then(|f| renewal_due_in(&f, &dir)) {
+            Ok((due_in, _)) => due_in.min(RENEWAL_CHECK_MAX),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this server's certificate");
+                RENEWAL_CHECK_MAX
+            }
+        };
+        tokio::time::sleep(wait).await;
+        let renewed = match renew_if_due(&dir, &meta, role, id).await {
+            Ok(renewed) => renewed,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing this server's certificate failed; trying again");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RENEWAL_CHECK_MAX);
+                continue;
+            }
+        };
+        retry = Duration::from_secs(1);
+        if renewed {
+            match TrustFiles::load(&dir).map_err(anyhow::Error::from).and_then(|f| Ok(certs.replace(&f)?)) {
+                Ok(()) => tracing::info!("now presenting the renewed certificate"),
+                Err(e) => tracing::warn!(error = %e, "cannot present the renewed certificate"),
+            }
+        }
+    }
 }
 
 async fn renew_at_meta(files: &TrustFiles, meta: &[String], request_pem: &str) -> Result<String> {
@@ -231,10 +287,14 @@ async fn renew_at_meta(files: &TrustFiles, meta: &[String], request_pem: &str) -
     Err(last_error)
 }
 
-/// Makes this process's connections use `files` (TLS with its certificate).
-pub fn install(files: &TrustFiles) {
-    let config = cairn_trust::tls::client_config(&files.authority_pem, Some((&files.chain_pem, &files.key_pem)));
-    pb::net::set_security(Security::Tls(config));
+/// Makes this process's connections use `files` (TLS with its certificate). Returns the slot
+/// holding the certificate, which a renewal replaces for every later handshake.
+pub fn install(files: &TrustFiles) -> Result<Arc<CertSlot>> {
+    let certs = CertSlot::new(files)?;
+    let config = cairn_trust::tls::connector_config(&files.authority_pem, Some(certs.clone()))?;
+    let server_name = rustls::pki_types::ServerName::try_from(cairn_trust::SERVER_NAME)?;
+    pb::net::set_security(Security::Tls { config, server_name });
+    Ok(certs)
 }
 
 pub fn install_plaintext() {
@@ -249,7 +309,7 @@ pub fn install_client(credential: Option<&Path>, transport: Transport) -> Result
         (Transport::Tls, Some(path)) => {
             let files =
                 TrustFiles::load_bundle(path).with_context(|| format!("reading credential {}", path.display()))?;
-            install(&files);
+            install(&files)?;
         }
         (Transport::Tls, None) => bail!(
             "a credential is needed to connect (--credential FILE; the administrator's is tls/admin.cred in the first meta server's directory), or --plaintext for a file system run without TLS"
@@ -275,8 +335,8 @@ pub async fn connect_with(address: &str, credential: &Path) -> Result<tonic::tra
 /// number and time), and a refused one is logged with the peer's address.
 pub type Incoming = ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<pb::tcp::BufferedTcp>>>;
 
-pub fn tls_incoming(listener: TcpListener, files: &TrustFiles) -> Result<Incoming> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cairn_trust::tls::server_config(files)?));
+pub fn tls_incoming(listener: TcpListener, files: &TrustFiles, certs: Arc<CertSlot>) -> Result<Incoming> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cairn_trust::tls::server_config(files, certs)?));
     let (tx, rx) = mpsc::channel(HANDSHAKES_MAX);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     tokio::spawn(async move {

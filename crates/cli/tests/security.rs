@@ -166,6 +166,52 @@ fn a_plaintext_file_system_runs_only_when_asked_and_says_so() {
     assert!(!output.status.success());
 }
 
+/// The leaf certificate a server presents in a new handshake.
+fn presented_leaf(address: &str) -> Vec<u8> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let chain = runtime.block_on(cairn_trust::tls::fetch_chain(address, Duration::from_secs(5))).unwrap();
+    chain.into_iter().next().expect("a chain")
+}
+
+#[test]
+fn a_running_server_renews_its_certificate_and_presents_the_new_one_without_a_restart() {
+    let mut cluster = common::cluster();
+    let (authority, _) = AuthorityFiles::load(&cluster.metas[0].dir).unwrap();
+    let dir = cluster.datas[0].dir.clone();
+    let old = TrustFiles::load(&dir).unwrap();
+    let leaf = cairn_trust::tls::certs_of(&old.chain_pem).unwrap().remove(0);
+    let id: u64 = cairn_trust::Peer::of_certificate(&leaf).unwrap().id.parse().unwrap();
+    // A certificate valid from five minutes ago (the authority's allowance for clock skew) for
+    // 330 s more: not due at start, due at half its lifetime, some 15 s after.
+    cluster.datas[0].process.kill();
+    let (key_pem, request) = cairn_trust::new_key_and_request().unwrap();
+    let subject = Subject::Server { role: cairn_trust::Role::Data, id };
+    let cert = authority.sign(&request, &subject, Duration::from_secs(330)).unwrap();
+    let short = TrustFiles { chain_pem: format!("{cert}{}", authority.cert_pem()), key_pem, ..old };
+    short.save(&dir).unwrap();
+    cluster.datas[0].process.restart().unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+    let pid = cluster.datas[0].process.pid();
+    let address = cluster.datas[0].address.clone();
+    let short_leaf = cairn_trust::tls::certs_of(&short.chain_pem).unwrap().remove(0).to_vec();
+    assert_eq!(presented_leaf(&address), short_leaf, "the server presents the certificate it started with");
+    assert!(!cluster.datas[0].log().contains("renewed this server's certificate"), "renewed at start");
+
+    wait_until("the running data server to renew its certificate", Duration::from_secs(90), || {
+        cluster.datas[0].log().contains("now presenting the renewed certificate")
+    })
+    .unwrap();
+    assert_eq!(cluster.datas[0].process.pid(), pid, "the data server restarted");
+    let renewed = TrustFiles::load(&dir).unwrap();
+    let renewed_leaf = cairn_trust::tls::certs_of(&renewed.chain_pem).unwrap().remove(0).to_vec();
+    assert_ne!(renewed_leaf, short_leaf);
+    let left =
+        cairn_trust::identity::not_after(&renewed_leaf).unwrap().duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(300 * 86_400), "renewed for only {left:?}");
+    assert_eq!(presented_leaf(&address), renewed_leaf, "a new handshake still shows the old certificate");
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+}
+
 #[test]
 fn a_server_renews_its_certificate_before_it_runs_out() {
     let mut cluster = common::cluster();
@@ -175,11 +221,13 @@ fn a_server_renews_its_certificate_before_it_runs_out() {
     let leaf = cairn_trust::tls::certs_of(&old.chain_pem).unwrap().remove(0);
     let peer = cairn_trust::Peer::of_certificate(&leaf).unwrap();
     let id: u64 = peer.id.parse().unwrap();
-    // The data server's certificate, as if it had ten days left.
+    // The data server's certificate, as if it were past the point of renewal: valid from five
+    // minutes ago (the authority's allowance for clock skew) for 200 s more, less than half
+    // its lifetime.
     cluster.datas[0].process.kill();
     let (key_pem, request) = cairn_trust::new_key_and_request().unwrap();
     let subject = Subject::Server { role: cairn_trust::Role::Data, id };
-    let cert = authority.sign(&request, &subject, Duration::from_secs(10 * 86_400)).unwrap();
+    let cert = authority.sign(&request, &subject, Duration::from_secs(200)).unwrap();
     let short = TrustFiles { chain_pem: format!("{cert}{}", authority.cert_pem()), key_pem, ..old };
     short.save(&dir).unwrap();
     cluster.datas[0].process.restart().unwrap();

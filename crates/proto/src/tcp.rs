@@ -1,4 +1,5 @@
-//! TCP connections with a read buffer under TLS.
+//! TLS connections over TCP with a read buffer under TLS, opened by this process itself (not by
+//! the gRPC library) so that it presents its current certificate at each new connection.
 //!
 //! rustls asks its transport for at most 4 KiB per read, so a 16 KiB record costs four or more
 //! `read` system calls, and a 4 MiB block over a thousand. A buffer between the socket and
@@ -11,9 +12,12 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tonic::transport::Uri;
@@ -77,15 +81,18 @@ impl Connected for BufferedTcp {
     }
 }
 
-/// Opens [`BufferedTcp`] connections for a gRPC channel (which puts TLS on top), with no Nagle
-/// delay and from `source` when set. The channel bounds the time a connection may take.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BufferedConnector {
+/// Opens TLS connections over [`BufferedTcp`] for a gRPC channel, with no Nagle delay and from
+/// `source` when set, checking the server as `server_name`. The channel bounds the time a
+/// connection (handshake included) may take.
+#[derive(Clone)]
+pub struct TlsConnector {
+    pub config: Arc<ClientConfig>,
+    pub server_name: ServerName<'static>,
     pub source: Option<IpAddr>,
 }
 
-impl tower_service::Service<Uri> for BufferedConnector {
-    type Response = TokioIo<BufferedTcp>;
+impl tower_service::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<BufferedTcp>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -94,18 +101,22 @@ impl tower_service::Service<Uri> for BufferedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let source = self.source;
+        let connector = self.clone();
         Box::pin(async move {
             let host =
                 uri.host().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address without a host"))?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            let port = uri.port_u16().unwrap_or(443);
+            let port =
+                uri.port_u16().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address without a port"))?;
             let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{host}: no address found"));
             for address in tokio::net::lookup_host((host, port)).await? {
-                match connect_from(address, source).await {
+                match connect_from(address, connector.source).await {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
-                        return Ok(TokioIo::new(BufferedTcp::new(stream)));
+                        let tls = tokio_rustls::TlsConnector::from(connector.config.clone())
+                            .connect(connector.server_name.clone(), BufferedTcp::new(stream))
+                            .await?;
+                        return Ok(TokioIo::new(tls));
                     }
                     Err(e) => last = e,
                 }

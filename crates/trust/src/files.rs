@@ -160,6 +160,6 @@ mod tests {
         );
         assert_eq!(crate::tls::certs_of(&read.chain_pem).unwrap().len(), 2);
         assert!(read.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
-        crate::tls::server_config(&TrustFiles { ..read }).unwrap();
+        crate::tls::server_config(&read, crate::tls::CertSlot::new(&read).unwrap()).unwrap();
     }
 }

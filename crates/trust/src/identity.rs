@@ -55,7 +55,14 @@ impl std::fmt::Display for Peer {
 
 /// When a certificate (DER) stops being valid.
 pub fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    validity(der).map(|(_, until)| until)
+}
+
+/// When a certificate (DER) starts and stops being valid.
+pub fn validity(der: &[u8]) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+    let at = |t: &x509_parser::time::ASN1Time| {
+        u64::try_from(t.timestamp()).ok().map(|s| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s))
+    };
+    Some((at(&cert.validity().not_before)?, at(&cert.validity().not_after)?))
 }
