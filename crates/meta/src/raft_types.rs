@@ -109,6 +109,10 @@ pub struct CommandReply {
     pub errno: i32,
     pub value: u64,
     pub mutate: Vec<u8>,
+    /// `mutate` is the stored reply of a request applied before (a retry): what it says is as
+    /// of then, so nothing in it may be promised as current.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 /// Returned in `CommandReply::errno` (and to clients) when a session is unknown or expired.

@@ -702,8 +702,10 @@ impl Meta for MetaService {
         if reply.errno != 0 {
             return Ok(Response::new(pb::MutateReply { errno: reply.errno, ..Default::default() }));
         }
+        let replayed = reply.replayed;
         let mut reply = pb::MutateReply::decode(reply.mutate.as_slice())
             .map_err(|e| Status::internal(format!("stored reply undecodable: {e}")))?;
+        debug_assert!(!reply.promised, "the state machine never promises; the leader does");
         if breaks && reply.errno == 0 {
             let mut changed = named;
             changed.extend(reply.attr.as_ref().map(|a| a.ino));
@@ -711,8 +713,10 @@ impl Meta for MetaService {
             changed.sort_unstable();
             changed.dedup();
             let change = self.break_promises(request.session, &changed).await.map_err(status_of)?;
-            // The writer may cache what it just changed, as of its own change.
+            // The writer may cache what it just changed, as of its own change; a replayed reply
+            // is as of the first time, and whatever changed since is not in it.
             reply.promised = match (&reply.attr, self.node.leader_term()) {
+                _ if replayed => false,
                 (Some(attr), Some(term)) => {
                     let mut promised = vec![attr.ino];
                     promised.extend(reply.parent.as_ref().map(|p| p.ino));

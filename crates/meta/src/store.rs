@@ -402,7 +402,7 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
                 return Ok(CommandReply { errno: SESSION_EXPIRED, ..Default::default() });
             }
             if let Some(stored) = tables.stored_result(request.session, request.seq)? {
-                return Ok(CommandReply { mutate: stored, ..Default::default() });
+                return Ok(CommandReply { mutate: stored, replayed: true, ..Default::default() });
             }
             let reply = tables.mutate(&request, now)?.encode_to_vec();
             tables.store_result(request.session, request.seq, &reply)?;

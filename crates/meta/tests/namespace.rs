@@ -51,6 +51,11 @@ impl Fixture {
     }
 
     fn mutate_as(&mut self, seq: u64, op: Op) -> pb::MutateReply {
+        self.mutate_replayed(seq, op).0
+    }
+
+    /// A mutation's reply and whether it was the stored reply of an earlier application.
+    fn mutate_replayed(&mut self, seq: u64, op: Op) -> (pb::MutateReply, bool) {
         self.clock += 1;
         let request = pb::MutateRequest {
             session: self.session,
@@ -62,7 +67,7 @@ impl Fixture {
         let reply =
             self.apply(Command::Mutate { now: Time { sec: self.clock, nsec: 0 }, request: request.encode_to_vec() });
         assert_eq!(reply.errno, 0);
-        pb::MutateReply::decode(reply.mutate.as_slice()).unwrap()
+        (pb::MutateReply::decode(reply.mutate.as_slice()).unwrap(), reply.replayed)
     }
 
     fn create(&mut self, parent: pb::FileHandle, name: &str, kind: pb::FileKind) -> Result<pb::Attr, i32> {
@@ -106,12 +111,14 @@ fn retried_request_returns_its_first_answer() {
         exclusive: true,
         ..Default::default()
     });
-    let first = fs.mutate_as(7, create.clone());
-    let retry = fs.mutate_as(7, create.clone());
+    let (first, first_replayed) = fs.mutate_replayed(7, create.clone());
+    let (retry, retry_replayed) = fs.mutate_replayed(7, create.clone());
     assert_eq!(first.errno, 0);
     assert_eq!(first, retry, "the retry gets the stored answer, not EEXIST");
-    let again = fs.mutate_as(8, create);
+    assert!(!first_replayed && retry_replayed, "the leader must know the retry's answer is old");
+    let (again, again_replayed) = fs.mutate_replayed(8, create);
     assert_eq!(again.errno, errno::EEXIST, "a new request is applied anew");
+    assert!(!again_replayed);
 }
 
 #[test]
