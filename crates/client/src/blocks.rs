@@ -318,6 +318,8 @@ impl BlockStore {
         if let Some(pieces) = self.cached(id, first, last) {
             return Ok(pieces);
         }
+        // Time spent waiting for another fetch counts against this read's deadline.
+        let started = Instant::now();
         let joined = {
             let registry = self.fetching.lock().expect("fetch registry poisoned");
             registry.get(&id).filter(|f| f.first <= first && last <= f.last).map(|f| f.progress.subscribe())
@@ -338,7 +340,7 @@ impl BlockStore {
         }
         let fetch_last = if whole_rest { ((block.len as usize - 1) / PIECE_BYTES) as u32 } else { last };
         let (progress, _entry) = self.register(id, first, fetch_last);
-        let mut fetched = self.fetch(block, servers, first, fetch_last, &progress).await?;
+        let mut fetched = self.fetch(block, servers, first, fetch_last, &progress, started).await?;
         fetched.truncate((last - first + 1) as usize);
         Ok(fetched)
     }
@@ -378,7 +380,7 @@ impl BlockStore {
             if store.cached(id, first, last).is_some() {
                 return;
             }
-            if let Err(e) = store.fetch(&block, &servers, first, last, &progress).await {
+            if let Err(e) = store.fetch(&block, &servers, first, last, &progress, Instant::now()).await {
                 tracing::debug!(error = %e, "readahead failed");
             }
         });
@@ -392,7 +394,7 @@ impl BlockStore {
     }
 
     /// Fetches whole pieces `first..=last` from a replica, verifying them; tries every replica
-    /// before giving up.
+    /// before giving up, and retries until the policy's deadline counted from `started`.
     async fn fetch(
         &self,
         block: &pb::BlockRef,
@@ -400,10 +402,10 @@ impl BlockStore {
         first: u32,
         last: u32,
         progress: &watch::Sender<u32>,
+        started: Instant,
     ) -> ClientResult<Vec<Bytes>> {
         let id = BlockId::of(block);
         let policy = self.meta.policy.clone();
-        let started = Instant::now();
         let mut backoff = policy.backoff_min;
         let offset = first * PIECE_BYTES as u32;
         let end = ((last as usize + 1) * PIECE_BYTES).min(block.len as usize);

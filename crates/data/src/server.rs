@@ -115,7 +115,8 @@ impl DataService {
         let endpoint = cairn_proto::net::endpoint(address)
             .map_err(|e| Status::invalid_argument(format!("replica address {address}: {e}")))?
             .initial_stream_window_size(cairn_proto::STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(cairn_proto::CONNECTION_WINDOW_BYTES);
+            .initial_connection_window_size(cairn_proto::CONNECTION_WINDOW_BYTES)
+            .max_frame_size(cairn_proto::FRAME_BYTES_MAX);
         let client = DataClient::new(cairn_proto::net::lazy_channel(&endpoint))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
