@@ -16,15 +16,36 @@ const DEADLINE: Duration = Duration::from_secs(30);
 /// The unprivileged identity root (and ids outside a credential's ranges) act as by default.
 pub const NOBODY: u32 = 65534;
 
+// The options of `cairn credential issue`: the new credential's scope and where it goes.
+#[derive(clap::Args, Debug)]
 pub struct IssueOptions {
+    /// A name to know it by (revoke takes it too).
+    #[arg(long)]
     pub name: String,
+    /// Where to write the credential (mode 0600).
+    #[arg(long)]
     pub out: PathBuf,
+    /// Allow no change at all (the mount is read-only).
+    #[arg(long)]
     pub read_only: bool,
+    /// Confine the credential to this directory (a path from the file system's root): its
+    /// mounts see it as their root.
+    #[arg(long)]
     pub subtree: Option<String>,
+    /// The user ids the client may act as, e.g. 1000-1999,3000 (default: any but root).
+    #[arg(long)]
     pub uids: Option<String>,
+    /// The group ids the client may act as (default: any but root's).
+    #[arg(long)]
     pub gids: Option<String>,
+    /// Let root act as root instead of as the squash identity.
+    #[arg(long)]
     pub allow_root: bool,
+    /// The identity root and ids outside the ranges act as.
+    #[arg(long, default_value = "65534:65534")]
     pub squash: String,
+    /// How long the credential is valid: 90s, 30m, 12h, 365d.
+    #[arg(long, default_value = "365d")]
     pub expires: String,
 }
 

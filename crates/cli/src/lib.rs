@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod dev_cluster;
 pub mod layout;
 pub mod registration;
+pub mod renewal;
 pub mod roles;
 pub mod security;
 pub mod status;

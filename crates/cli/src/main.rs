@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use cairn::security::{self, Transport};
-use cairn::{bench, cluster, credentials, dev_cluster, roles, status};
+use cairn::{bench, cluster, credentials, dev_cluster, renewal, roles, status};
 use cairn_client::callbacks::PartitionPolicy;
 use cairn_data::scrub::ScrubPolicy;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -207,34 +207,8 @@ enum CredentialAction {
         /// Any meta server of the file system, comma separated.
         #[arg(long)]
         meta: String,
-        /// A name to know it by (revoke takes it too).
-        #[arg(long)]
-        name: String,
-        /// Where to write the credential (mode 0600).
-        #[arg(long)]
-        out: PathBuf,
-        /// Allow no change at all (the mount is read-only).
-        #[arg(long)]
-        read_only: bool,
-        /// Confine the credential to this directory (a path from the file system's root): its
-        /// mounts see it as their root.
-        #[arg(long)]
-        subtree: Option<String>,
-        /// The user ids the client may act as, e.g. 1000-1999,3000 (default: any but root).
-        #[arg(long)]
-        uids: Option<String>,
-        /// The group ids the client may act as (default: any but root's).
-        #[arg(long)]
-        gids: Option<String>,
-        /// Let root act as root instead of as the squash identity.
-        #[arg(long)]
-        allow_root: bool,
-        /// The identity root and ids outside the ranges act as.
-        #[arg(long, default_value = "65534:65534")]
-        squash: String,
-        /// How long the credential is valid: 90s, 30m, 12h, 365d.
-        #[arg(long, default_value = "365d")]
-        expires: String,
+        #[command(flatten)]
+        options: credentials::IssueOptions,
     },
     /// Revoke a credential (by id or name): every request made with it is refused from then on.
     Revoke {
@@ -379,29 +353,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Credential { action } => {
             connect_only()?;
             match action {
-                CredentialAction::Issue {
-                    meta,
-                    name,
-                    out,
-                    read_only,
-                    subtree,
-                    uids,
-                    gids,
-                    allow_root,
-                    squash,
-                    expires,
-                } => {
-                    let options = credentials::IssueOptions {
-                        name,
-                        out,
-                        read_only,
-                        subtree,
-                        uids,
-                        gids,
-                        allow_root,
-                        squash,
-                        expires,
-                    };
+                CredentialAction::Issue { meta, options } => {
                     runtime.block_on(credentials::issue_command(split(&meta), options))
                 }
                 CredentialAction::Revoke { meta, which } => {
@@ -444,7 +396,9 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(ip) = bind {
                 cairn_proto::net::set_source_address(ip);
             }
-            connect_only()?;
+            if let (Some(certs), Some(path)) = (connect_only()?, credential.clone()) {
+                runtime.spawn(renewal::keep_credential_current(path, certs));
+            }
             let cache = roles::DiskCacheOptions { dir: cache_dir, bytes: cache_mib.saturating_mul(1024 * 1024) };
             let partition = match on_partition {
                 OnPartition::Wait => PartitionPolicy::Wait,

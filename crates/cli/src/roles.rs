@@ -20,6 +20,7 @@ use tonic::transport::Server;
 
 use crate::layout::{self, Marker};
 use crate::registration::{Report, report_loop};
+use crate::renewal;
 use crate::security::{self, GuardLayer, Transport};
 use cairn_data::tokens::BlockTokenKeys;
 use cairn_trust::tls::CertSlot;
@@ -129,7 +130,7 @@ struct ServerTrust {
 impl ServerTrust {
     /// Renews the certificate whenever it falls due, for as long as the process runs.
     fn keep_renewed(&self, dir: &std::path::Path, meta: Vec<String>, role: Role, id: u64) {
-        tokio::spawn(security::keep_renewed(dir.to_path_buf(), meta, role, id, self.certs.clone()));
+        tokio::spawn(renewal::keep_renewed(dir.to_path_buf(), meta, role, id, self.certs.clone()));
     }
 }
 
@@ -283,7 +284,7 @@ impl LocalNode {
             security::init_authority(data, &marker.fs_id, 1)?;
         }
         if transport == Transport::Tls {
-            security::renew_if_due(data, &[], Role::Meta, 1).await?;
+            renewal::renew_if_due(data, &[], Role::Meta, 1).await?;
         }
         let trust = server_trust(data, transport, "this file system")?;
         if let Some(trust) = &trust {
@@ -453,7 +454,7 @@ pub async fn meta(start: MetaStart) -> Result<()> {
         } else if !join.is_empty() {
             security::enroll(&dir, &join, token.as_ref(), Role::Meta, id).await.context("joining with TLS")?;
         }
-        security::renew_if_due(&dir, &join, Role::Meta, id).await?;
+        renewal::renew_if_due(&dir, &join, Role::Meta, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("meta server {id}"))?;
     if let Some(trust) = &trust {
@@ -524,7 +525,7 @@ pub async fn data(start: DataStart) -> Result<()> {
     if transport == Transport::Tls {
         let id = marker.data_server_id;
         security::enroll(&dir, &meta, token.as_ref(), Role::Data, id).await.context("joining with TLS")?;
-        security::renew_if_due(&dir, &meta, Role::Data, id).await?;
+        renewal::renew_if_due(&dir, &meta, Role::Data, id).await?;
     }
     let trust = server_trust(&dir, transport, &format!("data server {}", marker.data_server_id))?;
     if let Some(trust) = &trust {

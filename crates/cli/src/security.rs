@@ -24,7 +24,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once, at most (a flood of slow ones cannot starve the rest).
 const HANDSHAKES_MAX: usize = 256;
 /// How long a client credential made at `--init` (the administrator's) is valid.
-const ADMIN_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(crate) const ADMIN_CREDENTIAL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// The administrator's credential id: it may change the cluster's membership and issue
 /// credentials.
 pub const ADMIN: &str = cairn_meta::credentials::ADMIN_CREDENTIAL;
@@ -64,7 +64,7 @@ pub fn init_authority(dir: &Path, fs_id: &str, meta_id: u64) -> Result<Arc<Signe
 }
 
 /// A key and a certificate for `subject`, made and signed here.
-fn issue(authority: &Authority, subject: &Subject, valid_for: Duration) -> Result<TrustFiles> {
+pub(crate) fn issue(authority: &Authority, subject: &Subject, valid_for: Duration) -> Result<TrustFiles> {
     let (key_pem, request) = cairn_trust::new_key_and_request()?;
     let cert = authority.sign(&request, subject, valid_for)?;
     Ok(TrustFiles {
@@ -165,128 +165,6 @@ async fn enroll_at(address: &str, token: &JoinToken, role: Role, id: u64) -> Res
     })
 }
 
-/// A server's certificate is renewed once less than this is left of it, or less than half its
-/// lifetime for one issued for under twice this (whichever is less); one that expired can only
-/// join again with the token.
-pub const RENEW_BEFORE: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How often a running server looks at its certificate's expiry, at most.
-const RENEWAL_CHECK_MAX: Duration = Duration::from_secs(3600);
-
-/// How long until this server's certificate is due for renewal (zero: due now), and whether it
-/// has expired.
-fn renewal_due_in(files: &TrustFiles, dir: &Path) -> Result<(Duration, bool)> {
-    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
-    let Some((from, until)) = cairn_trust::identity::validity(&leaf) else {
-        bail!("{}: the server's certificate has no readable validity", dir.display());
-    };
-    let now = std::time::SystemTime::now();
-    let left = until.duration_since(now).unwrap_or_default();
-    let lifetime = until.duration_since(from).unwrap_or_default();
-    let renew_before = RENEW_BEFORE.min(lifetime / 2);
-    Ok((left.saturating_sub(renew_before), left.is_zero()))
-}
-
-/// Renews this server's certificate if it is due (see `RENEW_BEFORE`): a meta server that
-/// holds the authority signs it itself, a data server asks a meta server over TLS with the
-/// certificate it still has. The new key and certificate replace the old ones on disk. Returns
-/// whether it renewed.
-pub async fn renew_if_due(dir: &Path, meta: &[String], role: Role, id: u64) -> Result<bool> {
-    if !TrustFiles::present(dir) {
-        return Ok(false);
-    }
-    let files = TrustFiles::load(dir)?;
-    let (due_in, expired) = renewal_due_in(&files, dir)?;
-    if !due_in.is_zero() {
-        return Ok(false);
-    }
-    if expired {
-        bail!(
-            "{}: this server's certificate expired; move tls/node.crt and tls/node.key aside and start it with --token to join again",
-            dir.display()
-        );
-    }
-    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
-    let left = cairn_trust::identity::not_after(&leaf)
-        .and_then(|until| until.duration_since(std::time::SystemTime::now()).ok())
-        .unwrap_or_default();
-    let (key_pem, request_pem) = cairn_trust::new_key_and_request()?;
-    let chain_pem = if AuthorityFiles::present(dir) {
-        let (authority, _) = AuthorityFiles::load(dir)?;
-        let cert = authority.sign(&request_pem, &Subject::Server { role, id }, SERVER_CERT_VALIDITY)?;
-        format!("{cert}{}", authority.cert_pem())
-    } else {
-        renew_at_meta(&files, meta, &request_pem).await?
-    };
-    TrustFiles { authority_pem: files.authority_pem.clone(), chain_pem, key_pem }.save(dir)?;
-    let days = left.as_secs() / 86_400;
-    tracing::info!(
-        days_left = days,
-        seconds_left = left.as_secs(),
-        "renewed this server's certificate for another year"
-    );
-    println!("cairn: renewed this server's certificate ({days} days were left); the new one is valid for a year");
-    Ok(true)
-}
-
-/// Keeps a running server's certificate renewed: when it falls due, renews it (as at start)
-/// and presents the new one from the next handshake on, inbound and outbound, with no restart.
-/// A failed renewal is logged and tried again later; the old certificate still serves.
-pub async fn keep_renewed(dir: PathBuf, meta: Vec<String>, role: Role, id: u64, certs: Arc<CertSlot>) {
-    let mut retry = Duration::from_secs(1);
-    loop {
-        let wait = match TrustFiles::load(&dir).map_err(anyhow::Error::from).and_then(|f| renewal_due_in(&f, &dir)) {
-            Ok((due_in, _)) => due_in.min(RENEWAL_CHECK_MAX),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read this server's certificate");
-                RENEWAL_CHECK_MAX
-            }
-        };
-        tokio::time::sleep(wait).await;
-        let renewed = match renew_if_due(&dir, &meta, role, id).await {
-            Ok(renewed) => renewed,
-            Err(e) => {
-                tracing::warn!(error = %e, "renewing this server's certificate failed; trying again");
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(RENEWAL_CHECK_MAX);
-                continue;
-            }
-        };
-        retry = Duration::from_secs(1);
-        if renewed {
-            match TrustFiles::load(&dir).map_err(anyhow::Error::from).and_then(|f| Ok(certs.replace(&f)?)) {
-                Ok(()) => tracing::info!("now presenting the renewed certificate"),
-                Err(e) => tracing::warn!(error = %e, "cannot present the renewed certificate"),
-            }
-        }
-    }
-}
-
-async fn renew_at_meta(files: &TrustFiles, meta: &[String], request_pem: &str) -> Result<String> {
-    let config = cairn_trust::tls::client_config(&files.authority_pem, Some((&files.chain_pem, &files.key_pem)));
-    let mut last_error = anyhow!("no meta address given");
-    for address in meta {
-        let attempt = async {
-            let channel = tonic::transport::Endpoint::from_shared(format!("https://{address}"))?
-                .tls_config(config.clone())?
-                .connect_timeout(pb::net::CONNECT_TIMEOUT)
-                .timeout(Duration::from_secs(30))
-                .connect()
-                .await?;
-            let request = pb::RenewCertificateRequest { request_pem: request_pem.to_string() };
-            let reply = pb::meta_client::MetaClient::new(channel)
-                .renew_certificate(request)
-                .await
-                .map_err(|s| anyhow!("{}", s.message()))?;
-            anyhow::Ok(reply.into_inner().chain_pem)
-        };
-        match attempt.await {
-            Ok(chain) => return Ok(chain),
-            Err(e) => last_error = e.context(format!("renewing the certificate at {address}")),
-        }
-    }
-    Err(last_error)
-}
-
 /// Makes this process's connections use `files` (TLS with its certificate). Returns the slot
 /// holding the certificate, which a renewal replaces for every later handshake.
 pub fn install(files: &TrustFiles) -> Result<Arc<CertSlot>> {
@@ -302,20 +180,22 @@ pub fn install_plaintext() {
 }
 
 /// Sets up a command that only connects (mount, status, cluster changes): with the credential
-/// file, or plaintext.
-pub fn install_client(credential: Option<&Path>, transport: Transport) -> Result<()> {
+/// file, or plaintext. Returns the slot holding the credential's certificate (with TLS).
+pub fn install_client(credential: Option<&Path>, transport: Transport) -> Result<Option<Arc<CertSlot>>> {
     match (transport, credential) {
-        (Transport::Plaintext, _) => install_plaintext(),
+        (Transport::Plaintext, _) => {
+            install_plaintext();
+            Ok(None)
+        }
         (Transport::Tls, Some(path)) => {
             let files =
                 TrustFiles::load_bundle(path).with_context(|| format!("reading credential {}", path.display()))?;
-            install(&files)?;
+            Ok(Some(install(&files)?))
         }
         (Transport::Tls, None) => bail!(
             "a credential is needed to connect (--credential FILE; the administrator's is tls/admin.cred in the first meta server's directory), or --plaintext for a file system run without TLS"
         ),
     }
-    Ok(())
 }
 
 /// A connection to `address` with the credential at `credential`, for tools and tests that

@@ -242,3 +242,35 @@ fn a_server_renews_its_certificate_before_it_runs_out() {
     assert!(log_of(&cluster).contains("renewed a server's certificate"), "meta did not log the renewal");
     cluster.wait_healthy(Duration::from_secs(60)).unwrap();
 }
+
+#[test]
+fn the_administrators_credential_renews_while_its_meta_server_runs() {
+    let mut cluster = common::cluster();
+    let meta_dir = cluster.metas[0].dir.clone();
+    let path = cairn::security::admin_credential_path(&meta_dir);
+    let (authority, _) = AuthorityFiles::load(&meta_dir).unwrap();
+    cluster.metas[0].process.kill();
+    // Valid for 360 s more: not due at start, due at half its lifetime, some 30 s after.
+    let (key_pem, request) = cairn_trust::new_key_and_request().unwrap();
+    let admin = Subject::Client { credential: cairn::security::ADMIN.into() };
+    let cert = authority.sign(&request, &admin, Duration::from_secs(360)).unwrap();
+    let chain_pem = format!("{cert}{}", authority.cert_pem());
+    let short = TrustFiles { authority_pem: authority.cert_pem().to_string(), chain_pem, key_pem };
+    short.save_bundle(&path).unwrap();
+    cluster.metas[0].process.restart().unwrap();
+    let pid = cluster.metas[0].process.pid();
+
+    wait_until("the meta server to renew the administrator's credential", Duration::from_secs(90), || {
+        log_of(&cluster).contains("renewed the administrator's credential")
+    })
+    .unwrap();
+    assert_eq!(cluster.metas[0].process.pid(), pid, "the meta server restarted");
+    let renewed = TrustFiles::load_bundle(&path).unwrap();
+    let leaf = cairn_trust::tls::certs_of(&renewed.chain_pem).unwrap().remove(0);
+    let left = cairn_trust::identity::not_after(&leaf).unwrap().duration_since(std::time::SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(300 * 86_400), "renewed for only {left:?}");
+    // The renewed file still administers the file system.
+    let address = cluster.metas[0].address.clone();
+    runtime().block_on(async { status_with(channel(&address, &path).await).await }).unwrap();
+    cluster.wait_healthy(Duration::from_secs(60)).unwrap();
+}

@@ -252,13 +252,16 @@ impl BlockStore {
 
     /// Pieces `first..=last` from memory, else from disk (then kept in memory too).
     fn cached(&self, id: u128, first: u32, last: u32) -> Option<Vec<Bytes>> {
-        let in_memory: Option<Vec<Bytes>> = {
-            let mut cache = self.cache.lock().expect("block cache poisoned");
-            (first..=last).map(|piece| cache.get(&(id, piece)).cloned()).collect()
-        };
-        if in_memory.is_some() {
-            return in_memory;
-        }
+        self.in_memory(id, first, last).or_else(|| self.on_disk(id, first, last))
+    }
+
+    fn in_memory(&self, id: u128, first: u32, last: u32) -> Option<Vec<Bytes>> {
+        let mut cache = self.cache.lock().expect("block cache poisoned");
+        (first..=last).map(|piece| cache.get(&(id, piece)).cloned()).collect()
+    }
+
+    /// Reads pieces back from the disk cache (verified there) into the memory cache.
+    fn on_disk(&self, id: u128, first: u32, last: u32) -> Option<Vec<Bytes>> {
         let disk = self.disk.as_ref()?;
         let pieces: Vec<Bytes> = (first..=last).map(|piece| disk.get(id, piece)).collect::<Option<_>>()?;
         let mut cache = self.cache.lock().expect("block cache poisoned");
@@ -325,8 +328,10 @@ impl BlockStore {
             registry.get(&id).filter(|f| f.first <= first && last <= f.last).map(|f| f.progress.subscribe())
         };
         if let Some(mut progress) = joined {
+            // Only memory inside the loop: the fetch puts each piece there as it is verified,
+            // and probing the disk cache at every piece would repeat its reads.
             loop {
-                if let Some(pieces) = self.cached(id, first, last) {
+                if let Some(pieces) = self.in_memory(id, first, last) {
                     return Ok(pieces);
                 }
                 if progress.changed().await.is_err() {

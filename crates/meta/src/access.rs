@@ -90,6 +90,29 @@ pub fn within(root: u64, ino: u64, mut parent_of: impl FnMut(u64) -> Option<u64>
     false
 }
 
+/// Whether every inode of `inos` lies under `root` (see [`within`]), with `inode_parent`
+/// reading an inode's parent from a store that can fail: its first error is returned.
+pub fn all_within<E>(
+    root: u64,
+    inos: &[u64],
+    mut inode_parent: impl FnMut(u64) -> Result<Option<u64>, E>,
+) -> Result<bool, E> {
+    let mut failure = None;
+    let all = inos.iter().all(|&ino| {
+        within(root, ino, |at| match inode_parent(at) {
+            Ok(parent) => parent,
+            Err(e) => {
+                failure = Some(e);
+                None
+            }
+        })
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
+}
+
 /// The identity a client credential lets a request act as: ids outside the credential's
 /// ranges, and root unless it is allowed, become the squash identity; supplementary groups
 /// outside the ranges are dropped.

@@ -621,20 +621,7 @@ impl<'t> Tables<'t> {
 
     /// Whether every inode of `inos` lies under directory `root` (see `access::within`).
     fn within(&self, root: u64, inos: &[u64]) -> ApplyResult<bool> {
-        let mut failure = None;
-        let all = inos.iter().all(|&ino| {
-            access::within(root, ino, |at| match self.inode(at) {
-                Ok(inode) => inode.map(|i| i.parent),
-                Err(e) => {
-                    failure = Some(e);
-                    None
-                }
-            })
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(all),
-        }
+        access::all_within(root, inos, |at| Ok(self.inode(at)?.map(|i| i.parent)))
     }
 
     fn touch_dir(&self, ino: u64, dir: &mut Inode, now: Time) -> ApplyResult<()> {

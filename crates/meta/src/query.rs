@@ -413,20 +413,7 @@ impl Query {
 
     /// Whether every inode of `inos` lies under directory `root` (see `access::within`).
     pub fn within(&self, root: u64, inos: &[u64]) -> QueryResult<bool> {
-        let mut failure = None;
-        let all = inos.iter().all(|&ino| {
-            crate::access::within(root, ino, |at| match self.inode(at) {
-                Ok(inode) => inode.map(|i| i.parent),
-                Err(e) => {
-                    failure = Some(e);
-                    None
-                }
-            })
-        });
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(all),
-        }
+        crate::access::all_within(root, inos, |at| Ok(self.inode(at)?.map(|i| i.parent)))
     }
 
     pub fn stored_result(&self, session: u64, seq: u64) -> QueryResult<Option<Vec<u8>>> {

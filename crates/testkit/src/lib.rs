@@ -74,7 +74,10 @@ fn listener_on(ip: IpAddr) -> TcpListener {
 
 /// Whether `path` is a mount point right now.
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(canonical) = path.canonicalize() else { return false };
+    // Resolved through the parent: a mount whose process died answers ENOTCONN to a stat of
+    // its root, and it is still a mount (one that teardown must remove).
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else { return false };
+    let Ok(canonical) = parent.canonicalize().map(|p| p.join(name)) else { return false };
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     info.lines().any(|line| line.split(' ').nth(4).is_some_and(|m| Path::new(m) == canonical))
 }
