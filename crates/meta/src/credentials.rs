@@ -100,9 +100,10 @@ pub struct SessionOwners {
 
 impl SessionOwners {
     /// Refuses `access` the use of `session` unless its peer opened it. A session opened
-    /// without an owner (before owners were recorded, or without TLS) is anyone's; an unknown
-    /// one is left to the request itself to report as expired (see `check_existing` where it
-    /// cannot be).
+    /// without an owner (without TLS, or before owners were recorded) is only for callers
+    /// without a certificate: a credential never reaches a session it cannot be shown to own.
+    /// An unknown one is left to the request itself to report as expired (see
+    /// `check_existing` where it cannot be).
     pub fn check(
         &self,
         access: &Access,
@@ -128,7 +129,7 @@ impl SessionOwners {
                 owner
             }
         };
-        if owner.is_empty() || owner == access.owner {
+        if owner == access.owner {
             return Ok(());
         }
         let caller = if access.owner.is_empty() { "a caller without a certificate" } else { access.owner.as_str() };
@@ -177,4 +178,32 @@ pub fn validate_scope(scope: &pb::CredentialScope) -> Result<(), Status> {
         return Err(Status::invalid_argument("the squash identity cannot be root's (give --allow-root instead)"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owners(sessions: &[(u64, &str)]) -> SessionOwners {
+        let known = sessions.iter().map(|(session, owner)| (*session, owner.to_string())).collect();
+        SessionOwners { known: Mutex::new(known) }
+    }
+
+    fn unused() -> Result<Query, Status> {
+        unreachable!("owners of these sessions are known")
+    }
+
+    #[test]
+    fn a_session_serves_only_the_peer_that_opened_it() {
+        let owners = owners(&[(7, "client 3"), (8, "")]);
+        assert!(owners.check(&Access::full("client 3".into()), 7, unused).is_ok());
+        let other = owners.check(&Access::full("client 4".into()), 7, unused).unwrap_err();
+        assert_eq!(other.code(), tonic::Code::PermissionDenied);
+        assert!(owners.check(&Access::full(String::new()), 7, unused).is_err(), "no certificate, someone's session");
+        // Opened without TLS: a caller without a certificate may use it, a credential may not.
+        assert!(owners.check(&Access::full(String::new()), 8, unused).is_ok());
+        assert!(owners.check(&Access::full("client 3".into()), 8, unused).is_err());
+        // No session: nothing to own.
+        assert!(owners.check(&Access::full("client 3".into()), 0, unused).is_ok());
+    }
 }
