@@ -32,8 +32,6 @@ const XATTRS_PER_INODE_MAX: usize = 32;
 const XATTR_VALUE_CACHED_MAX: usize = 4096;
 /// Search (execute) permission for owner, group and others.
 const SEARCHABLE_BY_ALL: u32 = 0o111;
-/// The extended attribute the kernel reads before the first write to a file.
-const SECURITY_CAPABILITY: &[u8] = b"security.capability";
 /// Inodes one registration message names (the leader takes up to 4,096).
 const REGISTER_BATCH: usize = 4096;
 /// Breaks handled at once (each may wait for the kernel).
@@ -81,8 +79,22 @@ struct CachedInode {
     complete: bool,
     /// Extended attribute name to value, or the errno meta answered (ENODATA, EOPNOTSUPP).
     xattrs: HashMap<Vec<u8>, Result<Vec<u8>, i32>>,
+    /// The inode has no extended attributes: meta said so in attributes it promised, or this
+    /// client made it. Holds until a break drops the entry (changing one breaks the promise).
+    no_xattrs: bool,
     /// The kernel's cached pages of this file were filled under this promise.
     pages_valid: bool,
+}
+
+impl CachedInode {
+    /// Holds `attr` as the inode's current attributes; another generation is another file.
+    fn hold(&mut self, attr: &pb::Attr) {
+        if self.attr.is_some_and(|old| old.generation != attr.generation) {
+            *self = CachedInode::default();
+        }
+        self.no_xattrs |= attr.no_xattrs;
+        self.attr = Some(*attr);
+    }
 }
 
 struct Trust {
@@ -184,11 +196,7 @@ impl Callbacks {
         if self.epoch() != epoch {
             return;
         }
-        let entry = cache.get_or_insert_mut(attr.ino, CachedInode::default);
-        if entry.attr.is_some_and(|old| old.generation != attr.generation) {
-            *entry = CachedInode::default();
-        }
-        entry.attr = Some(*attr);
+        cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
     }
 
     /// Caches a name (with its child's attributes, or its absence) read under a promise.
@@ -198,11 +206,7 @@ impl Callbacks {
             return;
         }
         if let Some(attr) = child {
-            let entry = cache.get_or_insert_mut(attr.ino, CachedInode::default);
-            if entry.attr.is_some_and(|old| old.generation != attr.generation) {
-                *entry = CachedInode::default();
-            }
-            entry.attr = Some(*attr);
+            cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
         }
         let dir = cache.get_or_insert_mut(parent, CachedInode::default);
         if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(name) {
@@ -220,7 +224,20 @@ impl Callbacks {
         if entry.attr?.generation != target.generation {
             return None;
         }
-        entry.xattrs.get(name).cloned()
+        if let Some(answer) = entry.xattrs.get(name) {
+            return Some(answer.clone());
+        }
+        // It has none: any name meta keeps is absent.
+        (entry.no_xattrs && pb::xattr_name_errno(name).is_none()).then_some(Err(pb::errno::ENODATA))
+    }
+
+    /// Whether the promised cache knows that `target` has no extended attributes.
+    pub fn xattrs_none(&self, target: pb::FileHandle) -> bool {
+        if !self.trusted() {
+            return false;
+        }
+        let mut cache = self.cache();
+        cache.get(&target.ino).is_some_and(|e| e.no_xattrs && e.attr.is_some_and(|a| a.generation == target.generation))
     }
 
     /// Caches an extended attribute (or meta's errno for it) read under a promise. Only beside
@@ -263,11 +280,7 @@ impl Callbacks {
             return;
         }
         for attr in promised {
-            let cached = cache.get_or_insert_mut(attr.ino, CachedInode::default);
-            if cached.attr.is_some_and(|old| old.generation != attr.generation) {
-                *cached = CachedInode::default();
-            }
-            cached.attr = Some(*attr);
+            cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
         }
         let (Some(entry), Some(dir), Some(child)) = (entry, kept_dir, promised.first()) else { return };
         if let Some(dir) = cache.get_mut(&dir) {
@@ -280,12 +293,11 @@ impl Callbacks {
             }
         }
         if let Some(created) = cache.get_mut(&child.ino).filter(|_| !entry.removed) {
-            match entry.created {
-                Some(pb::FileKind::Regular) => {
-                    created.xattrs.insert(SECURITY_CAPABILITY.to_vec(), Err(pb::errno::ENODATA));
-                }
-                Some(pb::FileKind::Directory) => created.complete = true,
-                _ => {}
+            // A new inode has no extended attributes (what the kernel asks of each write,
+            // `security.capability`, and `ls -l`'s label need no request).
+            created.no_xattrs |= entry.created.is_some();
+            if entry.created == Some(pb::FileKind::Directory) {
+                created.complete = true;
             }
         }
     }
@@ -498,6 +510,9 @@ impl Drop for AbortOnDrop {
 mod tests {
     use super::*;
 
+    /// What the kernel asks of each write to a file (whether to drop its capabilities).
+    const SECURITY_CAPABILITY: &[u8] = b"security.capability";
+
     fn attr(ino: u64) -> pb::Attr {
         pb::Attr { ino, generation: 1, size: ino, perm: 0o755, ..Default::default() }
     }
@@ -562,6 +577,36 @@ mod tests {
         assert_eq!(callbacks.xattr(pb::FileHandle { ino: 4, generation: 2 }, b"user.a"), None);
         callbacks.forget_own(&[4], &[], None, callbacks.epoch());
         assert_eq!(callbacks.xattr(handle, b"user.a"), None);
+    }
+
+    #[test]
+    fn an_inode_meta_found_without_extended_attributes_answers_every_name_absent() {
+        let callbacks = trusting();
+        let handle = pb::FileHandle { ino: 5, generation: 1 };
+        callbacks.note_entry(1, b"f", Some(&pb::Attr { no_xattrs: true, ..attr(5) }), callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"security.selinux"), Some(Err(pb::errno::ENODATA)));
+        assert_eq!(callbacks.xattr(handle, b"user.anything"), Some(Err(pb::errno::ENODATA)));
+        assert!(callbacks.xattrs_none(handle));
+        // Names meta refuses (unknown namespace, empty, too long) still go to meta.
+        assert_eq!(callbacks.xattr(handle, b"system.posix_acl_access"), None);
+        assert_eq!(callbacks.xattr(handle, b"user."), None);
+        assert_eq!(callbacks.xattr(handle, &[b'u'; 300]), None);
+        // Later attributes (an open's, a read's) do not say, and change nothing: a change of
+        // extended attributes would have broken the promise and dropped the inode.
+        callbacks.note_attr(&attr(5), callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"user.a"), Some(Err(pb::errno::ENODATA)));
+        callbacks.forget(&Forget::Inodes(vec![5]));
+        assert_eq!(callbacks.xattr(handle, b"user.a"), None);
+        // Another generation is another file.
+        callbacks.note_attr(&pb::Attr { no_xattrs: true, ..attr(5) }, callbacks.epoch());
+        callbacks.note_attr(&pb::Attr { generation: 2, ..attr(5) }, callbacks.epoch());
+        assert_eq!(callbacks.xattr(pb::FileHandle { ino: 5, generation: 2 }, b"user.a"), None);
+        assert!(!callbacks.xattrs_none(pb::FileHandle { ino: 5, generation: 2 }));
+        // Not trusted once the lease runs out.
+        let callbacks = Callbacks::new(PartitionPolicy::Wait);
+        callbacks.note_attr(&pb::Attr { no_xattrs: true, ..attr(5) }, callbacks.epoch());
+        assert_eq!(callbacks.xattr(handle, b"user.a"), None);
+        assert!(!callbacks.xattrs_none(handle));
     }
 
     #[test]

@@ -502,6 +502,9 @@ impl MetaConnection {
     }
 
     pub async fn listxattr(&self, caller: &pb::Caller, target: pb::FileHandle) -> ClientResult<Vec<Vec<u8>>> {
+        if self.callbacks.xattrs_none(target) {
+            return Ok(Vec::new());
+        }
         let reply = self
             .call("listxattr", |mut c| {
                 let request = pb::GetAttrRequest { target: Some(target), session: 0, caller: Some(caller.clone()) };

@@ -62,7 +62,6 @@ pub const LINKS_MAX: u32 = 65_000;
 /// Results kept per session for replies to retried requests; a client never has more than
 /// this many mutations outstanding.
 pub const RESULTS_PER_SESSION: u64 = 4096;
-pub const XATTR_NAME_MAX: usize = 255;
 pub const XATTR_VALUE_MAX: usize = 64 * 1024;
 pub const SYMLINK_MAX: usize = 4095;
 /// Largest file offset, as on ext4 with 4 KiB blocks (16 TiB).
@@ -131,6 +130,8 @@ impl Inode {
             btime: Some(self.btime.to_pb()),
             rdev: self.rdev,
             allocated: self.allocated,
+            // Unknown here; reads that looked say (`Query::attr_read`).
+            no_xattrs: false,
         }
     }
 }

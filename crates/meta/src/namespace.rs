@@ -1286,15 +1286,8 @@ impl<'t> Tables<'t> {
 
 /// Extended attribute names: a known namespace and at most 255 bytes, as on ext4.
 pub fn check_xattr_name(name: &[u8]) -> ApplyResult<()> {
-    if name.is_empty() || name.len() > XATTR_NAME_MAX {
-        return fail(errno::ERANGE);
+    match pb::xattr_name_errno(name) {
+        Some(code) => fail(code),
+        None => Ok(()),
     }
-    if name.contains(&0) {
-        return fail(errno::EINVAL);
-    }
-    let known = [b"user.".as_slice(), b"trusted.", b"security."];
-    if !known.iter().any(|prefix| name.starts_with(prefix) && name.len() > prefix.len()) {
-        return fail(errno::EOPNOTSUPP);
-    }
-    Ok(())
 }

@@ -71,7 +71,19 @@ impl Query {
 
     pub fn getattr(&self, handle: Option<&pb::FileHandle>) -> QueryResult<pb::Attr> {
         let (ino, inode) = self.by_handle(handle)?;
-        Ok(inode.to_attr(ino))
+        self.attr_read(ino, &inode, &self.txn.open_table(XATTRS)?)
+    }
+
+    /// An inode's attributes as a read answers them: with whether it has no extended
+    /// attributes, so that `ls -l` asking each file for one needs no request of its own.
+    fn attr_read(
+        &self,
+        ino: u64,
+        inode: &Inode,
+        xattrs: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    ) -> QueryResult<pb::Attr> {
+        let mut names = xattrs.range(key_u64(ino).as_slice()..key_u64(ino + 1).as_slice())?;
+        Ok(pb::Attr { no_xattrs: names.next().is_none(), ..inode.to_attr(ino) })
     }
 
     pub fn lookup(&self, parent: Option<&pb::FileHandle>, name: &[u8]) -> QueryResult<pb::Attr> {
@@ -94,7 +106,7 @@ impl Query {
         };
         let child = child.ok_or(QueryError::Errno(errno::ENOENT))?;
         let inode = self.inode(child)?.ok_or(QueryError::Errno(errno::ENOENT))?;
-        Ok(inode.to_attr(child))
+        self.attr_read(child, &inode, &self.txn.open_table(XATTRS)?)
     }
 
     pub fn readdir(
@@ -109,6 +121,7 @@ impl Query {
         }
         let limit = limit.clamp(1, READDIR_PAGE_MAX);
         let dentries = self.txn.open_table(DENTRIES)?;
+        let xattrs = self.txn.open_table(XATTRS)?;
         let start = if after.is_empty() { key_u64(dir_ino).to_vec() } else { key_u64_name(dir_ino, after) };
         let end = key_u64(dir_ino + 1);
         let mut entries = Vec::new();
@@ -125,7 +138,8 @@ impl Query {
             }
             let child: u64 = decode(value.value()).map_err(|e| corrupt("dentries", e))?;
             let Some(child_inode) = self.inode(child)? else { continue };
-            entries.push(pb::DirEntry { name: name.to_vec(), attr: Some(child_inode.to_attr(child)) });
+            let attr = self.attr_read(child, &child_inode, &xattrs)?;
+            entries.push(pb::DirEntry { name: name.to_vec(), attr: Some(attr) });
         }
         Ok((entries, eof))
     }

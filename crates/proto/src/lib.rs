@@ -75,6 +75,25 @@ pub const EXTENTS_PER_REPLY_MAX: usize = 65_536;
 /// Longest name in a directory, as on ext4.
 pub const NAME_BYTES_MAX: usize = 255;
 
+/// Longest extended attribute name, as on ext4.
+pub const XATTR_NAME_MAX: usize = 255;
+
+/// Why an extended attribute name is refused, if it is: it must be 1 to 255 bytes without NUL,
+/// in a namespace Cairn keeps (`user.`, `trusted.`, `security.`) and name something in it.
+pub fn xattr_name_errno(name: &[u8]) -> Option<i32> {
+    if name.is_empty() || name.len() > XATTR_NAME_MAX {
+        return Some(errno::ERANGE);
+    }
+    if name.contains(&0) {
+        return Some(errno::EINVAL);
+    }
+    let known = [b"user.".as_slice(), b"trusted.", b"security."];
+    if !known.iter().any(|prefix| name.starts_with(prefix) && name.len() > prefix.len()) {
+        return Some(errno::EOPNOTSUPP);
+    }
+    None
+}
+
 /// A block's id: 128 bits made of the writing session and a per-session counter, unique
 /// without a round trip to meta.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
