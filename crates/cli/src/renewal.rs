@@ -25,8 +25,12 @@ const RENEWAL_CHECK_MAX: Duration = Duration::from_secs(3600);
 /// How long until the certificate in `files` (read from `source`) is due for renewal (zero:
 /// due now), and whether it has expired.
 fn renewal_due_in(files: &TrustFiles, source: &Path) -> Result<(Duration, bool)> {
-    let leaf = cairn_trust::tls::certs_of(&files.chain_pem)?.remove(0);
-    let Some((from, until)) = cairn_trust::identity::validity(&leaf) else {
+    leaf_due_in(&leaf_of(files)?, source)
+}
+
+/// Like [`renewal_due_in`], for a certificate in DER.
+fn leaf_due_in(leaf: &[u8], source: &Path) -> Result<(Duration, bool)> {
+    let Some((from, until)) = cairn_trust::identity::validity(leaf) else {
         bail!("{}: the certificate has no readable validity", source.display());
     };
     let now = std::time::SystemTime::now();
@@ -190,24 +194,33 @@ pub async fn keep_credential_current(path: PathBuf, certs: Arc<CertSlot>) {
         .map_err(anyhow::Error::from)
         .and_then(|files| leaf_of(&files))
         .unwrap_or_default();
-    let mut warned_at: Option<std::time::Instant> = None;
+    // Each problem is logged once when it appears, a due credential once a day.
+    let mut problem: Option<String> = None;
+    let mut warned_due_at: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(CREDENTIAL_CHECK).await;
         match reload_if_replaced(&path, &certs, &mut presented) {
-            Ok(true) => tracing::info!(path = %path.display(), "now presenting the replaced credential"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot use the credential file"),
+            Ok(replaced) => {
+                if replaced {
+                    tracing::info!(path = %path.display(), "now presenting the replaced credential");
+                }
+                problem = None;
+            }
+            Err(e) => {
+                let now = format!("{e:#}");
+                if problem.as_ref() != Some(&now) {
+                    tracing::warn!(path = %path.display(), error = %now, "cannot use the credential file; keeping the one in use");
+                }
+                problem = Some(now);
+            }
         }
-        let due = TrustFiles::load_bundle(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|files| renewal_due_in(&files, &path))
-            .is_ok_and(|(due_in, _)| due_in.is_zero());
-        if due && warned_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(24 * 3600)) {
+        let due = leaf_due_in(&presented, &path).is_ok_and(|(due_in, _)| due_in.is_zero());
+        if due && warned_due_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(24 * 3600)) {
             tracing::warn!(
                 path = %path.display(),
                 "this mount's credential expires soon: issue a new one (cairn credential issue) and copy it over this file"
             );
-            warned_at = Some(std::time::Instant::now());
+            warned_due_at = Some(std::time::Instant::now());
         }
     }
 }
