@@ -161,9 +161,13 @@ enum Command {
         #[arg(long)]
         strict: bool,
         /// What requests do once this client lost touch with meta for longer than its
-        /// promise lease: wait (up to 60 s, then EIO) or fail with EIO at once.
+        /// promise lease: wait (up to --timeout-secs, then EIO) or fail with EIO at once.
         #[arg(long, value_enum, default_value = "wait")]
         on_partition: OnPartition,
+        /// How long a request keeps trying (another copy of a block, a new meta leader, a
+        /// server coming back) before it fails with EIO.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        timeout_secs: u64,
         /// The local address this client's connections leave from (on a host with several).
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
@@ -392,7 +396,7 @@ fn run(cli: Cli) -> Result<()> {
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_secs),
             }))
         }
-        Command::Mount { meta, mount, cache_dir, cache_mib, strict, on_partition, bind } => {
+        Command::Mount { meta, mount, cache_dir, cache_mib, strict, on_partition, timeout_secs, bind } => {
             if let Some(ip) = bind {
                 cairn_proto::net::set_source_address(ip);
             }
@@ -404,7 +408,8 @@ fn run(cli: Cli) -> Result<()> {
                 OnPartition::Wait => PartitionPolicy::Wait,
                 OnPartition::Eio => PartitionPolicy::Eio,
             };
-            roles::mount(&runtime, split(&meta), mount, cache, roles::MountModes { strict, partition })
+            let timeout = std::time::Duration::from_secs(timeout_secs);
+            roles::mount(&runtime, split(&meta), mount, cache, roles::MountModes { strict, partition, timeout })
         }
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
             let runs = runs.max(1);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use cairn_client::callbacks::PartitionPolicy;
-use cairn_client::{Client, ClientOptions};
+use cairn_client::{Client, ClientOptions, RetryPolicy};
 use cairn_data::scrub::ScrubPolicy;
 use cairn_data::{DataService, Volume};
 use cairn_meta::{Bootstrap, MetaConfig, MetaNode, MetaService};
@@ -578,6 +578,8 @@ impl DiskCacheOptions {
 pub struct MountModes {
     pub strict: bool,
     pub partition: PartitionPolicy,
+    /// How long a request keeps trying before EIO.
+    pub timeout: std::time::Duration,
 }
 
 pub fn mount(
@@ -595,6 +597,7 @@ pub fn mount(
         disk_cache_dir: cache.dir(),
         disk_cache_bytes: cache.bytes,
         partition: modes.partition,
+        retry: RetryPolicy::with_deadline(modes.timeout),
         ..Default::default()
     };
     let client = runtime.block_on(async {

@@ -86,3 +86,49 @@ fn a_sequential_read_fetches_each_block_once() {
     let fetched = common::metrics(&reader)["block_bytes_fetched"].as_u64().unwrap() - before;
     assert_eq!(fetched, content.len() as u64, "every block fetched exactly once");
 }
+
+#[test]
+fn reads_with_every_copy_gone_fail_within_the_mounts_timeout_even_when_joining_a_readahead() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let content = pattern(9, 3 * 4 * 1024 * 1024);
+    let writer = cluster.mount().unwrap();
+    fs::write(writer.join("file"), &content).unwrap();
+    let timeout = std::time::Duration::from_secs(4);
+    let reader = cluster.mount_with_args(&["--timeout-secs", "4"]).unwrap();
+    cluster.datas[0].process.kill();
+
+    // Reads of the three blocks at once: whichever starts first fetches its block and reads
+    // ahead the next ones, and the others join those fetches, which are failing. Each read
+    // gives EIO, and none waits much past its own timeout. (The kernel tries a failed read a
+    // second time, so a read(2) sees up to two timeouts; the bound is loose for a busy machine.)
+    let file = std::sync::Arc::new(fs::File::open(reader.join("file")).unwrap());
+    let readers: Vec<_> = (0..3u64)
+        .map(|block| {
+            let file = file.clone();
+            std::thread::spawn(move || {
+                let started = std::time::Instant::now();
+                let mut buffer = vec![0u8; 128 * 1024];
+                let offset = block * 4 * 1024 * 1024 + 4096;
+                let result = std::os::unix::fs::FileExt::read_at(&*file, &mut buffer, offset);
+                (block, result.map(|_| ()), started.elapsed())
+            })
+        })
+        .collect();
+    for reader in readers {
+        let (block, result, waited) = reader.join().unwrap();
+        eprintln!("block {block}: {result:?} after {waited:?}");
+        let error = result.expect_err("a read with no copy left succeeded");
+        assert_eq!(error.raw_os_error(), Some(libc::EIO), "block {block}: {error}");
+        assert!(waited < timeout * 3, "block {block}: the read failed only after {waited:?}");
+    }
+    let mut file = fs::File::open(reader.join("file")).unwrap();
+    cluster.datas[0].process.restart().unwrap();
+    // With the server back, the same mount reads the file.
+    let mut read_back = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut read_back).unwrap();
+    assert!(read_back == content, "the file read back after the restart differs");
+}

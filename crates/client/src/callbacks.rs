@@ -62,7 +62,7 @@ pub struct OwnEntry<'a> {
 /// What a client does when it cannot reach meta and its lease ran out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum PartitionPolicy {
-    /// Keep retrying each request until its deadline (60 s), then EIO.
+    /// Keep retrying each request until its deadline (60 s unless the mount sets another), then EIO.
     #[default]
     Wait,
     /// Fail each request with EIO at once.

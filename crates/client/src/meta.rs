@@ -40,6 +40,14 @@ pub struct RetryPolicy {
     pub attempt_timeout: Duration,
 }
 
+impl RetryPolicy {
+    /// The default policy with another deadline (one attempt never outlasts it).
+    pub fn with_deadline(deadline: Duration) -> Self {
+        let default = RetryPolicy::default();
+        RetryPolicy { deadline, attempt_timeout: default.attempt_timeout.min(deadline), ..default }
+    }
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {
