@@ -18,7 +18,7 @@ use crate::model::{Standing, Time};
 use crate::network::NetworkFactory;
 use crate::query::{Query, QueryError};
 use crate::raft_types::{Command, CommandReply, MetaRaft, TypeConfig};
-use crate::store::{LogStore, StateMachineStore, open_database};
+use crate::store::{LogStore, STATE_FILE, StateMachineStore, open_databases};
 
 #[derive(Clone, Debug)]
 pub struct MetaConfig {
@@ -168,7 +168,7 @@ fn raft_config(snapshot_every: u64) -> Result<Arc<Config>, MetaError> {
 
 /// Whether `dir` already holds a meta store.
 pub fn store_exists(dir: &Path) -> bool {
-    dir.join("meta.redb").exists()
+    dir.join(STATE_FILE).exists()
 }
 
 impl MetaNode {
@@ -176,9 +176,9 @@ impl MetaNode {
     /// store becomes a one-member group and gets a fresh file system with id `fs_id`.
     pub async fn start(config: MetaConfig, bootstrap: Option<Bootstrap>) -> Result<Arc<MetaNode>, MetaError> {
         let fresh = !store_exists(&config.dir);
-        let db = open_database(&config.dir).map_err(|e| MetaError::Store(e.to_string()))?;
-        let log_store = LogStore::new(db.clone());
-        let state_machine = StateMachineStore::new(db.clone(), &config.dir);
+        let databases = open_databases(&config.dir).map_err(|e| MetaError::Store(e.to_string()))?;
+        let log_store = LogStore::new(&databases);
+        let state_machine = StateMachineStore::new(&databases, &config.dir);
         let raft = MetaRaft::new(
             config.node_id,
             raft_config(config.snapshot_every)?,
@@ -192,7 +192,7 @@ impl MetaNode {
         let node = Arc::new(MetaNode {
             config,
             raft,
-            db,
+            db: databases.state.clone(),
             data_servers: RwLock::new(HashMap::new()),
             membership_changes: tokio::sync::Mutex::new(()),
             under_replicated: AtomicU64::new(0),

@@ -1,21 +1,25 @@
-//! Raft storage on redb: the log, the vote and the state machine live in one database file.
+//! Raft storage on redb, in two database files: `raft-log.redb` holds the log and the vote,
+//! `meta.redb` the state machine (the namespace and its applied position).
 //!
 //! Log appends commit with `Durability::Immediate`, so an entry is on disk before Raft counts
-//! it. State-machine applies commit with `Durability::None`: they become durable with the next
-//! log append, and after a crash the state rolls back to a point that the log replays from
-//! (the applied index is stored in the same transaction as the state it describes).
+//! it; as the log has a file of its own, that sync writes only the log's few pages. Applies
+//! commit with `Durability::None`, and every [`CHECKPOINT_ENTRIES`] entries or
+//! [`CHECKPOINT_INTERVAL`] one of them is made durable. After a crash the state rolls back to
+//! its last durable apply (the applied index is stored in the same transaction as the state it
+//! describes) and the log replays from there, so the log is never purged past that point.
 
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use openraft::storage::{EntryResponder, IOFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::type_config::alias::{EntryOf, LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf, VoteOf};
 use openraft::{EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 use prost::Message;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{BLOCK_TOKEN_EPOCH, SM_META, STATE_TABLES, decode, encode};
@@ -26,30 +30,109 @@ use cairn_proto as pb;
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
+/// The state machine's file (its name predates the split, so older stores open as they are).
+pub const STATE_FILE: &str = "meta.redb";
+/// The log's file.
+pub const LOG_FILE: &str = "raft-log.redb";
+
+/// At most this many applied entries are replayed from the log after a crash...
+pub const CHECKPOINT_ENTRIES: u64 = 1_000;
+/// ... and at most this much time's worth.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
+
 fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-/// Opens (or creates) the metadata database in `dir`.
-pub fn open_database(dir: &Path) -> Result<Arc<Database>, redb::Error> {
+/// The two databases of a meta member.
+pub struct Databases {
+    pub log: Arc<Database>,
+    pub state: Arc<Database>,
+}
+
+/// Opens (or creates) the databases in `dir`. A store from before the split keeps its log in
+/// `meta.redb`; it is moved to a file of its own first.
+pub fn open_databases(dir: &Path) -> Result<Databases, redb::Error> {
     std::fs::create_dir_all(dir).map_err(redb::Error::Io)?;
-    with_tables(Database::create(dir.join("meta.redb"))?)
-}
-
-/// A metadata database in memory, for fuzzing and tests of the state machine alone.
-pub fn open_memory_database() -> Result<Arc<Database>, redb::Error> {
-    with_tables(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
-}
-
-fn with_tables(db: Database) -> Result<Arc<Database>, redb::Error> {
-    let txn = db.begin_write()?;
+    let state = Database::create(dir.join(STATE_FILE))?;
+    let log_path = dir.join(LOG_FILE);
+    if !log_path.exists() {
+        move_log_out(&state, dir)?;
+    }
+    // Also clears what a move that crashed after its rename left behind.
+    let txn = state.begin_write()?;
+    txn.delete_table(RAFT_LOG)?;
+    txn.delete_table(RAFT_META)?;
+    txn.commit()?;
+    let log = Database::create(log_path)?;
+    let txn = log.begin_write()?;
     txn.open_table(RAFT_LOG)?;
     txn.open_table(RAFT_META)?;
+    txn.commit()?;
+    Ok(Databases { log: Arc::new(log), state: with_state_tables(state)? })
+}
+
+/// Copies the log tables of `state` (if any) into a new log file, made durable and then put in
+/// place by a rename, so a crash leaves either no log file (and the move starts again) or a
+/// whole one.
+fn move_log_out(state: &Database, dir: &Path) -> Result<(), redb::Error> {
+    let temp = dir.join(format!("{LOG_FILE}.tmp"));
+    match std::fs::remove_file(&temp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(redb::Error::Io(e)),
+        _ => {}
+    }
+    {
+        let log = Database::create(&temp)?;
+        let txn = log.begin_write()?;
+        {
+            let read = state.begin_read()?;
+            let mut entries = txn.open_table(RAFT_LOG)?;
+            match read.open_table(RAFT_LOG) {
+                Ok(old) => {
+                    for row in old.iter()? {
+                        let (index, bytes) = row?;
+                        entries.insert(index.value(), bytes.value())?;
+                    }
+                }
+                Err(TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let mut values = txn.open_table(RAFT_META)?;
+            match read.open_table(RAFT_META) {
+                Ok(old) => {
+                    for row in old.iter()? {
+                        let (name, bytes) = row?;
+                        values.insert(name.value(), bytes.value())?;
+                    }
+                }
+                Err(TableError::TableDoesNotExist(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        txn.commit()?;
+    }
+    std::fs::rename(&temp, dir.join(LOG_FILE)).map_err(redb::Error::Io)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(redb::Error::Io)
+}
+
+/// A state-machine database in memory, for fuzzing and tests of the state machine alone.
+pub fn open_memory_database() -> Result<Arc<Database>, redb::Error> {
+    with_state_tables(Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?)
+}
+
+fn with_state_tables(db: Database) -> Result<Arc<Database>, redb::Error> {
+    let txn = db.begin_write()?;
     for table in STATE_TABLES {
         txn.open_table(table)?;
     }
     txn.commit()?;
     Ok(Arc::new(db))
+}
+
+/// Makes every apply so far durable (an empty durable commit carries the ones before it).
+fn checkpoint(state: &Database) -> io::Result<()> {
+    let txn = state.begin_write().map_err(io_err)?;
+    txn.commit().map_err(io_err)
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
@@ -69,11 +152,13 @@ async fn inline<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 's
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The state machine's database, made durable before the log that rebuilds it is purged.
+    state: Arc<Database>,
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Self {
-        LogStore { db }
+    pub fn new(databases: &Databases) -> Self {
+        LogStore { db: databases.log.clone(), state: databases.state.clone() }
     }
 
     fn meta_value<T: for<'de> Deserialize<'de>>(&self, name: &str) -> io::Result<Option<T>> {
@@ -161,7 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
         let store = self.clone();
-        blocking(move || store.put_meta("committed", &committed, Durability::None)).await
+        inline(move || store.put_meta("committed", &committed, Durability::None)).await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
@@ -216,7 +301,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
         let db = self.db.clone();
+        let state = self.state.clone();
         blocking(move || {
+            // Purged entries can no longer be replayed: the state they built must be on disk.
+            checkpoint(&state)?;
             let txn = db.begin_write().map_err(io_err)?;
             {
                 let mut table = txn.open_table(RAFT_LOG).map_err(io_err)?;
@@ -242,15 +330,39 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// How much applied state is not yet durable.
+struct Undurable {
+    entries: u64,
+    since: Instant,
+}
+
 #[derive(Clone)]
 pub struct StateMachineStore {
     db: Arc<Database>,
     snapshot_path: PathBuf,
+    undurable: Arc<Mutex<Undurable>>,
 }
 
 impl StateMachineStore {
-    pub fn new(db: Arc<Database>, dir: &Path) -> Self {
-        StateMachineStore { db, snapshot_path: dir.join("snapshot.bin") }
+    pub fn new(databases: &Databases, dir: &Path) -> Self {
+        StateMachineStore {
+            db: databases.state.clone(),
+            snapshot_path: dir.join("snapshot.bin"),
+            undurable: Arc::new(Mutex::new(Undurable { entries: 0, since: Instant::now() })),
+        }
+    }
+
+    /// How to commit an apply of `count` entries: durably once enough has piled up.
+    fn durability_for(&self, count: usize) -> Durability {
+        let mut undurable = self.undurable.lock().unwrap_or_else(|e| e.into_inner());
+        undurable.entries += count as u64;
+        if undurable.entries >= CHECKPOINT_ENTRIES || undurable.since.elapsed() >= CHECKPOINT_INTERVAL {
+            undurable.entries = 0;
+            undurable.since = Instant::now();
+            Durability::Immediate
+        } else {
+            Durability::None
+        }
     }
 
     fn applied(&self) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
@@ -269,7 +381,7 @@ impl StateMachineStore {
 
     fn apply_batch(&self, entries: Vec<EntryOf<TypeConfig>>) -> io::Result<Vec<CommandReply>> {
         let mut txn = self.db.begin_write().map_err(io_err)?;
-        txn.set_durability(Durability::None).map_err(io_err)?;
+        txn.set_durability(self.durability_for(entries.len())).map_err(io_err)?;
         let mut replies = Vec::with_capacity(entries.len());
         {
             let tables = Tables::new(&txn);
@@ -494,5 +606,71 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let stored: StoredSnapshot = decode(&bytes).map_err(io_err)?;
         Ok(Some(SnapshotOf::<TypeConfig, Vec<u8>> { meta: stored.meta, snapshot: stored.data }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(index: u64) -> EntryOf<TypeConfig> {
+        EntryOf::<TypeConfig> {
+            log_id: LogIdOf::<TypeConfig>::new(openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 }, index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_with_its_log_inside_the_state_file_moves_it_out_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // The layout before the split: log, vote and state in one file.
+            let old = Database::create(dir.path().join(STATE_FILE)).unwrap();
+            let txn = old.begin_write().unwrap();
+            {
+                let mut log = txn.open_table(RAFT_LOG).unwrap();
+                for index in 1..=5 {
+                    log.insert(index, encode(&entry(index)).as_slice()).unwrap();
+                }
+                let mut values = txn.open_table(RAFT_META).unwrap();
+                values.insert("vote", b"a vote".as_slice()).unwrap();
+                let mut state = txn.open_table(SM_META).unwrap();
+                state.insert(b"marker".as_slice(), b"kept".as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        // A move that crashed before its rename left a partial file; it is started again.
+        std::fs::write(dir.path().join(format!("{LOG_FILE}.tmp")), b"torn").unwrap();
+
+        let databases = open_databases(dir.path()).unwrap();
+        let mut store = LogStore::new(&databases);
+        let entries = store.try_get_log_entries(0..100).await.unwrap();
+        assert_eq!(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(entry(5).log_id));
+        let raw: Option<Vec<u8>> = {
+            let txn = databases.log.begin_read().unwrap();
+            let table = txn.open_table(RAFT_META).unwrap();
+            table.get("vote").unwrap().map(|v| v.value().to_vec())
+        };
+        assert_eq!(raw.as_deref(), Some(b"a vote".as_slice()));
+
+        let txn = databases.state.begin_read().unwrap();
+        assert!(matches!(txn.open_table(RAFT_LOG), Err(TableError::TableDoesNotExist(_))), "the old log is gone");
+        let state = txn.open_table(SM_META).unwrap();
+        assert_eq!(state.get(b"marker".as_slice()).unwrap().unwrap().value(), b"kept");
+        assert!(!dir.path().join(format!("{LOG_FILE}.tmp")).exists());
+    }
+
+    #[test]
+    fn applies_become_durable_after_enough_entries_or_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let databases = open_databases(dir.path()).unwrap();
+        let store = StateMachineStore::new(&databases, dir.path());
+        assert!(matches!(store.durability_for(1), Durability::None));
+        assert!(matches!(store.durability_for(CHECKPOINT_ENTRIES as usize - 2), Durability::None));
+        assert!(matches!(store.durability_for(1), Durability::Immediate), "the thousandth entry checkpoints");
+        assert!(matches!(store.durability_for(1), Durability::None), "and the count starts again");
+        store.undurable.lock().unwrap().since = Instant::now() - CHECKPOINT_INTERVAL;
+        assert!(matches!(store.durability_for(1), Durability::Immediate), "so does a second's worth");
     }
 }

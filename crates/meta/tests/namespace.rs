@@ -5,7 +5,7 @@ use cairn_meta::model::{ROOT_INO, Time};
 use cairn_meta::namespace::Tables;
 use cairn_meta::query::Query;
 use cairn_meta::raft_types::{Command, CommandReply};
-use cairn_meta::store::{apply_command, open_database};
+use cairn_meta::store::{apply_command, open_databases};
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use prost::Message;
 use redb::ReadableDatabase;
@@ -21,7 +21,7 @@ struct Fixture {
 impl Fixture {
     fn new() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let db = open_database(dir.path()).unwrap();
+        let db = open_databases(dir.path()).unwrap().state;
         let mut fixture = Fixture { _dir: dir, db, session: 0, seq: 0, clock: 1_000 };
         fixture.apply(Command::InitFs { fs_id: "test".into(), now: Time { sec: 1, nsec: 0 } });
         fixture.session =
@@ -279,7 +279,7 @@ fn setgid_directories_pass_their_group_on() {
 
 mod log_store {
     use cairn_meta::raft_types::TypeConfig;
-    use cairn_meta::store::{LogStore, open_database};
+    use cairn_meta::store::{LogStore, open_databases};
     use openraft::storage::{IOFlushed, RaftLogStorage};
     use openraft::type_config::alias::{EntryOf, LogIdOf};
     use openraft::{EntryPayload, RaftLogReader};
@@ -295,12 +295,12 @@ mod log_store {
     async fn purged_position_and_entries_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut store = LogStore::new(open_database(dir.path()).unwrap());
+            let mut store = LogStore::new(&open_databases(dir.path()).unwrap());
             store.append((1..=10).map(entry), IOFlushed::noop()).await.unwrap();
             store.purge(entry(4).log_id).await.unwrap();
             store.truncate_after(Some(entry(8).log_id)).await.unwrap();
         }
-        let mut store = LogStore::new(open_database(dir.path()).unwrap());
+        let mut store = LogStore::new(&open_databases(dir.path()).unwrap());
         let state = store.get_log_state().await.unwrap();
         assert_eq!(state.last_purged_log_id, Some(entry(4).log_id));
         assert_eq!(state.last_log_id, Some(entry(8).log_id));
