@@ -271,7 +271,7 @@ impl Data for DataService {
                             Vec::new()
                         },
                         first_piece: piece as u32,
-                        data: data.into(),
+                        data,
                         errno: 0,
                     },
                     Err(VolumeError::Corrupt { .. }) => GetBlockChunk { errno: errno::EIO, ..Default::default() },

@@ -26,6 +26,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
@@ -114,6 +115,59 @@ impl NewBlock {
     }
 }
 
+/// A segment file as readers see it: the file, and the same file opened for reading with
+/// `O_DIRECT` where the file system takes it.
+struct SegmentFile {
+    file: Arc<File>,
+    direct: Option<File>,
+}
+
+impl SegmentFile {
+    fn new(dir: &Path, number: u32, file: Arc<File>) -> Arc<SegmentFile> {
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(segment_path(dir, number)).ok();
+        Arc::new(SegmentFile { file, direct })
+    }
+}
+
+/// Reads `len` bytes at `at` (both on `ALIGN` boundaries at the start) with `O_DIRECT`, into a
+/// buffer that is not zeroed first: the disk fills it. The read is rounded up to a boundary,
+/// which stays within the segment (records are padded) or stops short at its end.
+fn read_direct(file: &File, at: u64, len: usize) -> std::io::Result<Bytes> {
+    debug_assert!(at.is_multiple_of(ALIGN));
+    let read_len = align_up(len as u64) as usize;
+    let mut buffer = Vec::<u8>::with_capacity(read_len + ALIGN as usize);
+    let skip = buffer.as_ptr().align_offset(ALIGN as usize);
+    buffer.resize(skip, 0);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: the buffer's capacity holds `read_len` bytes past `skip`, and `pread` writes at
+        // most `read_len - done` bytes from `skip + done` on.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                buffer.as_mut_ptr().add(skip + done).cast(),
+                read_len - done,
+                (at + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => {
+                done += n as usize;
+                // SAFETY: the kernel has just written those bytes.
+                unsafe { buffer.set_len(skip + done) };
+            }
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(Bytes::from(buffer).slice(skip..skip + len))
+}
+
 struct Segment {
     number: u32,
     file: Arc<File>,
@@ -191,7 +245,10 @@ const VERIFY_PIECES: usize = 16;
 pub struct Volume {
     dir: PathBuf,
     index: RwLock<HashMap<BlockId, Location>>,
-    segments: RwLock<HashMap<u32, Arc<File>>>,
+    segments: RwLock<HashMap<u32, Arc<SegmentFile>>>,
+    /// Cleared when a file system turns `O_DIRECT` reads down after all: reads then go
+    /// through the page cache.
+    direct_reads: AtomicBool,
     writer: Mutex<Writer>,
     /// How far (segment, offset) the volume is known to be durable.
     synced: Mutex<Position>,
@@ -333,11 +390,11 @@ impl Volume {
                 file.sync_all()?;
             }
             last_end = offset;
-            segments.insert(number, Arc::new(file));
+            segments.insert(number, SegmentFile::new(dir, number, Arc::new(file)));
         }
         let active_number = numbers.last().copied().unwrap_or(1);
         let active_file = match segments.get(&active_number) {
-            Some(file) => file.clone(),
+            Some(segment) => segment.file.clone(),
             None => {
                 let file = Arc::new(
                     OpenOptions::new()
@@ -348,7 +405,7 @@ impl Volume {
                         .open(segment_path(dir, active_number))?,
                 );
                 File::open(dir)?.sync_all()?;
-                segments.insert(active_number, file.clone());
+                segments.insert(active_number, SegmentFile::new(dir, active_number, file.clone()));
                 last_end = 0;
                 file
             }
@@ -357,6 +414,7 @@ impl Volume {
             dir: dir.to_path_buf(),
             index: RwLock::new(index),
             segments: RwLock::new(segments),
+            direct_reads: AtomicBool::new(true),
             writer: Mutex::new(Writer {
                 active: Segment::open(dir, active_number, active_file),
                 end: last_end,
@@ -458,7 +516,10 @@ impl Volume {
                 .open(segment_path(&self.dir, number))?,
         );
         File::open(&self.dir)?.sync_all()?;
-        self.segments.write().map_err(|_| poisoned())?.insert(number, file.clone());
+        self.segments
+            .write()
+            .map_err(|_| poisoned())?
+            .insert(number, SegmentFile::new(&self.dir, number, file.clone()));
         writer.active = Segment::open(&self.dir, number, file);
         writer.end = 0;
         Ok(())
@@ -506,11 +567,13 @@ impl Volume {
     /// punch holes keeps the bytes. A reader that found the block before it was deleted may
     /// then read zeros, which fail their hashes: `read_pieces` reports such a block as gone.
     fn punch(&self, location: &Location) {
-        let Some(file) = self.segments.read().ok().and_then(|s| s.get(&location.segment).cloned()) else { return };
+        let Some(segment) = self.segments.read().ok().and_then(|s| s.get(&location.segment).cloned()) else {
+            return;
+        };
         // SAFETY: fallocate on a descriptor this volume holds open; no memory is passed.
         let rc = unsafe {
             libc::fallocate(
-                file.as_raw_fd(),
+                segment.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 location.data_offset as libc::off_t,
                 location.len as libc::off_t,
@@ -531,7 +594,6 @@ impl Volume {
         Ok((location.len, location.pieces))
     }
 
-    /// Reads whole pieces `first..=last` of a block, verifying each against its hash.
     /// Tells the kernel that pieces `first..=last` of a block are about to be read, so the disk
     /// reads them all at once instead of piece by piece as the reads arrive. Only a hint: an
     /// unknown block or a failed advice is left to the reads to report.
@@ -542,8 +604,13 @@ impl Volume {
         if start >= end {
             return;
         }
-        let file = self.segments.read().ok().and_then(|segments| segments.get(&location.segment).cloned());
-        if let Some(file) = file {
+        let segment = self.segments.read().ok().and_then(|segments| segments.get(&location.segment).cloned());
+        if let Some(segment) = segment {
+            if self.reads_directly(&segment, location.data_offset + start as u64) {
+                // Direct reads skip the page cache this would fill.
+                return;
+            }
+            let file = &segment.file;
             let offset = (location.data_offset + start as u64) as libc::off_t;
             // SAFETY: posix_fadvise on a descriptor this volume holds open; it only reads memory
             // it is given by value.
@@ -553,7 +620,15 @@ impl Volume {
         }
     }
 
-    pub fn read_pieces(&self, id: BlockId, first: usize, last: usize) -> Result<Vec<u8>, VolumeError> {
+    /// Whether a read at `at` in `segment` goes past the page cache: straight from the disk
+    /// into the buffer sent, with no copy by the kernel. Records of older volumes are packed,
+    /// so their data is not aligned and is read through the page cache.
+    fn reads_directly(&self, segment: &SegmentFile, at: u64) -> bool {
+        segment.direct.is_some() && at.is_multiple_of(ALIGN) && self.direct_reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads whole pieces `first..=last` of a block, verifying each against its hash.
+    pub fn read_pieces(&self, id: BlockId, first: usize, last: usize) -> Result<Bytes, VolumeError> {
         let location = self.locate(id)?;
         let piece_count = location.pieces.len();
         if first > last || last >= piece_count {
@@ -561,10 +636,28 @@ impl Volume {
         }
         let start = first * PIECE_BYTES;
         let end = ((last + 1) * PIECE_BYTES).min(location.len as usize);
-        let file = self.segments.read().map_err(|_| poisoned())?.get(&location.segment).cloned();
-        let file = file.ok_or_else(|| VolumeError::Corrupt { id, what: "segment missing".into() })?;
-        let mut data = vec![0u8; end - start];
-        file.read_exact_at(&mut data, location.data_offset + start as u64)?;
+        let segment = self.segments.read().map_err(|_| poisoned())?.get(&location.segment).cloned();
+        let segment = segment.ok_or_else(|| VolumeError::Corrupt { id, what: "segment missing".into() })?;
+        let at = location.data_offset + start as u64;
+        let direct = match &segment.direct {
+            Some(direct) if self.reads_directly(&segment, at) => match read_direct(direct, at, end - start) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(error = %e, "O_DIRECT reads refused: blocks are read through the page cache");
+                    self.direct_reads.store(false, Ordering::Relaxed);
+                    None
+                }
+                read => Some(read?),
+            },
+            _ => None,
+        };
+        let data = match direct {
+            Some(data) => data,
+            None => {
+                let mut data = vec![0u8; end - start];
+                segment.file.read_exact_at(&mut data, at)?;
+                Bytes::from(data)
+            }
+        };
         for (i, piece) in data.chunks(PIECE_BYTES).enumerate() {
             if piece_hash(piece) != location.pieces[first + i] {
                 if !self.contains(id) {
@@ -724,6 +817,52 @@ mod tests {
         }
         assert_eq!(volume.read_pieces(BlockId::new(7, 51), 0, 1).unwrap(), vec![8; 70_000]);
         assert_eq!(volume.writer.lock().unwrap().end, end, "reopened at the same end");
+    }
+
+    /// How many pages of `file` in `offset..offset + len` are in the page cache.
+    fn resident_pages(file: &File, offset: u64, len: usize) -> usize {
+        // SAFETY: a read-only shared mapping of a file the caller holds open, unmapped below;
+        // `mincore` writes one byte per page into a vector of that many.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            let mut pages = vec![0u8; len.div_ceil(ALIGN as usize)];
+            let rc = libc::mincore(map, len, pages.as_mut_ptr());
+            libc::munmap(map, len);
+            assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+            pages.iter().filter(|page| *page & 1 != 0).count()
+        }
+    }
+
+    #[test]
+    fn blocks_are_written_and_read_past_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..BLOCK_BYTES_MAX).map(|i| (i % 251) as u8).collect();
+        let id = BlockId::new(7, 1);
+        volume.append(vec![block(1, data.clone())], true).unwrap();
+        let location = volume.locate(id).unwrap();
+        let segment = volume.segments.read().unwrap().get(&location.segment).cloned().unwrap();
+        if segment.direct.is_none() {
+            eprintln!("this file system refuses O_DIRECT: blocks go through the page cache, nothing to check");
+            return;
+        }
+        let pieces = BLOCK_BYTES_MAX / PIECE_BYTES;
+        assert_eq!(volume.read_pieces(id, 0, pieces - 1).unwrap(), data);
+        assert_eq!(volume.read_pieces(id, 3, 5).unwrap(), data[3 * PIECE_BYTES..6 * PIECE_BYTES]);
+        assert_eq!(
+            resident_pages(&segment.file, location.data_offset, location.len as usize),
+            0,
+            "the block's data went through the page cache"
+        );
+        assert!(volume.direct_reads.load(Ordering::Relaxed));
     }
 
     #[test]
