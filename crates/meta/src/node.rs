@@ -238,20 +238,11 @@ impl MetaNode {
         }
     }
 
-    /// A read view that reflects every write acknowledged before the call.
-    ///
-    /// A leader that is the group's only voter cannot be deposed without knowing it, and it
-    /// acknowledges a write only after applying it, so it reads its own state at once. With
-    /// more voters the leader first confirms its lease (openraft's lease read).
+    /// A read view that reflects every write acknowledged before the call: at once where
+    /// [`MetaNode::reads_locally`], else once the leader has confirmed its lease and its state
+    /// has caught up (openraft's lease read).
     pub async fn read(&self) -> Result<Query, MetaError> {
-        let sole_leader = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow_watched();
-            metrics.state == openraft::ServerState::Leader
-                && metrics.current_leader == Some(self.config.node_id)
-                && metrics.membership_config.membership().voter_ids().count() == 1
-        };
-        if sole_leader {
+        if self.reads_locally() {
             return self.local_read();
         }
         if let Err(e) = self.raft.ensure_linearizable(ReadPolicy::LeaseRead).await {
@@ -261,6 +252,25 @@ impl MetaNode {
             });
         }
         self.local_read()
+    }
+
+    /// Whether this member may serve a read from its own state without asking anyone.
+    ///
+    /// A leader that is the group's only voter cannot be deposed without knowing it, and it
+    /// acknowledges a write only after applying it; but after a restart, entries past the last
+    /// stored commit index are applied only when the new leader's first entry commits. So it
+    /// reads locally once it has applied an entry of its own term: every entry logged before
+    /// its term is then applied too.
+    pub fn reads_locally(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow_watched();
+        metrics.state == openraft::ServerState::Leader
+            && metrics.current_leader == Some(self.config.node_id)
+            && metrics.membership_config.membership().voter_ids().count() == 1
+            && metrics
+                .last_applied
+                .as_ref()
+                .is_some_and(|applied| applied.committed_leader_id().term == metrics.current_term)
     }
 
     /// A read view of this member's applied state, without asking whether it is current.
