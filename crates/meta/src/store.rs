@@ -84,35 +84,33 @@ fn move_log_out(state: &Database, dir: &Path) -> Result<(), redb::Error> {
     {
         let log = Database::create(&temp)?;
         let txn = log.begin_write()?;
-        {
-            let read = state.begin_read()?;
-            let mut entries = txn.open_table(RAFT_LOG)?;
-            match read.open_table(RAFT_LOG) {
-                Ok(old) => {
-                    for row in old.iter()? {
-                        let (index, bytes) = row?;
-                        entries.insert(index.value(), bytes.value())?;
-                    }
-                }
-                Err(TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let mut values = txn.open_table(RAFT_META)?;
-            match read.open_table(RAFT_META) {
-                Ok(old) => {
-                    for row in old.iter()? {
-                        let (name, bytes) = row?;
-                        values.insert(name.value(), bytes.value())?;
-                    }
-                }
-                Err(TableError::TableDoesNotExist(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let read = state.begin_read()?;
+        copy_table(&read, &txn, RAFT_LOG)?;
+        copy_table(&read, &txn, RAFT_META)?;
         txn.commit()?;
     }
     std::fs::rename(&temp, dir.join(LOG_FILE)).map_err(redb::Error::Io)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(redb::Error::Io)
+}
+
+/// Copies every row of `table` from `from` (where it may not exist) into `to`.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &redb::WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<(), redb::Error> {
+    let mut target = to.open_table(table)?;
+    match from.open_table(table) {
+        Ok(source) => {
+            for row in source.iter()? {
+                let (key, value) = row?;
+                target.insert(key.value(), value.value())?;
+            }
+            Ok(())
+        }
+        Err(TableError::TableDoesNotExist(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A state-machine database in memory, for fuzzing and tests of the state machine alone.
