@@ -6,7 +6,8 @@
 //! commit with `Durability::None`, and every [`CHECKPOINT_ENTRIES`] entries or
 //! [`CHECKPOINT_INTERVAL`] one of them is made durable. After a crash the state rolls back to
 //! its last durable apply (the applied index is stored in the same transaction as the state it
-//! describes) and the log replays from there, so the log is never purged past that point.
+//! describes) and the log replays from there; the state is made durable before the log is
+//! purged, so that replay never has to fall back on the last snapshot.
 
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -301,7 +302,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let db = self.db.clone();
         let state = self.state.clone();
         blocking(move || {
-            // Purged entries can no longer be replayed: the state they built must be on disk.
+            // Purged entries can no longer be replayed. The snapshot covering them is on disk,
+            // but restoring it after a crash rewrites the whole namespace: with the state they
+            // built on disk too, a restart replays only the entries after it.
             checkpoint(&state)?;
             let txn = db.begin_write().map_err(io_err)?;
             {
