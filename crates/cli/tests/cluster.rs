@@ -145,6 +145,18 @@ fn every_server_killed_at_once_comes_back_healthy_with_every_acknowledged_file()
     workload.verify(&mount, &acks).unwrap();
 }
 
+/// Creating directory `d{i}` in `parent`.
+fn numbered_directory(parent: pb::FileHandle, i: u64) -> Op {
+    Op::Create(pb::CreateOp {
+        parent: Some(parent),
+        name: format!("d{i}").into_bytes(),
+        kind: pb::FileKind::Directory as i32,
+        perm: 0o755,
+        exclusive: true,
+        ..Default::default()
+    })
+}
+
 fn mutate(session: u64, seq: u64, op: Op) -> pb::MutateRequest {
     pb::MutateRequest {
         session,
@@ -250,23 +262,14 @@ fn a_killed_meta_server_restarts_with_every_change_though_its_log_was_purged() {
     let spec = ClusterSpec { metas: 1, datas: 1, snapshot_every: 50, ..Default::default() };
     let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
     let rt = runtime();
-    let create = |parent, i: u64| {
-        Op::Create(pb::CreateOp {
-            parent: Some(parent),
-            name: format!("d{i}").into_bytes(),
-            kind: pb::FileKind::Directory as i32,
-            perm: 0o755,
-            exclusive: true,
-            ..Default::default()
-        })
-    };
     rt.block_on(async {
         cluster.wait_for_leader(Duration::from_secs(10)).unwrap();
         let mut client = common::meta_client(&cluster, &cluster.metas[0].address).await.unwrap();
         let session =
             client.open_session(pb::OpenSessionRequest { client_name: "purged".into() }).await.unwrap().into_inner();
         for i in 1..=400u64 {
-            let reply = client.mutate(mutate(session.session, i, create(session.root.unwrap(), i))).await.unwrap();
+            let reply =
+                client.mutate(mutate(session.session, i, numbered_directory(session.root.unwrap(), i))).await.unwrap();
             assert_eq!(reply.into_inner().errno, 0);
         }
     });
@@ -303,15 +306,8 @@ fn a_new_meta_server_catches_up_from_a_snapshot() {
         let root = session.root.unwrap();
         // Enough history that the log before it has been purged behind a snapshot.
         for i in 1..=400u64 {
-            let op = Op::Create(pb::CreateOp {
-                parent: Some(root),
-                name: format!("d{i}").into_bytes(),
-                kind: pb::FileKind::Directory as i32,
-                perm: 0o755,
-                exclusive: true,
-                ..Default::default()
-            });
-            let reply = client.mutate(mutate(session.session, i, op)).await.unwrap().into_inner();
+            let reply =
+                client.mutate(mutate(session.session, i, numbered_directory(root, i))).await.unwrap().into_inner();
             assert_eq!(reply.errno, 0);
         }
     });
