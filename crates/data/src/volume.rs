@@ -155,6 +155,11 @@ fn read_direct(file: &File, at: u64, len: usize) -> std::io::Result<Bytes> {
                 done += n as usize;
                 // SAFETY: the kernel has just written those bytes.
                 unsafe { buffer.set_len(skip + done) };
+                // A short direct read ends only at the end of the file; reading on from an
+                // unaligned offset would fail as if `O_DIRECT` were refused.
+                if done < len && !done.is_multiple_of(ALIGN as usize) {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
             }
             0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             _ => {
@@ -863,6 +868,24 @@ mod tests {
             "the block's data went through the page cache"
         );
         assert!(volume.direct_reads.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_segment_cut_short_under_a_block_is_an_error_and_direct_reads_stay_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let volume = Volume::open(dir.path()).unwrap();
+        volume.append(vec![block(1, vec![5; BLOCK_BYTES_MAX])], true).unwrap();
+        volume.append(vec![block(2, vec![6; 10_000])], true).unwrap();
+        let location = volume.locate(BlockId::new(7, 1)).unwrap();
+        let segment = volume.segments.read().unwrap().get(&location.segment).cloned().unwrap();
+        if segment.direct.is_none() {
+            eprintln!("this file system refuses O_DIRECT: nothing to check");
+            return;
+        }
+        // The disk lost the segment's end, in the middle of the first block's data.
+        segment.file.set_len(location.data_offset + 5000).unwrap();
+        assert!(matches!(volume.read_pieces(BlockId::new(7, 1), 0, 15), Err(VolumeError::Io(_))));
+        assert!(volume.direct_reads.load(Ordering::Relaxed), "a short file is not a refusal of O_DIRECT");
     }
 
     #[test]
