@@ -302,6 +302,58 @@ impl Callbacks {
         }
     }
 
+    /// This client made file `file` (named `name` in `dir`, shown as `dir_attr` after) under a
+    /// delegation: both are cached as the kernel is told, `dir`'s names with `name` added.
+    /// Replies to requests in flight meanwhile are not cached (the epoch moves).
+    pub fn note_made(&self, dir_attr: &pb::Attr, name: &[u8], file: &pb::Attr) {
+        let mut cache = self.cache();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let created = cache.get_or_insert_mut(file.ino, CachedInode::default);
+        created.hold(file);
+        created.no_xattrs = true;
+        Self::note_name(&mut cache, dir_attr, name, file.ino);
+    }
+
+    /// This client removed `name` (file `ino`) from `dir` under a delegation.
+    pub fn note_removed(&self, dir_attr: &pb::Attr, name: &[u8], ino: u64) {
+        let mut cache = self.cache();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        cache.pop(&ino);
+        Self::note_name(&mut cache, dir_attr, name, 0);
+    }
+
+    /// This client changed a file it made under a delegation (its data).
+    pub fn note_changed(&self, attr: &pb::Attr) {
+        let mut cache = self.cache();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Some(entry) = cache.get_mut(&attr.ino) {
+            entry.hold(attr);
+        }
+    }
+
+    fn note_name(cache: &mut LruCache<u64, CachedInode>, dir_attr: &pb::Attr, name: &[u8], child: u64) {
+        let Some(dir) = cache.get_mut(&dir_attr.ino) else { return };
+        dir.hold(dir_attr);
+        if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(name) {
+            dir.names.insert(name.to_vec(), child);
+        } else {
+            dir.names.remove(name);
+            dir.complete = false;
+        }
+    }
+
+    /// Whether every name of directory `dir` is cached (a name missing does not exist).
+    pub fn knows_whole(&self, dir: u64) -> bool {
+        self.trusted() && self.cache().peek(&dir).is_some_and(|d| d.complete && d.attr.is_some())
+    }
+
+    /// Forgets `inodes` here and then in the kernel, on a thread of its own: the caller may be
+    /// one a kernel request waits on.
+    pub fn forget_later(self: &Arc<Self>, inodes: Vec<u64>) {
+        let callbacks = self.clone();
+        tokio::task::spawn_blocking(move || callbacks.forget(&Forget::Inodes(inodes)));
+    }
+
     /// Whether the kernel may keep the pages it cached of `ino` at this open, and records for
     /// the next open whether pages read from now on are covered by a promise.
     pub fn open_keeps_pages(&self, ino: u64) -> bool {
@@ -453,6 +505,9 @@ impl Callbacks {
                             if let (Some(at), Some(lease)) = (sent.remove(&renewed.nonce), lease) {
                                 self.renewed(at, lease);
                             }
+                        }
+                        Some(callback_down::Msg::Recall(recall)) => {
+                            meta.delegations.recall(recall.dir);
                         }
                         Some(callback_down::Msg::Broken(broken)) => {
                             self.breaks.fetch_add(1, Ordering::Relaxed);

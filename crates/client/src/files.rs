@@ -322,6 +322,28 @@ impl Files {
             kill_suid: inner.kill_suid,
             lock_token: self.locks.write_token(file.handle.ino),
         });
+        if let Op::Commit(commit) = &op
+            && let Some(time) = self.meta.delegations.defer_commit(commit, &inner.writer)
+        {
+            // A file made here under a delegation: the commit goes with the next batch, and
+            // the attributes this client shows are what meta will hold then.
+            let end = commit.extents.iter().map(|e| e.offset + e.len).max().unwrap_or(0);
+            let size = inner.known_size.max(commit.min_size).max(end);
+            if let Some(mut attr) = self.meta.callbacks.attr(file.handle.ino) {
+                attr.size = attr.size.max(size);
+                attr.allocated = attr.allocated.max(attr.size);
+                attr.mtime = Some(time);
+                attr.ctime = Some(time);
+                self.meta.callbacks.note_changed(&attr);
+            }
+            inner.ready.clear();
+            inner.dirty = false;
+            inner.dirty_end = 0;
+            inner.kill_suid = false;
+            inner.window = None;
+            inner.known_size = size;
+            return Ok(());
+        }
         let reply = self.meta.mutate(&inner.writer, op).await?;
         inner.ready.clear();
         inner.dirty = false;

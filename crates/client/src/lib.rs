@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod callbacks;
+pub mod delegations;
 pub mod disk_cache;
 pub mod error;
 pub mod files;
@@ -83,8 +84,10 @@ impl Client {
     pub fn spawn_heartbeat(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let client = self.clone();
         let callbacks = self.meta.callbacks.spawn(self.meta.clone());
+        let sender = tokio::spawn(self.meta.delegations.clone().run(self.meta.clone()));
         tokio::spawn(async move {
             let _callbacks = callbacks::AbortOnDrop(callbacks);
+            let _sender = callbacks::AbortOnDrop(sender);
             let period = meta::heartbeat_period(client.meta.lease);
             loop {
                 tokio::time::sleep(period).await;

@@ -12,6 +12,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::callbacks::{Callbacks, OwnEntry, PartitionPolicy};
+use crate::delegations::Delegations;
 use crate::error::{ClientError, ClientResult, check};
 
 /// gRPC metadata key naming the leader on a "not leader" answer (see cairn-meta).
@@ -117,6 +118,8 @@ pub struct MetaConnection {
     client_name: String,
     /// What this client caches under callback promises.
     pub callbacks: Arc<Callbacks>,
+    /// Directories this client creates in on its own, and what it made there not sent yet.
+    pub delegations: Arc<Delegations>,
     /// Requests for file system operations sent to meta (every attempt counts; the session
     /// heartbeat and the callback stream do not), for metrics.
     pub rpcs: AtomicU64,
@@ -156,6 +159,7 @@ impl MetaConnection {
             fs_id: String::new(),
             client_name,
             callbacks: Arc::new(Callbacks::new(partition)),
+            delegations: Arc::new(Delegations::default()),
             rpcs: AtomicU64::new(0),
             usage: Mutex::new(None),
         };
@@ -252,6 +256,11 @@ impl MetaConnection {
         F: FnMut(MetaClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        // Whatever this client made under delegations reaches meta before anything it asks
+        // after: its requests are answered in the order it made them.
+        if !matches!(what, "heartbeat" | "callbacks" | "batch") {
+            self.delegations.settle().await;
+        }
         let started = Instant::now();
         let mut backoff = self.policy.backoff_min;
         loop {
@@ -321,8 +330,9 @@ impl MetaConnection {
                 op: Some(op.clone()),
                 confined_to: 0,
             };
+            let what = if matches!(op, Op::Batch(_)) { "batch" } else { "mutate" };
             let result = self
-                .call("mutate", |mut c| {
+                .call(what, |mut c| {
                     let request = request.clone();
                     async move { c.mutate(request).await }
                 })
@@ -330,6 +340,14 @@ impl MetaConnection {
             match result {
                 Ok(reply) => {
                     check(reply.errno)?;
+                    // What a delegation made is cached as it was made, and a grant changes
+                    // nothing this client sees.
+                    if matches!(op, Op::Batch(_) | Op::Delegate(_)) {
+                        return Ok(reply);
+                    }
+                    for ino in reply.attr.iter().map(|a| a.ino).chain(reply.changed.iter().copied()) {
+                        self.delegations.forget_made(ino);
+                    }
                     let mut changed = if op.changes_cached_state() { op.named_inodes() } else { Vec::new() };
                     changed.extend(reply.attr.as_ref().map(|a| a.ino));
                     changed.extend(reply.changed.iter().copied());

@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod credentials;
+pub mod delegation;
 pub mod extents;
 pub mod lock_table;
 pub mod locks;

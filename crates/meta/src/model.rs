@@ -36,9 +36,11 @@ pub const SM_META: Table = TableDefinition::new("sm_meta");
 pub const LOCKS: Table = TableDefinition::new("locks");
 /// credential id → protobuf-encoded `pb::Credential` (client credentials and their scopes)
 pub const CREDENTIALS: Table = TableDefinition::new("credentials");
+/// directory ino → [`DelegationRecord`]: the session that creates files in it on its own
+pub const DELEGATIONS: Table = TableDefinition::new("delegations");
 
 /// Every state-machine table, in the order a snapshot lists them (new tables go at the end).
-pub const STATE_TABLES: [Table; 13] = [
+pub const STATE_TABLES: [Table; 14] = [
     INODES,
     DENTRIES,
     XATTRS,
@@ -52,6 +54,7 @@ pub const STATE_TABLES: [Table; 13] = [
     SM_META,
     LOCKS,
     CREDENTIALS,
+    DELEGATIONS,
 ];
 
 pub const ROOT_INO: u64 = 1;
@@ -134,6 +137,23 @@ impl Inode {
             no_xattrs: false,
         }
     }
+}
+
+/// A directory delegated to one session (see `delegation.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelegationRecord {
+    pub session: u64,
+    /// The first number reserved since the session has held the directory without a break:
+    /// a file of the directory numbered from here on was made by the holder while it held it,
+    /// so no other session can have seen it.
+    pub origin_ino: u64,
+    /// The inode numbers reserved for it: `first_ino..end_ino`, of which those below
+    /// `next_ino` were used (a number is used once, even if its file is gone again).
+    pub first_ino: u64,
+    pub next_ino: u64,
+    pub end_ino: u64,
+    /// Generation of `first_ino`; the others follow in step.
+    pub first_generation: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

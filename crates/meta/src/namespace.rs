@@ -106,7 +106,7 @@ fn may_set_attr(inode: &Inode, op: &pb::SetAttrOp, caller: &pb::Caller) -> Resul
 }
 
 /// `access` checks as apply results.
-fn check(result: Result<(), i32>) -> ApplyResult<()> {
+pub(crate) fn check(result: Result<(), i32>) -> ApplyResult<()> {
     result.map_err(ApplyError::Errno)
 }
 
@@ -476,6 +476,7 @@ impl<'t> Tables<'t> {
             }
         }
         self.release_session_locks(&expired)?;
+        self.drop_delegations_of(&expired)?;
         Ok(expired)
     }
 
@@ -610,6 +611,8 @@ impl<'t> Tables<'t> {
             Some(Op::Fallocate(op)) => self.fallocate(op, &caller, now),
             Some(Op::Release(op)) => self.release(op, request.session),
             Some(Op::Lock(op)) => self.lock(op, &caller, request.session),
+            Some(Op::Delegate(op)) => self.delegate(op, &caller, request.session),
+            Some(Op::Batch(op)) => self.apply_batch(op, &caller, request.session),
             None => fail(errno::EINVAL),
         };
         match result {
@@ -631,6 +634,18 @@ impl<'t> Tables<'t> {
     }
 
     fn create(&self, op: &pb::CreateOp, caller: &pb::Caller, now: Time) -> ApplyResult<pb::MutateReply> {
+        self.create_as(op, caller, now, None)
+    }
+
+    /// `create`, with the inode number and generation given (a delegated create: reserved
+    /// earlier for the session) instead of drawn from the counters.
+    pub(crate) fn create_as(
+        &self,
+        op: &pb::CreateOp,
+        caller: &pb::Caller,
+        now: Time,
+        assigned: Option<(u64, u64)>,
+    ) -> ApplyResult<pb::MutateReply> {
         check_name(&op.name)?;
         let parent_handle = op.parent.as_ref();
         let mut parent = self.by_handle(parent_handle)?;
@@ -687,8 +702,11 @@ impl<'t> Tables<'t> {
         if kind == pb::FileKind::Symlink {
             perm = 0o777;
         }
-        let ino = self.next("next_ino")?;
-        let generation = self.next("next_generation")?;
+        let (ino, generation) = match assigned {
+            Some(assigned) => assigned,
+            None => (self.next("next_ino")?, self.next("next_generation")?),
+        };
+        debug_assert!(self.inode(ino)?.is_none(), "inode {ino} assigned twice");
         let inode = Inode {
             generation,
             kind: kind as i32,
@@ -783,7 +801,13 @@ impl<'t> Tables<'t> {
         self.orphan_or_reclaim(ino, inode, session, caller_not_holding)
     }
 
-    fn unlink(&self, op: &pb::UnlinkOp, caller: &pb::Caller, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    pub(crate) fn unlink(
+        &self,
+        op: &pb::UnlinkOp,
+        caller: &pb::Caller,
+        session: u64,
+        now: Time,
+    ) -> ApplyResult<pb::MutateReply> {
         if op.name.len() > pb::NAME_BYTES_MAX {
             return fail(errno::ENAMETOOLONG);
         }
@@ -811,6 +835,8 @@ impl<'t> Tables<'t> {
         self.remove_dentry(parent_ino, &op.name)?;
         if child.is_dir() {
             parent.nlink = parent.nlink.saturating_sub(1);
+            // Nothing more can be created in it.
+            self.delete(DELEGATIONS, &key_u64(child_ino))?;
         }
         self.touch_dir(parent_ino, &mut parent, now)?;
         // A file whose recorded directory loses its name there has no known place left (its
@@ -1110,7 +1136,13 @@ impl<'t> Tables<'t> {
     /// A commit may name a block new to meta only if `session` uploaded it (a block id starts
     /// with the id of the session that made it): once a session has expired, nothing can make
     /// its uncommitted uploads live, so data servers may collect them.
-    fn commit(&self, op: &pb::CommitOp, caller: &pb::Caller, session: u64, now: Time) -> ApplyResult<pb::MutateReply> {
+    pub(crate) fn commit(
+        &self,
+        op: &pb::CommitOp,
+        caller: &pb::Caller,
+        session: u64,
+        now: Time,
+    ) -> ApplyResult<pb::MutateReply> {
         let ino = op.target.as_ref().map(|h| h.ino).unwrap_or_default();
         let mut inode = self.by_handle(op.target.as_ref())?;
         check(access::require_data_access(&inode, caller, MAY_WRITE))?;

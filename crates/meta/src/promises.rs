@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, watch};
 
 /// Inodes one session may hold promises on; past this, reads are answered without a promise.
 pub const PROMISES_PER_SESSION_MAX: usize = 1_000_000;
+/// Directories whose returns are counted at most.
+const RETURNS_TRACKED_MAX: usize = 4096;
 /// Changes remembered for reads that promise after they read (see `promise`).
 const RECENT_CHANGES_MAX: usize = 4096;
 /// Messages queued to one client's stream; a client that falls this far behind loses its stream
@@ -69,6 +71,8 @@ struct State {
     recent: VecDeque<(u64, Vec<u64>)>,
     next_seq: u64,
     next_stream: u64,
+    /// Returns of delegations counted per directory (see `returned`).
+    returns: HashMap<u64, u64>,
 }
 
 impl State {
@@ -81,6 +85,7 @@ impl State {
             recent: VecDeque::new(),
             next_seq: 1,
             next_stream: 1,
+            returns: HashMap::new(),
         }
     }
 
@@ -355,6 +360,47 @@ impl Promises {
             let sleep = next_expiry.saturating_duration_since(now).min(give_up - now) + Duration::from_millis(1);
             let _ = tokio::time::timeout(sleep, events.changed()).await;
         }
+    }
+
+    /// The delegation of `dir` was returned and the change that returned it counted (its
+    /// breaks sent): recalls waiting for it may read now and promise what they read.
+    pub fn returned(&self, dir: u64) {
+        {
+            let mut state = self.lock();
+            if state.returns.len() >= RETURNS_TRACKED_MAX {
+                state.returns.clear();
+            }
+            *state.returns.entry(dir).or_insert(0) += 1;
+        }
+        self.bump();
+    }
+
+    /// How many times `dir`'s delegation was returned (see `returned`).
+    pub fn returns(&self, dir: u64) -> u64 {
+        self.lock().returns.get(&dir).copied().unwrap_or(0)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.events.subscribe()
+    }
+
+    /// Asks `session` to return its delegation of `dir`, once per stream of it (`sent_on`
+    /// records the stream asked). Returns when the holder stops trusting anything it was
+    /// granted, if it stays silent: its lease's end, or for a session not attached to this
+    /// leader, the end of the grace period (it cannot renew without a stream here).
+    pub fn recall(&self, term: u64, session: u64, dir: u64, sent_on: &mut Option<u64>) -> Instant {
+        let mut state = self.lock_term(term);
+        let grace_until = state.grace_until;
+        let Some(holder) = state.holders.get_mut(&session) else { return grace_until };
+        if let Some(tx) = &holder.tx
+            && *sent_on != Some(holder.stream)
+        {
+            let recall = pb::CallbackRecall { dir };
+            if tx.try_send(pb::CallbackDown { msg: Some(pb::callback_down::Msg::Recall(recall)) }).is_ok() {
+                *sent_on = Some(holder.stream);
+            }
+        }
+        holder.expires.max(if holder.registered { holder.expires } else { grace_until })
     }
 
     /// Sessions holding at least one promise, and promises held in all.

@@ -430,6 +430,23 @@ impl Query {
         crate::access::all_within(root, inos, |at| Ok(self.inode(at)?.map(|i| i.parent)))
     }
 
+    /// The session holding directory `ino` delegated, if it lives.
+    pub fn delegation_holder(&self, ino: u64) -> QueryResult<Option<u64>> {
+        let Some(record) = self.decoded::<DelegationRecord>(DELEGATIONS, &key_u64(ino))? else { return Ok(None) };
+        Ok(self.session_exists(record.session)?.then_some(record.session))
+    }
+
+    /// A directory among `inos` that a live session other than `session` holds delegated:
+    /// (directory, holder). A read of it waits until the holder let go.
+    pub fn delegated_elsewhere(&self, session: u64, inos: &[u64]) -> QueryResult<Option<(u64, u64)>> {
+        for &ino in inos {
+            if let Some(holder) = self.delegation_holder(ino)?.filter(|h| *h != session) {
+                return Ok(Some((ino, holder)));
+            }
+        }
+        Ok(None)
+    }
+
     pub fn stored_result(&self, session: u64, seq: u64) -> QueryResult<Option<Vec<u8>>> {
         self.get(RESULTS, &key_u64_u64(session, seq))
     }

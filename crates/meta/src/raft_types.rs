@@ -75,6 +75,12 @@ pub enum Command {
     },
     /// Starts the next block-token key epoch (the reply's value).
     RotateBlockTokenKey,
+    /// Takes back `session`'s delegation of directory `dir`: the holder did not answer a recall
+    /// within its lease (the reply's value is 1 if it held it).
+    RevokeDelegation {
+        dir: u64,
+        session: u64,
+    },
 }
 
 impl fmt::Display for Command {
@@ -92,6 +98,7 @@ impl fmt::Display for Command {
             Command::IssueCredential { credential } => write!(f, "issue-credential({} bytes)", credential.len()),
             Command::RevokeCredential { id } => write!(f, "revoke-credential({id})"),
             Command::RotateBlockTokenKey => write!(f, "rotate-block-token-key"),
+            Command::RevokeDelegation { dir, session } => write!(f, "revoke-delegation({dir}, {session})"),
             Command::ReplaceCopies { id, added, dropped } => {
                 write!(f, "replace-copies({id:032x}, +{added:?}, -{dropped:?})")
             }
@@ -113,10 +120,17 @@ pub struct CommandReply {
     /// of then, so nothing in it may be promised as current.
     #[serde(default)]
     pub replayed: bool,
+    /// With `DELEGATED_ELSEWHERE`: the session holding the directory `value`.
+    #[serde(default)]
+    pub holder: u64,
 }
 
 /// Returned in `CommandReply::errno` (and to clients) when a session is unknown or expired.
 pub const SESSION_EXPIRED: i32 = 10_001;
+/// Returned in `CommandReply::errno` (never to clients) when a mutation names a directory
+/// another session holds a delegation of: nothing was applied or stored, and the leader
+/// proposes it again once the holder let go.
+pub const DELEGATED_ELSEWHERE: i32 = 10_002;
 
 openraft::declare_raft_types!(
     pub TypeConfig:

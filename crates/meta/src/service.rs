@@ -18,7 +18,7 @@ use crate::credentials::{Access, SessionOwners, access_of};
 use crate::model::{Inode, Standing, decode, encode};
 use crate::node::{DataServerState, MetaError, MetaNode, now_ms, now_time};
 use crate::query::{Query, QueryError, READDIR_PAGE_MAX};
-use crate::raft_types::{Command, SESSION_EXPIRED, TypeConfig};
+use crate::raft_types::{Command, DELEGATED_ELSEWHERE, SESSION_EXPIRED, TypeConfig};
 use cairn_trust::block_token::{BlockAccess, BlockTokenKey};
 
 /// gRPC metadata key naming the leader's address on a "not leader" answer.
@@ -31,6 +31,14 @@ const ORPHANS_PER_HEARTBEAT_MAX: usize = 1024;
 pub const ORPHAN_QUERY_MAX: usize = 4096;
 /// Blocks placed per request at most.
 const PLACEMENTS_PER_REQUEST_MAX: u32 = 1024;
+/// Delegations one request waits to be returned before it gives up (each recall is bounded by
+/// the holder's lease).
+const RECALLS_PER_REQUEST_MAX: usize = 8;
+/// A recall looks again this often even without news (a return applied elsewhere wakes it).
+const RECALL_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long a recall waits, once the delegation is gone, for the change that returned it to be
+/// counted (it is not, when another leader applied it).
+const RETURN_COUNTED_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How long a server's certificate is valid.
 pub const SERVER_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
@@ -146,6 +154,68 @@ impl MetaService {
         point.is_some_and(|(term, since)| self.node.promises.promise(term, session, inodes, since))
     }
 
+    /// A consistent read for `session` of what names `inos`, with its promise point (see
+    /// `promise_point`): if another session holds one of them delegated, the delegation is
+    /// recalled first, so the read sees what the holder made.
+    async fn read_settled(&self, session: u64, inos: &[u64]) -> Result<(Option<(u64, u64)>, Query), Status> {
+        for _ in 0..RECALLS_PER_REQUEST_MAX {
+            let point = self.promise_point(session);
+            let query = self.node.read().await.map_err(status_of)?;
+            match query.delegated_elsewhere(session, inos).map_err(|e| status_of(e.into()))? {
+                None => return Ok((point, query)),
+                Some((dir, holder)) => {
+                    drop(query);
+                    self.recall(dir, holder).await.map_err(status_of)?;
+                }
+            }
+        }
+        Err(Status::unavailable("the directory kept being delegated; try again"))
+    }
+
+    /// Waits until `holder` returned its delegation of `dir` (asked over its callback stream),
+    /// or revokes it once the holder can no longer trust it (its lease ran out).
+    async fn recall(&self, dir: u64, holder: u64) -> Result<(), MetaError> {
+        let Some(term) = self.node.leader_term() else {
+            return Err(MetaError::NotLeader { leader: self.node.leader_address() });
+        };
+        let lease = self.node.promises.lease();
+        let mut events = self.node.promises.subscribe();
+        let mut sent_on = None;
+        let returns = self.node.promises.returns(dir);
+        let started = Instant::now();
+        // A holder that renews but never answers is revoked after this.
+        let give_up = started + lease * 3;
+        let mut gone_at = None;
+        loop {
+            let held = self.node.local_read()?.delegation_holder(dir)? == Some(holder);
+            if !held {
+                // Returned: wait (briefly) for the returning change to be counted, so a read
+                // after it is not refused a promise for having raced it.
+                let gone = *gone_at.get_or_insert_with(Instant::now);
+                if self.node.promises.returns(dir) > returns || gone.elapsed() >= RETURN_COUNTED_WAIT {
+                    tracing::debug!(
+                        dir,
+                        holder,
+                        waited_us = started.elapsed().as_micros() as u64,
+                        "delegation returned"
+                    );
+                    return Ok(());
+                }
+                let _ = tokio::time::timeout(RECALL_POLL, events.changed()).await;
+                continue;
+            }
+            let silent_after = self.node.promises.recall(term, holder, dir, &mut sent_on);
+            let now = Instant::now();
+            if now >= silent_after.min(give_up) {
+                tracing::warn!(dir, holder, "revoking a delegation: its holder did not return it within its lease");
+                self.node.propose(Command::RevokeDelegation { dir, session: holder }).await?;
+                return Ok(());
+            }
+            let wait = silent_after.min(give_up).saturating_duration_since(now).min(RECALL_POLL);
+            let _ = tokio::time::timeout(wait, events.changed()).await;
+        }
+    }
+
     /// The file system's size and use, for `statfs`.
     fn usage(&self, query: &Query) -> Result<pb::StatFsReply, Status> {
         let files = query.counter("inodes").map_err(|e| status_of(e.into()))?;
@@ -216,6 +286,20 @@ fn resolve_directory(query: &Query, path: &str) -> Result<pb::FileHandle, Status
         }
     }
     Ok(at)
+}
+
+/// The files a delegated batch created (the entries that succeeded).
+fn created_by(batch: &pb::DelegatedBatchOp, errnos: &[i32]) -> Vec<u64> {
+    batch
+        .entries
+        .iter()
+        .zip(errnos)
+        .filter(|(_, errno)| **errno == 0)
+        .filter_map(|(entry, _)| match &entry.op {
+            Some(pb::delegated_entry::Op::Create(create)) => Some(create.ino),
+            _ => None,
+        })
+        .collect()
 }
 
 /// What a read-only credential may still ask for: letting go of an orphan, and read locks.
@@ -462,20 +546,33 @@ impl Meta for MetaService {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let mut request = request.into_inner();
         let caller = access.caller(request.caller.take());
-        let point = self.promise_point(request.session);
-        let query = self.node.read().await.map_err(status_of)?;
+        let parent_ino = request.parent.map(|h| h.ino).unwrap_or_default();
         let parent = request.parent.as_ref();
         // A confined mount's root has no parent it may see: its ".." is itself, as in a chroot.
         let to_root =
             request.name == b".." && access.confined_to() != 0 && parent.map(|h| h.ino) == Some(access.confined_to());
-        let (errno, attr) =
-            split(Self::check_read(&query, &access, parent, |dir| require(dir, &caller, MAY_EXEC)).and_then(|()| {
-                match to_root {
-                    true => query.getattr(parent).map(Some).map_err(MetaError::from),
-                    false => query.lookup(parent, &request.name).map(Some).map_err(MetaError::from),
+        let mut recalls = 0;
+        let (point, errno, attr) = loop {
+            let (point, query) = self.read_settled(request.session, &[parent_ino]).await?;
+            let (errno, attr) =
+                split(Self::check_read(&query, &access, parent, |dir| require(dir, &caller, MAY_EXEC)).and_then(
+                    |()| match to_root {
+                        true => query.getattr(parent).map(Some).map_err(MetaError::from),
+                        false => query.lookup(parent, &request.name).map(Some).map_err(MetaError::from),
+                    },
+                ))?;
+            // A directory found delegated elsewhere: its attributes are the holder's to give.
+            let found = attr.as_ref().map(|a| a.ino).unwrap_or_default();
+            let elsewhere = query.delegated_elsewhere(request.session, &[found]).map_err(|e| status_of(e.into()))?;
+            drop(query);
+            match elsewhere {
+                Some((dir, holder)) if recalls < RECALLS_PER_REQUEST_MAX => {
+                    recalls += 1;
+                    self.recall(dir, holder).await.map_err(status_of)?;
                 }
-            }))?;
-        drop(query);
+                _ => break (point, errno, attr),
+            }
+        };
         let parent = request.parent.map(|h| h.ino).unwrap_or_default();
         // A negative answer is promised too: the directory's names cover it.
         let inodes: Vec<u64> = std::iter::once(parent).chain(attr.as_ref().map(|a| a.ino)).collect();
@@ -486,8 +583,8 @@ impl Meta for MetaService {
     async fn get_attr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let request = request.into_inner();
-        let point = self.promise_point(request.session);
-        let query = self.node.read().await.map_err(status_of)?;
+        let target = request.target.map(|h| h.ino).unwrap_or_default();
+        let (point, query) = self.read_settled(request.session, &[target]).await?;
         let (errno, attr) = split(
             Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
                 .and_then(|()| query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from)),
@@ -504,8 +601,8 @@ impl Meta for MetaService {
             return Err(Status::invalid_argument("resume name longer than a name can be"));
         }
         let caller = access.caller(request.caller.take());
-        let point = self.promise_point(request.session);
-        let query = self.node.read().await.map_err(status_of)?;
+        let dir = request.dir.map(|h| h.ino).unwrap_or_default();
+        let (point, query) = self.read_settled(request.session, &[dir]).await?;
         let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
         let (errno, (entries, eof)) = split(
             Self::check_read(&query, &access, request.dir.as_ref(), |dir| require(dir, &caller, MAY_READ))
@@ -522,7 +619,8 @@ impl Meta for MetaService {
     async fn read_link(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ReadLinkReply>, Status> {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let request = request.into_inner();
-        let query = self.node.read().await.map_err(status_of)?;
+        let target = request.target.map(|h| h.ino).unwrap_or_default();
+        let (_, query) = self.read_settled(request.session, &[target]).await?;
         let (errno, target) = split(
             Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
                 .and_then(|()| query.readlink(request.target.as_ref()).map_err(MetaError::from)),
@@ -534,8 +632,8 @@ impl Meta for MetaService {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let mut request = request.into_inner();
         let caller = access.caller(request.caller.take());
-        let point = self.promise_point(request.session);
-        let query = self.node.read().await.map_err(status_of)?;
+        let target = request.target.map(|h| h.ino).unwrap_or_default();
+        let (point, query) = self.read_settled(request.session, &[target]).await?;
         let name = request.name.clone();
         let (errno, value) = split(
             Self::check_read(&query, &access, request.target.as_ref(), |inode| {
@@ -556,7 +654,8 @@ impl Meta for MetaService {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let mut request = request.into_inner();
         let caller = access.caller(request.caller.take());
-        let query = self.node.read().await.map_err(status_of)?;
+        let target = request.target.map(|h| h.ino).unwrap_or_default();
+        let (_, query) = self.read_settled(request.session, &[target]).await?;
         let (errno, mut names) = split(
             Self::check_read(&query, &access, request.target.as_ref(), |_| Ok(()))
                 .and_then(|()| query.listxattr(request.target.as_ref()).map_err(MetaError::from)),
@@ -581,8 +680,8 @@ impl Meta for MetaService {
         let access = self.access_to_session(&request, request.get_ref().session)?;
         let mut request = request.into_inner();
         let caller = access.caller(request.caller.take());
-        let point = self.promise_point(request.session);
-        let query = self.node.read().await.map_err(status_of)?;
+        let target = request.target.map(|h| h.ino).unwrap_or_default();
+        let (point, query) = self.read_settled(request.session, &[target]).await?;
         let (errno, (attr, extents)) = split(
             Self::check_read(&query, &access, request.target.as_ref(), |file| {
                 require_data_access(file, &caller, MAY_READ)
@@ -693,8 +792,23 @@ impl Meta for MetaService {
         let in_flight =
             self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
         let proposed = std::time::Instant::now();
-        let reply =
-            self.node.propose(Command::Mutate { now: now_time(), request: encoded }).await.map_err(status_of)?;
+        let mut recalls = 0;
+        let reply = loop {
+            let reply = self
+                .node
+                .propose(Command::Mutate { now: now_time(), request: encoded.clone() })
+                .await
+                .map_err(status_of)?;
+            if reply.errno != DELEGATED_ELSEWHERE {
+                break reply;
+            }
+            // Nothing was applied or stored: the same request goes again once the holder let go.
+            recalls += 1;
+            if recalls > RECALLS_PER_REQUEST_MAX {
+                return Err(Status::unavailable("the directory kept being delegated; try again"));
+            }
+            self.recall(reply.value, reply.holder).await.map_err(status_of)?;
+        };
         tracing::trace!(elapsed_us = proposed.elapsed().as_micros() as u64, "mutation committed");
         if reply.errno == SESSION_EXPIRED {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
@@ -720,10 +834,21 @@ impl Meta for MetaService {
                 (Some(attr), Some(term)) => {
                     let mut promised = vec![attr.ino];
                     promised.extend(reply.parent.as_ref().map(|p| p.ino));
+                    // A batch: the files it made, which the holder caches as it made them.
+                    if let Some(pb::mutate_request::Op::Batch(batch)) = &request.op {
+                        promised.extend(created_by(batch, &reply.batch_errnos));
+                    }
                     self.node.promises.promise(term, request.session, &promised, change)
                 }
                 _ => false,
             };
+        }
+        if let Some(pb::mutate_request::Op::Batch(batch)) = &request.op
+            && batch.release
+        {
+            // Recalls waiting for this directory go on (after the change was counted, so
+            // what they read next may be promised).
+            self.node.promises.returned(batch.dir.map(|h| h.ino).unwrap_or_default());
         }
         drop(in_flight);
         Ok(Response::new(reply))
@@ -780,8 +905,8 @@ impl Meta for MetaService {
         let Some(lock) = crate::lock_table::request_of(&op, request.session) else {
             return Ok(Response::new(pb::GetLockReply { errno: errno::EINVAL, ..Default::default() }));
         };
-        let query = self.node.read().await.map_err(status_of)?;
         let target = op.target.unwrap_or_default();
+        let (_, query) = self.read_settled(request.session, &[target.ino]).await?;
         if let Err(MetaError::Errno(code)) = Self::check_read(&query, &access, Some(&target), |_| Ok(())) {
             return Ok(Response::new(pb::GetLockReply { errno: code, ..Default::default() }));
         }

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{BLOCK_TOKEN_EPOCH, SM_META, STATE_TABLES, decode, encode};
 use crate::namespace::{ApplyError, Tables};
-use crate::raft_types::{Command, CommandReply, SESSION_EXPIRED, TypeConfig};
+use crate::raft_types::{Command, CommandReply, DELEGATED_ELSEWHERE, SESSION_EXPIRED, TypeConfig};
 use cairn_proto as pb;
 
 const RAFT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -517,6 +517,11 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
             if let Some(stored) = tables.stored_result(request.session, request.seq)? {
                 return Ok(CommandReply { mutate: stored, replayed: true, ..Default::default() });
             }
+            if let Some(op) = &request.op
+                && let Some((dir, holder)) = tables.delegated_elsewhere(request.session, op)?
+            {
+                return Ok(CommandReply { errno: DELEGATED_ELSEWHERE, value: dir, holder, ..Default::default() });
+            }
             let reply = tables.mutate(&request, now)?.encode_to_vec();
             tables.store_result(request.session, request.seq, &reply)?;
             CommandReply { mutate: reply, ..Default::default() }
@@ -534,6 +539,9 @@ pub fn apply_command(tables: &Tables<'_>, command: Command) -> Result<CommandRep
         }
         Command::ReplaceCopies { id, added, dropped } => {
             CommandReply { value: u64::from(tables.replace_copies(id, added, &dropped)?), ..Default::default() }
+        }
+        Command::RevokeDelegation { dir, session } => {
+            CommandReply { value: u64::from(tables.revoke_delegation(dir, session)?), ..Default::default() }
         }
         Command::SetDataServerStanding { id, standing, force } => CommandReply {
             value: u64::from(tables.set_data_server_standing(id, standing, force)?),

@@ -782,7 +782,16 @@ impl Filesystem for CairnFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.flush(_req, _ino, fh, LockOwner(0), reply);
+        let result = self.runtime.block_on(async {
+            let (_, file) = self.open_file(fh)?;
+            self.client.files.flush(&file).await?;
+            // A file made under a delegation (its name, its data) is durable once its batch is.
+            self.settle_delegations().await
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -941,8 +950,12 @@ impl Filesystem for CairnFs {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Every namespace change is durable on a Raft majority before it is acknowledged.
-        reply.ok();
+        // Every namespace change sent to meta is durable on a Raft majority before it is
+        // acknowledged; what delegations made here is sent first.
+        match self.runtime.block_on(self.settle_delegations()) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno_of(&e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -1071,7 +1084,11 @@ impl Filesystem for CairnFs {
         };
         let ids = (req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
-            let attr = self.create_node(ids, parent, op).await?;
+            let who = caller(ids.0, ids.1, ids.2);
+            let attr = match self.create_delegated(self.meta_ino(parent), &op.name, op.perm, &who).await {
+                Some(attr) => attr,
+                None => self.create_node(ids, parent, op).await?,
+            };
             let fattr = self.attr_of(&attr).await;
             Ok::<_, ClientError>((attr, fattr))
         });
@@ -1132,15 +1149,88 @@ impl CairnFs {
     /// This client's counters, as one line of JSON.
     fn metrics(&self) -> String {
         let callbacks = &self.client.meta.callbacks;
+        let delegations = &self.client.meta.delegations;
         format!(
-            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
             self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
             callbacks.ttl().as_millis(),
             self.names.lock().expect("name cache poisoned").len(),
             self.inodes.lock().expect("inode table poisoned").len(),
+            delegations.batches_sent.load(Ordering::Relaxed),
+            delegations.entries_sent.load(Ordering::Relaxed),
+            delegations.pending(),
+            delegations.lost_total.load(Ordering::Relaxed),
         )
+    }
+
+    /// Waits until what delegations made here reached meta; `EIO` if some of it was lost
+    /// since the last time this was reported.
+    async fn settle_delegations(&self) -> Result<(), ClientError> {
+        let delegations = &self.client.meta.delegations;
+        delegations.settle().await;
+        if delegations.take_lost() {
+            return Err(cairn_client::delegations::lost_error());
+        }
+        Ok(())
+    }
+
+    /// Creates regular file `name` in `dir` under the directory's delegation, asking meta for
+    /// one when this looks like a run of creates there: None when the create must go to meta.
+    /// Only in a directory whose every name this client knows (so the name is known free) and
+    /// only files without setuid or setgid (whose rules need the caller's groups).
+    async fn create_delegated(&self, dir: u64, name: &[u8], perm: u32, who: &pb::Caller) -> Option<pb::Attr> {
+        let meta = &self.client.meta;
+        if self.options.strict || meta.read_only || perm & 0o6000 != 0 {
+            return None;
+        }
+        if !meta.callbacks.knows_whole(dir) || meta.callbacks.entry(dir, name) != Some(None) {
+            return None;
+        }
+        let delegations = &meta.delegations;
+        let ask = match delegations.can_make(dir, who) {
+            Some(room) => !room,
+            None => delegations.worth_asking(dir),
+        };
+        if ask {
+            let dir_attr = meta.callbacks.attr(dir)?;
+            let handle = pb::FileHandle { ino: dir, generation: dir_attr.generation };
+            let op = pb::DelegateOp { dir: Some(handle), inodes: cairn_client::delegations::INODES_PER_GRANT };
+            let reply = meta.mutate(who, Op::Delegate(op)).await;
+            if let Err(e) = &reply {
+                tracing::debug!(dir, error = %e, "no delegation");
+            }
+            delegations.granted(handle, who, reply.ok().and_then(|r| r.delegation).as_ref());
+        }
+        // The directory as cached now (a grant changes nothing in it).
+        let dir_attr = meta.callbacks.attr(dir)?;
+        if !meta.callbacks.knows_whole(dir) || meta.callbacks.entry(dir, name) != Some(None) {
+            return None;
+        }
+        let made = delegations.make(&dir_attr, name, perm, who)?;
+        meta.callbacks.note_made(&made.dir, name, &made.file);
+        Some(made.file)
+    }
+
+    /// Removes `name` from `dir` under the directory's delegation, when it names a file made
+    /// under it that nothing here holds open: false when the removal must go to meta.
+    fn remove_delegated(&self, dir: u64, name: &[u8], who: &pb::Caller) -> bool {
+        let meta = &self.client.meta;
+        if self.options.strict {
+            return false;
+        }
+        let Some(Some(child)) = meta.callbacks.entry(dir, name) else { return false };
+        if !meta.delegations.is_made(child.ino) || self.client.files.is_open(child.ino) || self.may_hold(dir, name) {
+            return false;
+        }
+        let Some(mut dir_attr) = meta.callbacks.attr(dir) else { return false };
+        let Some(time) = meta.delegations.defer_unlink(dir, name, child.ino, who) else { return false };
+        dir_attr.mtime = Some(time);
+        dir_attr.ctime = Some(time);
+        meta.callbacks.note_removed(&dir_attr, name, child.ino);
+        self.forget_name(dir, name);
+        true
     }
 
     fn file_open_flags(&self, ino: u64) -> FopenFlags {
@@ -1157,6 +1247,10 @@ impl CairnFs {
 
     fn remove(&self, req: &Request, parent: INodeNo, name: &OsStr, directory: bool, reply: ReplyEmpty) {
         let who = caller(req.uid(), req.gid(), req.pid());
+        if !directory && self.remove_delegated(self.meta_ino(parent), name.as_bytes(), &who) {
+            reply.ok();
+            return;
+        }
         let result = self.runtime.block_on(async {
             let op = pb::UnlinkOp {
                 parent: Some(self.handle_of(parent)?),

@@ -35,6 +35,10 @@ impl mutate_request::Op {
             Op::Fallocate(op) => vec![ino(&op.target)],
             Op::Release(op) => vec![ino(&op.target)],
             Op::Lock(op) => vec![ino(&op.target)],
+            // Everything a batch changes lies in the directory or was made in it under the
+            // delegation (the state machine checks): the directory stands for all of it.
+            Op::Delegate(op) => vec![ino(&op.dir)],
+            Op::Batch(op) => vec![ino(&op.dir)],
         };
         let mut named: Vec<u64> = named.into_iter().flatten().collect();
         named.dedup();
@@ -150,6 +154,7 @@ pub mod errno {
     pub const ENOENT: i32 = 2;
     pub const EINTR: i32 = 4;
     pub const EIO: i32 = 5;
+    pub const EBUSY: i32 = 16;
     pub const EBADF: i32 = 9;
     pub const EAGAIN: i32 = 11;
     pub const EACCES: i32 = 13;
