@@ -431,6 +431,14 @@ impl Filesystem for CairnFs {
         Ok(())
     }
 
+    fn destroy(&mut self) {
+        // An unmount sends what delegations made here first (bounded by the retry deadline).
+        self.runtime.block_on(self.client.meta.delegations.settle());
+        if self.client.meta.delegations.take_lost() {
+            tracing::error!("changes made under directory delegations were lost before the unmount");
+        }
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {

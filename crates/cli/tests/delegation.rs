@@ -1,0 +1,135 @@
+//! Create delegations across real mounts: files one mount makes on its own in a directory it
+//! holds are seen whole by another mount at once, survive a meta kill once synced, and a mount
+//! killed while holding a directory does not keep others out of it.
+
+mod common;
+
+use std::fs;
+
+use cairn_testkit::{Cluster, ClusterSpec};
+
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+fn expected(range: std::ops::Range<usize>) -> Vec<String> {
+    let mut names: Vec<String> = range.map(|i| format!("f{i}")).collect();
+    names.sort();
+    names
+}
+
+fn delegated_entries(mount: &std::path::Path) -> u64 {
+    common::metrics(mount)["delegated_entries"].as_u64().unwrap()
+}
+
+#[test]
+fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..300 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    assert!(
+        delegated_entries(&a) > 0 || common::metrics(&a)["delegated_pending"].as_u64().unwrap() > 0,
+        "no delegation"
+    );
+    // No wait: the listing recalls the delegation, which sends what is left first.
+    assert_eq!(names(&b.join("d")), expected(0..300));
+    for i in 0..300 {
+        assert_eq!(fs::read_to_string(b.join(format!("d/f{i}"))).unwrap(), format!("file {i}"));
+    }
+    // The other way round, and removals: the directory is plain again on both.
+    fs::write(b.join("d/f300"), "file 300").unwrap();
+    assert_eq!(fs::read_to_string(a.join("d/f300")).unwrap(), "file 300");
+    for i in 0..100 {
+        fs::remove_file(a.join(format!("d/f{i}"))).unwrap();
+    }
+    assert_eq!(names(&b.join("d")), expected(100..301));
+    assert_eq!(common::metrics(&a)["delegated_lost"].as_u64().unwrap(), 0);
+}
+
+#[test]
+fn files_made_and_removed_under_a_delegation_reach_meta_in_order() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..500 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+        if i % 2 == 1 {
+            fs::remove_file(a.join(format!("d/f{}", i - 1))).unwrap();
+        }
+    }
+    // A file made here and grown past inline data commits through meta, after its create.
+    fs::write(a.join("d/big"), vec![7u8; 3 * 1024 * 1024]).unwrap();
+    let mut want: Vec<String> = (0..500).filter(|i| i % 2 == 1).map(|i| format!("f{i}")).collect();
+    want.push("big".into());
+    want.sort();
+    assert_eq!(names(&b.join("d")), want);
+    assert_eq!(fs::read(b.join("d/big")).unwrap(), vec![7u8; 3 * 1024 * 1024]);
+    assert_eq!(fs::read_to_string(b.join("d/f499")).unwrap(), "file 499");
+    assert!(delegated_entries(&a) > 0, "no delegation");
+}
+
+#[test]
+fn synced_files_made_under_a_delegation_survive_a_meta_kill() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..200 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    // fsync of the directory returns once everything made in it is durable.
+    fs::File::open(a.join("d")).unwrap().sync_all().unwrap();
+    cluster.metas[0].process.restart().unwrap();
+    let b = cluster.mount().unwrap();
+    assert_eq!(names(&b.join("d")), expected(0..200));
+    for i in 0..200 {
+        assert_eq!(fs::read_to_string(b.join(format!("d/f{i}"))).unwrap(), format!("file {i}"));
+    }
+}
+
+#[test]
+fn a_mount_killed_while_holding_a_directory_does_not_keep_others_out() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..100 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    fs::File::open(a.join("d")).unwrap().sync_all().unwrap();
+    for i in 100..150 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    cluster.mounts[0].process.kill();
+    // The listing waits for the recall, which nobody answers, until the holder's lease has run
+    // out; then the delegation is revoked. What was synced is there; the rest may be lost.
+    let listed = names(&b.join("d"));
+    for name in expected(0..100) {
+        assert!(listed.contains(&name), "{name} was synced and is missing");
+    }
+    fs::write(b.join("d/after"), "after").unwrap();
+    assert_eq!(fs::read_to_string(b.join("d/after")).unwrap(), "after");
+}
