@@ -25,7 +25,7 @@ use crate::error::ClientError;
 use crate::meta::MetaConnection;
 
 /// Inode numbers asked for per grant.
-pub const INODES_PER_GRANT: u32 = 4096;
+pub const INODES_PER_GRANT: u32 = 16_384;
 /// Entries sent in one batch at most (meta takes up to 4,096).
 const BATCH_ENTRIES_MAX: usize = 1024;
 /// Inline bytes sent in one batch at most (a message is at most 8 MiB).
@@ -77,6 +77,11 @@ struct Held {
 impl Held {
     fn has_room(&self) -> bool {
         self.pending.len() < PENDING_ENTRIES_MAX && !self.recalled
+    }
+
+    /// Room for a file and the commit of its data.
+    fn has_room_for_file(&self) -> bool {
+        self.pending.len() + 2 <= PENDING_ENTRIES_MAX && !self.recalled
     }
 }
 
@@ -210,12 +215,29 @@ impl Delegations {
         Some(held.next_ino < held.end_ino)
     }
 
+    /// Waits while `dir` is held with no room for another file: the sender makes room as
+    /// meta applies batches (so a long run of creates goes at the pace meta applies them).
+    pub async fn wait_for_room(&self, dir: u64) {
+        loop {
+            let sent = self.sent.notified();
+            tokio::pin!(sent);
+            sent.as_mut().enable();
+            match self.state().held.get(&dir) {
+                Some(held) if !held.recalled && !held.has_room_for_file() => {}
+                _ => return,
+            }
+            self.wake.notify_one();
+            sent.await;
+        }
+    }
+
     /// Makes regular file `name` in `dir` (whose current attributes are `dir_attr`) for
     /// `caller`, under the delegation: None when it is not held for this caller, is out of
     /// numbers or has too much waiting.
     pub fn make(&self, dir_attr: &pb::Attr, name: &[u8], perm: u32, caller: &pb::Caller) -> Option<Made> {
         let mut state = self.state();
-        let held = state.held.get_mut(&dir_attr.ino).filter(|h| h.claimed == Claimed::of(caller) && h.has_room())?;
+        let held =
+            state.held.get_mut(&dir_attr.ino).filter(|h| h.claimed == Claimed::of(caller) && h.has_room_for_file())?;
         if held.next_ino >= held.end_ino || held.made.len() >= MADE_MAX || dir_attr.generation != held.dir.generation {
             return None;
         }

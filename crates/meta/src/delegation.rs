@@ -17,7 +17,7 @@ use crate::model::*;
 use crate::namespace::{ApplyError, ApplyResult, Tables, check, fail};
 
 /// Inode numbers one grant reserves at most.
-pub const DELEGATED_INODES_MAX: u32 = 4096;
+pub const DELEGATED_INODES_MAX: u32 = 65_536;
 /// Entries one batch carries at most.
 pub const BATCH_ENTRIES_MAX: usize = 4096;
 

@@ -1211,6 +1211,7 @@ impl CairnFs {
             }
             delegations.granted(handle, who, reply.ok().and_then(|r| r.delegation).as_ref());
         }
+        delegations.wait_for_room(dir).await;
         // The directory as cached now (a grant changes nothing in it).
         let dir_attr = meta.callbacks.attr(dir)?;
         if !meta.callbacks.knows_whole(dir) || meta.callbacks.entry(dir, name) != Some(None) {
