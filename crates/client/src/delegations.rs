@@ -487,6 +487,26 @@ impl Delegations {
         }
     }
 
+    /// The session changed: meta dropped the old one's delegations, and what waited under
+    /// them is lost. Returns the inodes to forget (the directories and the files made).
+    pub fn drop_all(&self) -> Vec<u64> {
+        let mut state = self.state();
+        let mut forget = Vec::new();
+        let mut lost = 0;
+        for (dir, held) in state.held.drain() {
+            lost += held.pending.len();
+            forget.push(dir);
+            forget.extend(held.made);
+        }
+        state.returns.clear();
+        drop(state);
+        if lost > 0 {
+            tracing::error!(lost, "session expired: changes made under delegations are lost");
+        }
+        self.note_lost(lost);
+        forget
+    }
+
     fn note_lost(&self, count: usize) {
         if count > 0 {
             self.lost.store(true, Ordering::SeqCst);

@@ -184,6 +184,10 @@ impl MetaConnection {
             .await?;
         self.session.store(reply.session, Ordering::SeqCst);
         self.seq.store(0, Ordering::SeqCst);
+        let forget = self.delegations.drop_all();
+        if !forget.is_empty() {
+            self.callbacks.forget_later(forget);
+        }
         self.learn_addresses(&reply.meta_addresses);
         if let (Ok(mut root), Some(new_root)) = (self.root.write(), reply.root) {
             *root = new_root;
@@ -257,8 +261,9 @@ impl MetaConnection {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         // Whatever this client made under delegations reaches meta before anything it asks
-        // after: its requests are answered in the order it made them.
-        if !matches!(what, "heartbeat" | "callbacks" | "batch") {
+        // after: its requests are answered in the order it made them. (A batch may itself need
+        // a new session: that request must not wait for it.)
+        if !matches!(what, "heartbeat" | "callbacks" | "batch" | "open session") {
             self.delegations.settle().await;
         }
         let started = Instant::now();

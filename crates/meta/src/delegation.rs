@@ -26,14 +26,30 @@ impl Tables<'_> {
         self.decoded(DELEGATIONS, &key_u64(dir))
     }
 
-    /// A directory `op` names that a live session other than `session` holds: (directory,
-    /// holder). Such a mutation waits for the holder to let go. A request for a delegation is
+    /// A directory `op` names, removes or replaces that a live session other than `session`
+    /// holds: (directory, holder). Such a mutation waits for the holder to let go. A request for a delegation is
     /// answered instead (`EBUSY`).
     pub fn delegated_elsewhere(&self, session: u64, op: &Op) -> ApplyResult<Option<(u64, u64)>> {
-        if matches!(op, Op::Delegate(_)) {
-            return Ok(None);
+        let mut inos = match op {
+            Op::Delegate(_) => return Ok(None),
+            _ => op.named_inodes(),
+        };
+        // A directory removed, or replaced by a rename, is named only by its parent: it must
+        // not go while its holder may still be filling it.
+        match op {
+            Op::Unlink(unlink) if unlink.directory => {
+                let parent = unlink.parent.map(|h| h.ino).unwrap_or_default();
+                inos.extend(self.dentry(parent, &unlink.name)?);
+            }
+            Op::Rename(rename) => {
+                let parent = rename.parent.map(|h| h.ino).unwrap_or_default();
+                let new_parent = rename.new_parent.map(|h| h.ino).unwrap_or_default();
+                inos.extend(self.dentry(parent, &rename.name)?);
+                inos.extend(self.dentry(new_parent, &rename.new_name)?);
+            }
+            _ => {}
         }
-        for ino in op.named_inodes() {
+        for ino in inos {
             if let Some(held) = self.delegation(ino)?
                 && held.session != session
                 && self.session(held.session)?.is_some()

@@ -252,3 +252,48 @@ fn a_renewed_grant_keeps_the_files_made_since_the_first() {
     assert_eq!(reply.batch_errnos, vec![0, 0], "a file made under the first range is still the holder's");
     assert!(fs.query().lookup(Some(&dir), b"a").is_err());
 }
+
+#[test]
+fn a_delegated_directory_is_not_removed_or_replaced_by_another_session() {
+    let mut fs = Fixture::new();
+    let holder = fs.open_session();
+    let other = fs.open_session();
+    let dir = fs.shared_dir(holder);
+    fs.delegate(holder, dir).unwrap();
+    let root = fs.query().root().unwrap();
+    let rmdir = Op::Unlink(pb::UnlinkOp {
+        parent: Some(root),
+        name: b"shared".to_vec(),
+        directory: true,
+        caller_not_holding: true,
+    });
+    // Empty as far as meta knows, but its holder may be filling it.
+    assert_eq!(fs.request(other, 0, rmdir.clone()).errno, DELEGATED_ELSEWHERE);
+    let empty = fs.request(
+        other,
+        0,
+        Op::Create(pb::CreateOp {
+            parent: Some(root),
+            name: b"empty".to_vec(),
+            kind: pb::FileKind::Directory as i32,
+            perm: 0o777,
+            exclusive: true,
+            ..Default::default()
+        }),
+    );
+    assert_eq!(empty.errno, 0);
+    let over = Op::Rename(pb::RenameOp {
+        parent: Some(root),
+        name: b"empty".to_vec(),
+        new_parent: Some(root),
+        new_name: b"shared".to_vec(),
+        flags: 0,
+        caller_not_holding: true,
+    });
+    assert_eq!(fs.request(other, 0, over).errno, DELEGATED_ELSEWHERE);
+    // Its holder may remove it; the delegation goes with it.
+    let reply = fs.request(holder, 0, rmdir);
+    assert_eq!(reply.errno, 0);
+    assert_eq!(pb::MutateReply::decode(reply.mutate.as_slice()).unwrap().errno, 0);
+    assert_eq!(fs.query().delegation_holder(dir.ino).unwrap(), None);
+}
