@@ -21,19 +21,25 @@ fn expected(range: std::ops::Range<usize>) -> Vec<String> {
     names
 }
 
+/// One meta and one data server with two mounts; None where FUSE is unavailable.
+fn two_mounts() -> Option<(Cluster, std::path::PathBuf, std::path::PathBuf)> {
+    if !common::can_mount() {
+        return None;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    Some((cluster, a, b))
+}
+
 fn delegated_entries(mount: &std::path::Path) -> u64 {
     common::metrics(mount)["delegated_entries"].as_u64().unwrap()
 }
 
 #[test]
 fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
-    if !common::can_mount() {
-        return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    let Some((_cluster, a, b)) = two_mounts() else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..300 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -59,13 +65,7 @@ fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
 
 #[test]
 fn files_made_and_removed_under_a_delegation_reach_meta_in_order() {
-    if !common::can_mount() {
-        return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    let Some((_cluster, a, b)) = two_mounts() else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..500 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -108,13 +108,7 @@ fn synced_files_made_under_a_delegation_survive_a_meta_kill() {
 
 #[test]
 fn a_mount_killed_while_holding_a_directory_does_not_keep_others_out() {
-    if !common::can_mount() {
-        return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    let Some((mut cluster, a, b)) = two_mounts() else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..100 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
