@@ -127,3 +127,16 @@ fn a_mount_killed_while_holding_a_directory_does_not_keep_others_out() {
     fs::write(b.join("d/after"), "after").unwrap();
     assert_eq!(fs::read_to_string(b.join("d/after")).unwrap(), "after");
 }
+
+#[test]
+fn an_unmount_sends_what_was_made_under_a_delegation_first() {
+    let Some((mut cluster, a, _b)) = two_mounts() else { return };
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..2000 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    // SIGTERM: `cairn mount` unmounts, and the unmount waits for the batches.
+    cluster.mounts[0].process.stop(std::time::Duration::from_secs(60));
+    let c = cluster.mount().unwrap();
+    assert_eq!(names(&c.join("d")), expected(0..2000));
+}
