@@ -1,6 +1,7 @@
 //! Create delegations across real mounts: files one mount makes on its own in a directory it
 //! holds are seen whole by another mount at once, survive a meta kill once synced, and a mount
-//! killed while holding a directory does not keep others out of it.
+//! killed while holding a directory, or cut off past its lease, does not keep others out of it;
+//! the cut-off one reports what it lost at its next fsync.
 
 mod common;
 
@@ -139,4 +140,51 @@ fn an_unmount_sends_what_was_made_under_a_delegation_first() {
     cluster.mounts[0].process.stop(std::time::Duration::from_secs(60));
     let c = cluster.mount().unwrap();
     assert_eq!(names(&c.join("d")), expected(0..2000));
+}
+
+#[test]
+fn a_holder_cut_off_past_its_lease_loses_what_it_had_not_sent_and_says_so() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 6, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let a_ip = cluster.last_mount_ip();
+    let b = cluster.mount().unwrap();
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..100 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    fs::File::open(a.join("d")).unwrap().sync_all().unwrap();
+    assert!(delegated_entries(&a) > 0, "the directory was delegated");
+    cluster.faults.cut(a_ip, cluster.metas[0].ip);
+    // Within its lease the holder still creates on its own; none of it can reach meta.
+    for i in 100..150 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    // The other mount's listing waits for the recall nobody answers, then for the holder's
+    // lease; then it sees what was synced, and can change the directory.
+    assert_eq!(names(&b.join("d")), expected(0..100));
+    fs::write(b.join("d/after"), "after").unwrap();
+    cluster.faults.heal();
+    // Back in touch, the holder learns its session and delegation are gone: the next fsync
+    // says that changes were lost, its metrics count them, and it shows what meta has.
+    let d = fs::File::open(a.join("d")).unwrap();
+    cairn_testkit::wait_until("the holder's fsync to report the loss", std::time::Duration::from_secs(60), || {
+        d.sync_all().is_err_and(|e| e.raw_os_error() == Some(libc::EIO))
+    })
+    .unwrap();
+    d.sync_all().expect("the loss is reported once");
+    assert!(common::metrics(&a)["delegated_lost"].as_u64().unwrap() >= 50);
+    let mut seen = expected(0..100);
+    seen.push("after".to_string());
+    seen.sort();
+    cairn_testkit::wait_until("the holder to show what meta has", std::time::Duration::from_secs(30), || {
+        names(&a.join("d")) == seen
+    })
+    .unwrap();
+    assert_eq!(fs::read_to_string(a.join("d/after")).unwrap(), "after");
+    fs::write(a.join("d/again"), "again").unwrap();
+    assert_eq!(fs::read_to_string(b.join("d/again")).unwrap(), "again");
 }
