@@ -236,7 +236,8 @@ pub fn tls_incoming(listener: TcpListener, files: &TrustFiles, certs: Arc<CertSl
                 let _permit = permit;
                 let stream = pb::tcp::BufferedTcp::new(stream);
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
+                    Ok(Ok(mut tls)) => {
+                        tls.get_mut().1.set_buffer_limit(Some(pb::tcp::TLS_SEND_BUFFER_BYTES));
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) if not_tls(&e) => {

@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,12 +27,18 @@ use crate::meta::{MetaConnection, endpoint};
 
 /// Bytes sent per upload message.
 const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+/// TCP connections to each data server. Each connection's TLS work (encryption on one end,
+/// decryption on the other) runs in one task, so one connection puts a whole stream's cipher
+/// work on one core at a time; two let blocks in flight use both.
+const CONNECTIONS_PER_SERVER: usize = 2;
 /// Failed servers one upload remembers to avoid.
 const FAILED_SERVERS_MAX: usize = 16;
 
 pub struct BlockStore {
     meta: Arc<MetaConnection>,
-    clients: Mutex<HashMap<String, DataClient<Channel>>>,
+    /// [`CONNECTIONS_PER_SERVER`] channels to each data server, used in turn.
+    clients: Mutex<HashMap<String, Vec<DataClient<Channel>>>>,
+    next_connection: AtomicUsize,
     cache: Mutex<LruCache<(u128, u32), Bytes>>,
     /// Pieces kept on local disk across mounts, behind the memory cache.
     disk: Option<DiskCache>,
@@ -83,6 +89,7 @@ impl BlockStore {
         BlockStore {
             meta,
             clients: Mutex::new(HashMap::new()),
+            next_connection: AtomicUsize::new(0),
             cache: Mutex::new(LruCache::new(pieces)),
             disk,
             next_block: AtomicU64::new(0),
@@ -92,14 +99,21 @@ impl BlockStore {
     }
 
     fn client(&self, address: &str) -> ClientResult<DataClient<Channel>> {
+        let turn = self.next_connection.fetch_add(1, Ordering::Relaxed) % CONNECTIONS_PER_SERVER;
         let mut clients = self.clients.lock().expect("data client pool poisoned");
-        if let Some(client) = clients.get(address) {
-            return Ok(client.clone());
+        if let Some(connections) = clients.get(address) {
+            return Ok(connections[turn].clone());
         }
-        let client = DataClient::new(pb::net::lazy_channel(&endpoint(address, &self.meta.policy)?))
-            .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(pb::MAX_MESSAGE_BYTES);
-        clients.insert(address.to_string(), client.clone());
+        let endpoint = endpoint(address, &self.meta.policy)?;
+        let connections: Vec<_> = (0..CONNECTIONS_PER_SERVER)
+            .map(|_| {
+                DataClient::new(pb::net::lazy_channel(&endpoint))
+                    .max_decoding_message_size(pb::MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(pb::MAX_MESSAGE_BYTES)
+            })
+            .collect();
+        let client = connections[turn].clone();
+        clients.insert(address.to_string(), connections);
         Ok(client)
     }
 

@@ -26,6 +26,10 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 /// Bytes read from the socket at once, at most.
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 
+/// Encrypted bytes a TLS connection queues for the socket at most (rustls's default is 64 KiB):
+/// a 1 MiB HTTP/2 data frame and its headers fit.
+pub const TLS_SEND_BUFFER_BYTES: usize = 1024 * 1024 + 64 * 1024;
+
 /// A TCP stream whose reads go through a buffer of [`READ_BUFFER_BYTES`].
 pub struct BufferedTcp {
     inner: BufReader<TcpStream>,
@@ -113,9 +117,10 @@ impl tower_service::Service<Uri> for TlsConnector {
                 match connect_from(address, connector.source).await {
                     Ok(stream) => {
                         stream.set_nodelay(true)?;
-                        let tls = tokio_rustls::TlsConnector::from(connector.config.clone())
+                        let mut tls = tokio_rustls::TlsConnector::from(connector.config.clone())
                             .connect(connector.server_name.clone(), BufferedTcp::new(stream))
                             .await?;
+                        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
                         return Ok(TokioIo::new(tls));
                     }
                     Err(e) => last = e,

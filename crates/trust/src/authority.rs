@@ -102,7 +102,8 @@ impl Authority {
 
 fn random_serial() -> SerialNumber {
     let mut bytes = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).expect("the system's random source");
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut bytes)
+        .expect("the system's random source");
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)
 }

@@ -24,7 +24,7 @@ impl JoinToken {
     /// A token for the authority whose certificate is `authority_der`, with a new secret.
     pub fn new(authority_der: &[u8]) -> Self {
         let mut secret = [0u8; 32];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut secret)
             .expect("the system's random source");
         JoinToken { authority: fingerprint(authority_der), secret }
     }
@@ -57,7 +57,7 @@ impl std::fmt::Display for JoinToken {
 
 /// SHA-256 of a certificate (what `openssl x509 -fingerprint -sha256` shows).
 pub fn fingerprint(der: &[u8]) -> [u8; 32] {
-    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
     out

@@ -40,12 +40,12 @@ fn cert_error(e: impl std::fmt::Display) -> TrustError {
     TrustError::Certificate(e.to_string())
 }
 
-/// The ring provider (aws-lc-rs is kept out of the build), preferring AES-128-GCM: as strong
+/// The aws-lc-rs provider (ring is kept out of the build), preferring AES-128-GCM: as strong
 /// as the file system needs and about a third cheaper per byte than AES-256, which matters when
 /// every block crosses TLS twice on its way to disk. Installed as the process default at
 /// start-up, so tonic's client connections use it too.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    use rustls::crypto::ring::{cipher_suite, default_provider};
+    use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider};
     let mut provider = default_provider();
     provider.cipher_suites = vec![
         cipher_suite::TLS13_AES_128_GCM_SHA256,
