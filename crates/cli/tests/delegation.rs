@@ -38,6 +38,10 @@ fn delegated_entries(mount: &std::path::Path) -> u64 {
     common::metrics(mount)["delegated_entries"].as_u64().unwrap()
 }
 
+fn delegated_pending(mount: &std::path::Path) -> u64 {
+    common::metrics(mount)["delegated_pending"].as_u64().unwrap()
+}
+
 #[test]
 fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
     let Some((_cluster, a, b)) = two_mounts() else { return };
@@ -187,4 +191,25 @@ fn a_holder_cut_off_past_its_lease_loses_what_it_had_not_sent_and_says_so() {
     assert_eq!(fs::read_to_string(a.join("d/after")).unwrap(), "after");
     fs::write(a.join("d/again"), "again").unwrap();
     assert_eq!(fs::read_to_string(b.join("d/again")).unwrap(), "again");
+}
+
+#[test]
+fn a_listing_of_the_parent_shows_a_delegated_directory_as_its_holder_left_it() {
+    let Some((_cluster, a, b)) = two_mounts() else { return };
+    fs::create_dir(a.join("d")).unwrap();
+    // The other mount has listed the parent before, as `ls -l` does.
+    let listed_mtime = |root: &std::path::Path| {
+        let entry = fs::read_dir(root).unwrap().map(Result::unwrap).find(|e| e.file_name() == "d").unwrap();
+        entry.metadata().unwrap().modified().unwrap()
+    };
+    listed_mtime(&b);
+    let before = delegated_entries(&a);
+    for i in 0..300 {
+        fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    assert!(delegated_entries(&a) > before || delegated_pending(&a) > 0, "the directory was delegated");
+    let holders = fs::symlink_metadata(a.join("d")).unwrap().modified().unwrap();
+    // The holder closed every file: a listing of the parent elsewhere shows the directory as
+    // changed by all of them, whether or not the last batch had reached meta.
+    assert_eq!(listed_mtime(&b), holders);
 }

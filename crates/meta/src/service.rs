@@ -602,13 +602,32 @@ impl Meta for MetaService {
         }
         let caller = access.caller(request.caller.take());
         let dir = request.dir.map(|h| h.ino).unwrap_or_default();
-        let (point, query) = self.read_settled(request.session, &[dir]).await?;
         let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
-        let (errno, (entries, eof)) = split(
-            Self::check_read(&query, &access, request.dir.as_ref(), |dir| require(dir, &caller, MAY_READ))
-                .and_then(|()| query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from)),
-        )?;
-        drop(query);
+        let mut recalls = 0;
+        let (point, errno, entries, eof) = loop {
+            let (point, query) = self.read_settled(request.session, &[dir]).await?;
+            let (errno, (entries, eof)) = split(
+                Self::check_read(&query, &access, request.dir.as_ref(), |dir| require(dir, &caller, MAY_READ))
+                    .and_then(|()| query.readdir(request.dir.as_ref(), &request.after, limit).map_err(MetaError::from)),
+            )?;
+            // A listed directory delegated elsewhere: its attributes (mtime, ctime) are the
+            // holder's to give, as in a lookup that finds it.
+            let subdirs: Vec<u64> = entries
+                .iter()
+                .filter_map(|e| e.attr.as_ref())
+                .filter(|a| a.kind == pb::FileKind::Directory as i32)
+                .map(|a| a.ino)
+                .collect();
+            let elsewhere = query.delegated_elsewhere(request.session, &subdirs).map_err(|e| status_of(e.into()))?;
+            drop(query);
+            match elsewhere {
+                Some((held, holder)) if recalls < RECALLS_PER_REQUEST_MAX => {
+                    recalls += 1;
+                    self.recall(held, holder).await.map_err(status_of)?;
+                }
+                _ => break (point, errno, entries, eof),
+            }
+        };
         let dir = request.dir.map(|h| h.ino).unwrap_or_default();
         let inodes: Vec<u64> =
             std::iter::once(dir).chain(entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino))).collect();
