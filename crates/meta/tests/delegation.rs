@@ -63,18 +63,7 @@ impl Fixture {
     /// A directory everyone may write in.
     fn shared_dir(&mut self, session: u64) -> pb::FileHandle {
         let root = self.query().root().unwrap();
-        let reply = self.request(
-            session,
-            0,
-            Op::Create(pb::CreateOp {
-                parent: Some(root),
-                name: b"shared".to_vec(),
-                kind: pb::FileKind::Directory as i32,
-                perm: 0o777,
-                exclusive: true,
-                ..Default::default()
-            }),
-        );
+        let reply = self.request(session, 0, mkdir(root, "shared"));
         let attr = pb::MutateReply::decode(reply.mutate.as_slice()).unwrap().attr.unwrap();
         pb::FileHandle { ino: attr.ino, generation: attr.generation }
     }
@@ -86,6 +75,18 @@ impl Fixture {
         }
         Ok(reply.delegation.unwrap())
     }
+}
+
+/// Makes directory `name` in `parent`, writable by everyone.
+fn mkdir(parent: pb::FileHandle, name: &str) -> Op {
+    Op::Create(pb::CreateOp {
+        parent: Some(parent),
+        name: name.as_bytes().to_vec(),
+        kind: pb::FileKind::Directory as i32,
+        perm: 0o777,
+        exclusive: true,
+        ..Default::default()
+    })
 }
 
 fn at(sec: i64) -> Option<pb::Timestamp> {
@@ -269,18 +270,7 @@ fn a_delegated_directory_is_not_removed_or_replaced_by_another_session() {
     });
     // Empty as far as meta knows, but its holder may be filling it.
     assert_eq!(fs.request(other, 0, rmdir.clone()).errno, DELEGATED_ELSEWHERE);
-    let empty = fs.request(
-        other,
-        0,
-        Op::Create(pb::CreateOp {
-            parent: Some(root),
-            name: b"empty".to_vec(),
-            kind: pb::FileKind::Directory as i32,
-            perm: 0o777,
-            exclusive: true,
-            ..Default::default()
-        }),
-    );
+    let empty = fs.request(other, 0, mkdir(root, "empty"));
     assert_eq!(empty.errno, 0);
     let over = Op::Rename(pb::RenameOp {
         parent: Some(root),
