@@ -132,6 +132,57 @@ fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
     }
 }
 
+/// `lgetxattr`'s errno for `name` on `path`, or 0 when the file has it.
+fn xattr_errno(path: &std::path::Path, name: &str) -> i32 {
+    let (path, name) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut value = vec![0u8; 256];
+    // SAFETY: both strings are NUL-terminated and `value` is as long as the length passed.
+    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    if n < 0 { std::io::Error::last_os_error().raw_os_error().unwrap() } else { 0 }
+}
+
+#[test]
+fn ls_l_of_a_cached_tree_asks_the_mount_nothing_per_file() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    for dir in 0..4 {
+        fs::create_dir(a.join(format!("d{dir}"))).unwrap();
+        for i in 0..50 {
+            fs::write(a.join(format!("d{dir}/{i}")), format!("{i}")).unwrap();
+        }
+    }
+    // The SELinux label is not kept: refused on set as on get, even for root, so `ls -l`
+    // stops asking after the first file; file capabilities are still kept.
+    let file = a.join("d0/0");
+    assert_eq!(xattr_errno(&file, "security.selinux"), libc::EOPNOTSUPP);
+    let (path, name) = (c_path(&file), std::ffi::CString::new("security.selinux").unwrap());
+    // SAFETY: both strings are NUL-terminated and the value is as long as the length passed.
+    let set = unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), b"x".as_ptr().cast(), 1, 0) };
+    assert_eq!((set, std::io::Error::last_os_error().raw_os_error()), (-1, Some(libc::EOPNOTSUPP)));
+    let capability = [1u8, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    set_xattr(&file, "security.capability", Some(&capability));
+    assert_eq!(xattr(&b.join("d0/0"), "security.capability"), Some(capability.to_vec()));
+
+    let ls = |root: &std::path::Path| {
+        let out = std::process::Command::new("ls").arg("-lR").arg(root).output().unwrap();
+        assert!(out.status.success(), "ls -lR: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = ls(&b);
+    assert_eq!(first.lines().filter(|line| line.starts_with("-rw")).count(), 200, "{first}");
+    let reads = common::metrics(&b)["xattr_reads"].as_u64().unwrap();
+    let rpcs = common::metrics(&b)["meta_rpcs"].as_u64().unwrap();
+    assert_eq!(ls(&b), first);
+    let reads = common::metrics(&b)["xattr_reads"].as_u64().unwrap() - reads;
+    assert!(reads <= 2, "a second ls -lR of 200 files made {reads} getxattr requests");
+    assert_eq!(common::metrics(&b)["meta_rpcs"].as_u64().unwrap(), rpcs, "a second ls -lR asked meta");
+}
+
 #[test]
 fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
     if !common::can_mount() {
@@ -160,7 +211,7 @@ fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
     for entry in fs::read_dir(b.join("d")).unwrap() {
         let entry = entry.unwrap();
         fs::symlink_metadata(entry.path()).unwrap();
-        assert_eq!(xattr(&entry.path(), "security.selinux"), None);
+        assert_eq!(xattr(&entry.path(), "user.tag"), None);
     }
     let listing = common::metrics(&b)["meta_rpcs"].as_u64().unwrap() - before;
     assert!(listing < 10, "a first listing of 50 files took {listing} meta requests");

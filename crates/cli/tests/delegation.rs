@@ -213,3 +213,45 @@ fn a_listing_of_the_parent_shows_a_delegated_directory_as_its_holder_left_it() {
     // changed by all of them, whether or not the last batch had reached meta.
     assert_eq!(listed_mtime(&b), holders);
 }
+
+fn meta_rpcs(mount: &std::path::Path) -> u64 {
+    common::metrics(mount)["meta_rpcs"].as_u64().unwrap()
+}
+
+/// `stat` of every entry under `dir`, as `find -ls` does; how many there were.
+fn walk(dir: &std::path::Path) -> usize {
+    let mut count = 0;
+    for entry in fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = fs::symlink_metadata(entry.path()).unwrap();
+        count += 1;
+        if meta.is_dir() {
+            count += walk(&entry.path());
+        }
+    }
+    count
+}
+
+#[test]
+fn a_tree_just_made_under_delegations_is_walked_elsewhere_once_and_then_from_cache() {
+    let Some((_cluster, a, b)) = two_mounts() else { return };
+    let (dirs, files) = (20, 30);
+    fs::create_dir(a.join("tree")).unwrap();
+    for d in 0..dirs {
+        fs::create_dir(a.join(format!("tree/{d}"))).unwrap();
+        for f in 0..files {
+            fs::write(a.join(format!("tree/{d}/{f}")), b"").unwrap();
+        }
+    }
+    assert!(delegated_entries(&a) + delegated_pending(&a) > 0, "no directory was delegated");
+    // The first walk elsewhere: the listing of `tree` has every directory returned first (not
+    // only the first few), so what it promises stays true, and no file needs a request of its
+    // own.
+    let before = meta_rpcs(&b);
+    assert_eq!(walk(&b.join("tree")), dirs * (files + 1));
+    let first = meta_rpcs(&b) - before;
+    assert!(first <= 4 * dirs as u64, "a first walk of {dirs} directories took {first} meta requests");
+    let before = meta_rpcs(&b);
+    assert_eq!(walk(&b.join("tree")), dirs * (files + 1));
+    assert_eq!(meta_rpcs(&b) - before, 0, "a second walk asked meta");
+}

@@ -9,9 +9,15 @@
 //!
 //! Race rule: every break (and every loss of trust, and this client's own mutations) moves
 //! `epoch`. A read notes the epoch before it asks meta and caches its answer only if the epoch
-//! did not move meanwhile: a break that overtook a reply is never undone by that reply.
+//! did not move meanwhile: a break that overtook a reply is never undone by that reply. The one
+//! exception is a break the reply is known to be newer than: each break names the leader's
+//! change that made it, and each promised reply the count of changes the leader had made before
+//! it read (`pb::PromisePoint`), so a break for a change the read already saw does not stop the
+//! reply from being cached (`settled`). That is the common case of a read that made the leader
+//! recall a delegation: the return breaks this client's promise on the directory, and is
+//! acknowledged, before the leader reads for the reply.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,6 +42,16 @@ const SEARCHABLE_BY_ALL: u32 = 0o111;
 const REGISTER_BATCH: usize = 4096;
 /// Breaks handled at once (each may wait for the kernel).
 const BREAKS_IN_PARALLEL: usize = 16;
+/// Moves of the epoch remembered with the change that made them (see `settled`).
+const NUMBERED_MOVES_MAX: usize = 256;
+
+/// A move of the epoch by a break for change `change` of the leader's `term`.
+#[derive(Debug, Clone, Copy)]
+struct NumberedMove {
+    epoch: u64,
+    term: u64,
+    change: u64,
+}
 
 /// What a break or a lapse makes the mount forget.
 #[derive(Debug, Clone)]
@@ -106,6 +122,9 @@ struct Trust {
 pub struct Callbacks {
     cache: Mutex<LruCache<u64, CachedInode>>,
     epoch: AtomicU64,
+    /// The latest epoch moves made by numbered breaks; taken only under `cache`, as the
+    /// epoch moves only under it.
+    numbered_moves: Mutex<VecDeque<NumberedMove>>,
     trust: Mutex<Trust>,
     handler: OnceLock<ForgetHandler>,
     pub policy: PartitionPolicy,
@@ -118,6 +137,7 @@ impl Callbacks {
         Callbacks {
             cache: Mutex::new(LruCache::new(NonZeroUsize::new(CACHED_INODES_MAX).expect("non-zero"))),
             epoch: AtomicU64::new(0),
+            numbered_moves: Mutex::new(VecDeque::new()),
             trust: Mutex::new(Trust { until: None, lapsed: false }),
             handler: OnceLock::new(),
             policy,
@@ -140,6 +160,26 @@ impl Callbacks {
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::SeqCst)
+    }
+
+    fn numbered_moves(&self) -> std::sync::MutexGuard<'_, VecDeque<NumberedMove>> {
+        self.numbered_moves.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The epoch under which a reply promised at `point`, to a read sent at `epoch`, may be
+    /// cached: the current one if every move since `epoch` was a break for a change the read
+    /// saw (numbered at most `point.changes` in the same term), else `epoch` itself (so the
+    /// reply is cached only if nothing moved).
+    pub fn settled(&self, epoch: u64, point: Option<&pb::PromisePoint>) -> u64 {
+        let Some(point) = point else { return epoch };
+        let _cache = self.cache();
+        let now = self.epoch();
+        if now == epoch || now - epoch > NUMBERED_MOVES_MAX as u64 {
+            return epoch;
+        }
+        let moves = self.numbered_moves();
+        let seen = |e: u64| moves.iter().any(|m| m.epoch == e && m.term == point.term && m.change <= point.changes);
+        if (epoch + 1..=now).all(seen) { now } else { epoch }
     }
 
     /// How long what is cached may still be trusted (zero: not at all).
@@ -294,7 +334,7 @@ impl Callbacks {
         }
         if let Some(created) = cache.get_mut(&child.ino).filter(|_| !entry.removed) {
             // A new inode has no extended attributes (what the kernel asks of each write,
-            // `security.capability`, and `ls -l`'s label need no request).
+            // `security.capability`, needs no request).
             created.no_xattrs |= entry.created.is_some();
             if entry.created == Some(pb::FileKind::Directory) {
                 created.complete = true;
@@ -375,9 +415,21 @@ impl Callbacks {
 
     /// Forgets what a break names, in this cache and then in the kernel.
     fn forget(&self, what: &Forget) {
+        self.forget_numbered(what, None);
+    }
+
+    /// `forget`, for a break made by change `(term, change)` of the leader (see `settled`).
+    fn forget_numbered(&self, what: &Forget, made_by: Option<(u64, u64)>) {
         {
             let mut cache = self.cache();
-            self.epoch.fetch_add(1, Ordering::SeqCst);
+            let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+            if let Some((term, change)) = made_by.filter(|&(_, change)| change > 0) {
+                let mut moves = self.numbered_moves();
+                if moves.len() == NUMBERED_MOVES_MAX {
+                    moves.pop_front();
+                }
+                moves.push_back(NumberedMove { epoch, term, change });
+            }
             match what {
                 Forget::Inodes(inodes) => {
                     for ino in inodes {
@@ -516,9 +568,10 @@ impl Callbacks {
                             let up = up.clone();
                             tokio::spawn(async move {
                                 let what = Forget::Inodes(broken.inodes);
+                                let made_by = Some((broken.term, broken.change));
                                 let forgot = {
                                     let callbacks = callbacks.clone();
-                                    tokio::task::spawn_blocking(move || callbacks.forget(&what)).await
+                                    tokio::task::spawn_blocking(move || callbacks.forget_numbered(&what, made_by)).await
                                 };
                                 drop(permit);
                                 if forgot.is_ok() {
@@ -607,6 +660,42 @@ mod tests {
     }
 
     #[test]
+    fn a_break_for_a_change_the_read_already_saw_does_not_keep_its_answer_out() {
+        let callbacks = trusting();
+        let point = |term, changes| Some(pb::PromisePoint { term, changes });
+        // Changes 4 and 5 of term 2 broke promises while the read was out; it read after 5.
+        let epoch = callbacks.epoch();
+        callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, 4)));
+        callbacks.forget_numbered(&Forget::Inodes(vec![2]), Some((2, 5)));
+        let settled = callbacks.settled(epoch, point(2, 5).as_ref());
+        assert_eq!(settled, callbacks.epoch());
+        callbacks.note_attr(&attr(2), settled);
+        assert_eq!(callbacks.attr(2), Some(attr(2)));
+        // A read that began before change 5 may predate it.
+        assert_eq!(callbacks.settled(epoch, point(2, 4).as_ref()), epoch);
+        // Another term counts changes afresh; a reply without a point says nothing.
+        assert_eq!(callbacks.settled(epoch, point(3, 9).as_ref()), epoch);
+        assert_eq!(callbacks.settled(epoch, None), epoch);
+        // A move that no counted change made (a lapse, this client's own change, a break of a
+        // re-registered inode) always keeps the answer out.
+        let epoch = callbacks.epoch();
+        callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, 0)));
+        assert_eq!(callbacks.settled(epoch, point(2, 9).as_ref()), epoch);
+        let epoch = callbacks.epoch();
+        callbacks.forget(&Forget::Inodes(vec![7]));
+        assert_eq!(callbacks.settled(epoch, point(2, 9).as_ref()), epoch);
+        let epoch = callbacks.epoch();
+        callbacks.note_changed(&attr(3));
+        assert_eq!(callbacks.settled(epoch, point(2, 9).as_ref()), epoch);
+        // Too many moves to check: kept out.
+        let epoch = callbacks.epoch();
+        for change in 1..=NUMBERED_MOVES_MAX as u64 + 1 {
+            callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, change)));
+        }
+        assert_eq!(callbacks.settled(epoch, point(2, 1000).as_ref()), epoch);
+    }
+
+    #[test]
     fn a_break_drops_the_inode_and_its_names() {
         let callbacks = trusting();
         let epoch = callbacks.epoch();
@@ -639,10 +728,11 @@ mod tests {
         let callbacks = trusting();
         let handle = pb::FileHandle { ino: 5, generation: 1 };
         callbacks.note_entry(1, b"f", Some(&pb::Attr { no_xattrs: true, ..attr(5) }), callbacks.epoch());
-        assert_eq!(callbacks.xattr(handle, b"security.selinux"), Some(Err(pb::errno::ENODATA)));
+        assert_eq!(callbacks.xattr(handle, b"security.capability"), Some(Err(pb::errno::ENODATA)));
         assert_eq!(callbacks.xattr(handle, b"user.anything"), Some(Err(pb::errno::ENODATA)));
         assert!(callbacks.xattrs_none(handle));
-        // Names meta refuses (unknown namespace, empty, too long) still go to meta.
+        // Names meta refuses (unknown namespace, empty, too long) are not the cache's to answer:
+        // the client refuses them before it looks.
         assert_eq!(callbacks.xattr(handle, b"system.posix_acl_access"), None);
         assert_eq!(callbacks.xattr(handle, b"user."), None);
         assert_eq!(callbacks.xattr(handle, &[b'u'; 300]), None);

@@ -430,6 +430,7 @@ impl MetaConnection {
             })
             .await?;
         if reply.promised && (reply.errno == 0 || reply.errno == pb::errno::ENOENT) {
+            let epoch = self.callbacks.settled(epoch, reply.point.as_ref());
             self.callbacks.note_entry(parent.ino, &name, reply.attr.as_ref(), epoch);
         }
         check(reply.errno)?;
@@ -456,7 +457,7 @@ impl MetaConnection {
         check(reply.errno)?;
         let attr = reply.attr.ok_or(ClientError::Errno(pb::errno::EIO))?;
         if reply.promised {
-            self.callbacks.note_attr(&attr, epoch);
+            self.callbacks.note_attr(&attr, self.callbacks.settled(epoch, reply.point.as_ref()));
         }
         Ok(attr)
     }
@@ -487,6 +488,7 @@ impl MetaConnection {
             .await?;
         check(reply.errno)?;
         if reply.promised {
+            let epoch = self.callbacks.settled(epoch, reply.point.as_ref());
             for entry in &reply.entries {
                 self.callbacks.note_entry(dir.ino, &entry.name, entry.attr.as_ref(), epoch);
             }
@@ -507,6 +509,10 @@ impl MetaConnection {
     /// An extended attribute, answered from the promised cache when it can be (`ls -l` asks
     /// for one per file).
     pub async fn getxattr(&self, caller: &pb::Caller, target: pb::FileHandle, name: &[u8]) -> ClientResult<Vec<u8>> {
+        // A name meta refuses whatever the file: the rule is shared, so no request is needed.
+        if let Some(code) = pb::xattr_name_errno(name) {
+            return Err(ClientError::Errno(code));
+        }
         if let Some(cached) = self.callbacks.xattr(target, name) {
             return cached.map_err(ClientError::Errno);
         }
@@ -526,7 +532,7 @@ impl MetaConnection {
             .await?;
         if reply.promised {
             let answer = if reply.errno == 0 { Ok(&reply.value) } else { Err(reply.errno) };
-            self.callbacks.note_xattr(target, &name, answer, epoch);
+            self.callbacks.note_xattr(target, &name, answer, self.callbacks.settled(epoch, reply.point.as_ref()));
         }
         check(reply.errno)?;
         Ok(reply.value)
@@ -605,7 +611,7 @@ impl MetaConnection {
         if reply.promised
             && let Some(attr) = &reply.attr
         {
-            self.callbacks.note_attr(attr, epoch);
+            self.callbacks.note_attr(attr, self.callbacks.settled(epoch, reply.point.as_ref()));
         }
         Ok(reply)
     }

@@ -281,7 +281,7 @@ impl Promises {
             for ino in &inodes {
                 holder.inodes.remove(ino);
             }
-            send_break(holder, seq, inodes);
+            send_break(holder, seq, inodes, term, 0);
         }
     }
 
@@ -324,7 +324,7 @@ impl Promises {
                 }
                 let seq = next_seq;
                 next_seq += 1;
-                send_break(holder, seq, held.clone());
+                send_break(holder, seq, held.clone(), term, change);
                 waits.push(Wait::Ack { session, seq, inodes: held });
             }
             state.next_seq = next_seq;
@@ -426,9 +426,12 @@ pub fn same_version(cached: &pb::Attr, current: &pb::Attr) -> bool {
         && cached.gid == current.gid
 }
 
-fn send_break(holder: &mut Holder, seq: u64, inodes: Vec<u64>) {
+/// Tells a holder its promises on `inodes` are broken by change `change` of `term` (0: none
+/// counted).
+fn send_break(holder: &mut Holder, seq: u64, inodes: Vec<u64>, term: u64, change: u64) {
     let Some(tx) = &holder.tx else { return };
-    let message = pb::CallbackDown { msg: Some(pb::callback_down::Msg::Broken(pb::CallbackBreak { seq, inodes })) };
+    let broken = pb::CallbackBreak { seq, inodes, term, change };
+    let message = pb::CallbackDown { msg: Some(pb::callback_down::Msg::Broken(broken)) };
     if tx.try_send(message).is_ok() {
         holder.pending.insert(seq);
     } else {

@@ -168,7 +168,12 @@ impl Query {
         let end = key_u64(ino + 1);
         let mut names = Vec::new();
         for item in table.range(start.as_slice()..end.as_slice())? {
-            names.push(item?.0.value()[8..].to_vec());
+            let key = item?.0;
+            let name = &key.value()[8..];
+            // A name no longer kept (a label stored before Cairn refused it) is not listed.
+            if pb::xattr_name_errno(name).is_none() {
+                names.push(name.to_vec());
+            }
         }
         Ok(names)
     }
@@ -445,6 +450,18 @@ impl Query {
             }
         }
         Ok(None)
+    }
+
+    /// Every directory among `inos` that a live session other than `session` holds delegated,
+    /// with its holder.
+    pub fn delegations_elsewhere(&self, session: u64, inos: &[u64]) -> QueryResult<Vec<(u64, u64)>> {
+        let mut held = Vec::new();
+        for &ino in inos {
+            if let Some(holder) = self.delegation_holder(ino)?.filter(|h| *h != session) {
+                held.push((ino, holder));
+            }
+        }
+        Ok(held)
     }
 
     pub fn stored_result(&self, session: u64, seq: u64) -> QueryResult<Option<Vec<u8>>> {

@@ -150,8 +150,10 @@ impl MetaService {
         Some((term, self.node.promises.changes(term)))
     }
 
-    fn promise(&self, point: Option<(u64, u64)>, session: u64, inodes: &[u64]) -> bool {
-        point.is_some_and(|(term, since)| self.node.promises.promise(term, session, inodes, since))
+    /// Promises `inodes` to `session` as read at `point`: the point, for the reply, if promised.
+    fn promise(&self, point: Option<(u64, u64)>, session: u64, inodes: &[u64]) -> Option<pb::PromisePoint> {
+        let (term, changes) = point?;
+        self.node.promises.promise(term, session, inodes, changes).then_some(pb::PromisePoint { term, changes })
     }
 
     /// A consistent read for `session` of what names `inos`, with its promise point (see
@@ -576,8 +578,9 @@ impl Meta for MetaService {
         let parent = request.parent.map(|h| h.ino).unwrap_or_default();
         // A negative answer is promised too: the directory's names cover it.
         let inodes: Vec<u64> = std::iter::once(parent).chain(attr.as_ref().map(|a| a.ino)).collect();
-        let promised = (errno == 0 || errno == errno::ENOENT) && self.promise(point, request.session, &inodes);
-        Ok(Response::new(pb::AttrReply { errno, attr, promised }))
+        let point =
+            (errno == 0 || errno == errno::ENOENT).then(|| self.promise(point, request.session, &inodes)).flatten();
+        Ok(Response::new(pb::AttrReply { errno, attr, promised: point.is_some(), point }))
     }
 
     async fn get_attr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::AttrReply>, Status> {
@@ -590,8 +593,8 @@ impl Meta for MetaService {
                 .and_then(|()| query.getattr(request.target.as_ref()).map(Some).map_err(MetaError::from)),
         )?;
         drop(query);
-        let promised = errno == 0 && attr.as_ref().is_some_and(|a| self.promise(point, request.session, &[a.ino]));
-        Ok(Response::new(pb::AttrReply { errno, attr, promised }))
+        let point = attr.as_ref().filter(|_| errno == 0).and_then(|a| self.promise(point, request.session, &[a.ino]));
+        Ok(Response::new(pb::AttrReply { errno, attr, promised: point.is_some(), point }))
     }
 
     async fn read_dir(&self, request: Request<pb::ReadDirRequest>) -> Result<Response<pb::ReadDirReply>, Status> {
@@ -603,7 +606,7 @@ impl Meta for MetaService {
         let caller = access.caller(request.caller.take());
         let dir = request.dir.map(|h| h.ino).unwrap_or_default();
         let limit = (request.limit as usize).clamp(1, READDIR_PAGE_MAX);
-        let mut recalls = 0;
+        let mut rounds = 0;
         let (point, errno, entries, eof) = loop {
             let (point, query) = self.read_settled(request.session, &[dir]).await?;
             let (errno, (entries, eof)) = split(
@@ -618,21 +621,22 @@ impl Meta for MetaService {
                 .filter(|a| a.kind == pb::FileKind::Directory as i32)
                 .map(|a| a.ino)
                 .collect();
-            let elsewhere = query.delegated_elsewhere(request.session, &subdirs).map_err(|e| status_of(e.into()))?;
+            let elsewhere = query.delegations_elsewhere(request.session, &subdirs).map_err(|e| status_of(e.into()))?;
             drop(query);
-            match elsewhere {
-                Some((held, holder)) if recalls < RECALLS_PER_REQUEST_MAX => {
-                    recalls += 1;
-                    self.recall(held, holder).await.map_err(status_of)?;
-                }
-                _ => break (point, errno, entries, eof),
+            if elsewhere.is_empty() || rounds == RECALLS_PER_REQUEST_MAX {
+                break (point, errno, entries, eof);
             }
+            rounds += 1;
+            // All at once: a page of directories filled elsewhere (by a client that just made a
+            // tree) costs one wait for their holders, and none is listed as meta had it.
+            let recalls = elsewhere.into_iter().map(|(held, holder)| self.recall(held, holder));
+            futures::future::try_join_all(recalls).await.map_err(status_of)?;
         };
         let dir = request.dir.map(|h| h.ino).unwrap_or_default();
         let inodes: Vec<u64> =
             std::iter::once(dir).chain(entries.iter().filter_map(|e| e.attr.as_ref().map(|a| a.ino))).collect();
-        let promised = errno == 0 && self.promise(point, request.session, &inodes);
-        Ok(Response::new(pb::ReadDirReply { errno, entries, eof, promised }))
+        let point = (errno == 0).then(|| self.promise(point, request.session, &inodes)).flatten();
+        Ok(Response::new(pb::ReadDirReply { errno, entries, eof, promised: point.is_some(), point }))
     }
 
     async fn read_link(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ReadLinkReply>, Status> {
@@ -665,8 +669,8 @@ impl Meta for MetaService {
         // so is a refused namespace (the answer depends on the name alone).
         let ino = request.target.map(|h| h.ino).unwrap_or_default();
         let answer_holds = matches!(errno, 0 | errno::ENODATA | errno::EOPNOTSUPP);
-        let promised = answer_holds && self.promise(point, request.session, &[ino]);
-        Ok(Response::new(pb::GetXattrReply { errno, value, promised }))
+        let point = answer_holds.then(|| self.promise(point, request.session, &[ino])).flatten();
+        Ok(Response::new(pb::GetXattrReply { errno, value, promised: point.is_some(), point }))
     }
 
     async fn list_xattr(&self, request: Request<pb::GetAttrRequest>) -> Result<Response<pb::ListXattrReply>, Status> {
@@ -732,8 +736,8 @@ impl Meta for MetaService {
             Vec::new()
         };
         drop(query);
-        let promised = errno == 0 && attr.as_ref().is_some_and(|a| self.promise(point, request.session, &[a.ino]));
-        Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers, promised }))
+        let point = attr.as_ref().filter(|_| errno == 0).and_then(|a| self.promise(point, request.session, &[a.ino]));
+        Ok(Response::new(pb::GetExtentsReply { errno, attr, extents, servers, promised: point.is_some(), point }))
     }
 
     async fn place_blocks(

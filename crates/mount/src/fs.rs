@@ -70,6 +70,9 @@ pub struct CairnFs {
     notifier: Arc<OnceLock<fuser::Notifier>>,
     /// The meta inode of the mount's root (see `swap_root`).
     root_ino: u64,
+    /// `getxattr` requests the kernel passed on: each is a round trip to this process even
+    /// when the answer is cached, so a cached walk is at local speed only when there are none.
+    xattr_reads: AtomicU64,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -122,6 +125,7 @@ impl CairnFs {
             next_handle: AtomicU64::new(1),
             notifier,
             root_ino: root.ino,
+            xattr_reads: AtomicU64::new(0),
         }
     }
 
@@ -1019,6 +1023,7 @@ impl Filesystem for CairnFs {
         let result = if name.as_bytes() == METRICS_XATTR && self.meta_ino(ino) == self.client.meta.root().ino {
             Ok(self.metrics().into_bytes())
         } else {
+            self.xattr_reads.fetch_add(1, Ordering::Relaxed);
             let who = caller(req.uid(), req.gid(), req.pid());
             self.runtime
                 .block_on(async { self.client.meta.getxattr(&who, self.handle_of(ino)?, name.as_bytes()).await })
@@ -1159,7 +1164,7 @@ impl CairnFs {
         let callbacks = &self.client.meta.callbacks;
         let delegations = &self.client.meta.delegations;
         format!(
-            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
             self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
@@ -1170,6 +1175,7 @@ impl CairnFs {
             delegations.entries_sent.load(Ordering::Relaxed),
             delegations.pending(),
             delegations.lost_total.load(Ordering::Relaxed),
+            self.xattr_reads.load(Ordering::Relaxed),
         )
     }
 

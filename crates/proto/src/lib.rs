@@ -82,8 +82,15 @@ pub const NAME_BYTES_MAX: usize = 255;
 /// Longest extended attribute name, as on ext4.
 pub const XATTR_NAME_MAX: usize = 255;
 
+/// The security label SELinux keeps in an xattr, which Cairn does not store (`EOPNOTSUPP`, as
+/// NFS without labeled NFS). A host running SELinux labels a FUSE mount by its policy and answers
+/// reads of the label itself, so a stored label would never be used. On any other host, the one
+/// reader is `ls -l`, once per file; the refusal makes it stop asking the mount.
+pub const SELINUX_LABEL_XATTR: &[u8] = b"security.selinux";
+
 /// Why an extended attribute name is refused, if it is: it must be 1 to 255 bytes without NUL,
-/// in a namespace Cairn keeps (`user.`, `trusted.`, `security.`) and name something in it.
+/// in a namespace Cairn keeps (`user.`, `trusted.`, `security.`) and name something in it other
+/// than [`SELINUX_LABEL_XATTR`].
 pub fn xattr_name_errno(name: &[u8]) -> Option<i32> {
     if name.is_empty() || name.len() > XATTR_NAME_MAX {
         return Some(errno::ERANGE);
@@ -92,7 +99,8 @@ pub fn xattr_name_errno(name: &[u8]) -> Option<i32> {
         return Some(errno::EINVAL);
     }
     let known = [b"user.".as_slice(), b"trusted.", b"security."];
-    if !known.iter().any(|prefix| name.starts_with(prefix) && name.len() > prefix.len()) {
+    if !known.iter().any(|prefix| name.starts_with(prefix) && name.len() > prefix.len()) || name == SELINUX_LABEL_XATTR
+    {
         return Some(errno::EOPNOTSUPP);
     }
     None
@@ -179,4 +187,23 @@ pub mod errno {
     pub const EOPNOTSUPP: i32 = 95;
     pub const ESTALE: i32 = 116;
     pub const E2BIG: i32 = 7;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattr_names_are_checked_for_size_namespace_and_the_selinux_label() {
+        assert_eq!(xattr_name_errno(b"user.a"), None);
+        assert_eq!(xattr_name_errno(b"trusted.a"), None);
+        assert_eq!(xattr_name_errno(b"security.capability"), None);
+        assert_eq!(xattr_name_errno(SELINUX_LABEL_XATTR), Some(errno::EOPNOTSUPP));
+        assert_eq!(xattr_name_errno(b"security.selinux.x"), None);
+        assert_eq!(xattr_name_errno(b"system.posix_acl_access"), Some(errno::EOPNOTSUPP));
+        assert_eq!(xattr_name_errno(b"user."), Some(errno::EOPNOTSUPP));
+        assert_eq!(xattr_name_errno(b""), Some(errno::ERANGE));
+        assert_eq!(xattr_name_errno(&[b'u'; XATTR_NAME_MAX + 1]), Some(errno::ERANGE));
+        assert_eq!(xattr_name_errno(b"user.a\0b"), Some(errno::EINVAL));
+    }
 }
