@@ -1,5 +1,5 @@
 //! Every decoder a peer's bytes reach: the gRPC messages servers take, the Raft messages
-//! between meta servers, join tokens and certificates. None may panic or allocate without bound.
+//! between meta servers, TLS records after the handshake, join tokens and certificates. None may panic or allocate without bound.
 #![no_main]
 
 use cairn_meta::model::decode;
@@ -11,7 +11,7 @@ use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&kind, body)) = data.split_first() else { return };
-    match kind % 12 {
+    match kind % 13 {
         0 => {
             if let Ok(request) = pb::MutateRequest::decode(body)
                 && let Some(op) = &request.op
@@ -30,6 +30,25 @@ fuzz_target!(|data: &[u8]| {
         8 => drop(decode::<VoteRequest<TypeConfig>>(body)),
         9 => drop(decode::<Command>(body)),
         10 => drop(cairn_trust::JoinToken::parse(&String::from_utf8_lossy(body))),
+        11 => open_records(body),
         _ => drop(cairn_trust::Peer::of_certificate(body)),
     }
 });
+
+/// Frames and opens TLS records from a peer's bytes as a connection's reader does.
+fn open_records(body: &[u8]) {
+    use cairn_proto::tls::record::Opener;
+    use rustls::ConnectionTrafficSecrets;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+    let secrets = ConnectionTrafficSecrets::Aes256Gcm { key: AeadKey::from([7; 32]), iv: Iv::from([9; 12]) };
+    let Ok(mut opener) = Opener::new(0, &secrets) else { return };
+    let mut wire = body.to_vec();
+    let mut at = 0;
+    while let Ok(Some(len)) = Opener::record_len(&wire[at..]) {
+        if wire.len() - at < len {
+            break;
+        }
+        let _ = opener.open(&mut wire[at..at + len]);
+        at += len;
+    }
+}

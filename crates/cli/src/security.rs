@@ -213,10 +213,10 @@ pub async fn connect_with(address: &str, credential: &Path) -> Result<tonic::tra
 
 /// The connections a server accepts: each TLS handshake runs in its own task (bounded in
 /// number and time), and a refused one is logged with the peer's address.
-pub type Incoming = ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<pb::tcp::BufferedTcp>>>;
+pub type Incoming = ReceiverStream<std::io::Result<pb::tls::TlsStream>>;
 
 pub fn tls_incoming(listener: TcpListener, files: &TrustFiles, certs: Arc<CertSlot>) -> Result<Incoming> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cairn_trust::tls::server_config(files, certs)?));
+    let config = Arc::new(cairn_trust::tls::server_config(files, certs)?);
     let (tx, rx) = mpsc::channel(HANDSHAKES_MAX);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX));
     tokio::spawn(async move {
@@ -231,13 +231,11 @@ pub fn tls_incoming(listener: TcpListener, files: &TrustFiles, certs: Arc<CertSl
             };
             let _ = stream.set_nodelay(true);
             let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (config, tx) = (config.clone(), tx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let stream = pb::tcp::BufferedTcp::new(stream);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(mut tls)) => {
-                        tls.get_mut().1.set_buffer_limit(Some(pb::tcp::TLS_SEND_BUFFER_BYTES));
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, pb::tls::accept(config, stream)).await {
+                    Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) if not_tls(&e) => {
@@ -302,15 +300,12 @@ fn admits(method: &str, peer: Option<&Peer>) -> Result<(), &'static str> {
 }
 
 fn peer_of<B>(request: &http::Request<B>) -> Option<Peer> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
-    let certs = info.peer_certs()?;
-    Peer::of_certificate(certs.first()?)
+    let info = request.extensions().get::<pb::tls::TlsConnectInfo>()?;
+    Peer::of_certificate(info.peer_certificates.as_ref()?.first()?)
 }
 
 fn remote_of<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(|i| i.get_ref().remote_addr())
+    request.extensions().get::<pb::tls::TlsConnectInfo>().and_then(|i| i.tcp.remote_addr)
 }
 
 /// Checks each request's caller against `admits` (when TLS is on) and hands the verified
@@ -365,6 +360,10 @@ where
             }
             if let Some(peer) = peer {
                 request.extensions_mut().insert(peer);
+            }
+            // The address, where gRPC's own `remote_addr` looks for it.
+            if let Some(tcp) = request.extensions().get::<pb::tls::TlsConnectInfo>().map(|i| i.tcp.clone()) {
+                request.extensions_mut().insert(tcp);
             }
         }
         Box::pin(self.inner.call(request))

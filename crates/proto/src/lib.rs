@@ -4,6 +4,7 @@
 
 pub mod net;
 pub mod tcp;
+pub mod tls;
 
 /// gRPC metadata key naming the replica (address) whose failure broke a block upload chain.
 pub const FAILED_REPLICA_HEADER: &str = "cairn-failed-replica";

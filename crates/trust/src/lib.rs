@@ -2,7 +2,7 @@
 //!
 //! Each file system has its own certificate authority, made when it is created. Every server
 //! (meta or data) holds a certificate the authority signed when the server joined, and every
-//! client a certificate naming its credential. All links run TLS 1.3 (or 1.2) with both sides
+//! client a certificate naming its credential. All links run TLS 1.3 with both sides
 //! authenticated; the server name every client checks is [`SERVER_NAME`], so one certificate
 //! serves a server at any address (behind a proxy or NAT too), and a client certificate can
 //! never pass for a server.

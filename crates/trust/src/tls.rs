@@ -94,7 +94,7 @@ impl ResolvesClientCert for CertSlot {
 /// chain in `certs`, if any, is presented.
 pub fn connector_config(authority_pem: &str, certs: Option<Arc<CertSlot>>) -> TrustResult<Arc<ClientConfig>> {
     let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Tls(e.to_string()))?
         .with_root_certificates(roots(authority_pem)?);
     let mut config = match certs {
@@ -102,6 +102,8 @@ pub fn connector_config(authority_pem: &str, certs: Option<Arc<CertSlot>>) -> Tr
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    // Cairn seals and opens the records itself with the negotiated keys (`cairn_proto::tls`).
+    config.enable_secret_extraction = true;
     Ok(Arc::new(config))
 }
 
@@ -115,13 +117,17 @@ pub fn server_config(files: &TrustFiles, certs: Arc<CertSlot>) -> TrustResult<Se
             .build()
             .map_err(|e| TrustError::Tls(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(certs);
     config.alpn_protocols = vec![b"h2".to_vec()];
     // The server's order of cipher suites decides (see `provider`).
     config.ignore_client_order = true;
+    // Cairn seals and opens the records itself with the negotiated keys (`cairn_proto::tls`);
+    // clients do not resume sessions, so no tickets follow the handshake.
+    config.enable_secret_extraction = true;
+    config.send_tls13_tickets = 0;
     Ok(config)
 }
 
