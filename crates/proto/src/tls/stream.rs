@@ -193,9 +193,10 @@ impl TlsStream {
     ) -> Result<Self, StreamError> {
         let (tx_seq, tx) = secrets.tx;
         let (rx_seq, rx) = secrets.rx;
-        // Room for the key update itself under the old key.
+        // Room for the key update itself under the old key. The sequence number counts the
+        // records this key has sealed already (in the handshake's wake).
         let records_per_key = keys.records_per_key().saturating_sub(2);
-        let rekey_after = tx_seq.saturating_add(records_per_key);
+        let rekey_after = records_per_key;
         Ok(TlsStream {
             tcp,
             keys,
