@@ -183,6 +183,60 @@ fn ls_l_of_a_cached_tree_asks_the_mount_nothing_per_file() {
     assert_eq!(common::metrics(&b)["meta_rpcs"].as_u64().unwrap(), rpcs, "a second ls -lR asked meta");
 }
 
+/// Drops the kernel's cached pages of `path` (for a directory, its cached listing), as memory
+/// pressure may at any time.
+fn drop_kernel_pages(path: &std::path::Path) {
+    let dir = fs::File::open(path).unwrap();
+    // SAFETY: the descriptor is open for the call's duration.
+    let advised =
+        unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&dir), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(advised, 0, "posix_fadvise");
+}
+
+#[test]
+fn a_listing_the_kernel_dropped_is_listed_again_from_the_promise_and_absent_names_need_no_request() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    // More names than one page of a listing holds.
+    fs::create_dir(a.join("d")).unwrap();
+    for i in 0..300 {
+        fs::write(a.join(format!("d/{i:03}")), b"").unwrap();
+    }
+    fs::create_dir(a.join("d/sub")).unwrap();
+    let names = |root: &std::path::Path| {
+        let mut names: Vec<String> =
+            fs::read_dir(root.join("d")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    };
+    let counter = |name: &str| common::metrics(&b)[name].as_u64().unwrap();
+    let first = names(&b);
+    assert_eq!(first.len(), 301);
+    let (rpcs, dir_reads) = (counter("meta_rpcs"), counter("dir_reads"));
+    drop_kernel_pages(&b.join("d"));
+    assert_eq!(names(&b), first);
+    assert!(counter("dir_reads") > dir_reads, "the kernel still had the listing: the test shows nothing");
+    assert_eq!(counter("meta_rpcs"), rpcs, "a listing known whole under a promise asked meta again");
+    // A name the whole listing lacks does not exist: no request either.
+    let absent = fs::symlink_metadata(b.join("d/absent")).unwrap_err();
+    assert_eq!(absent.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(counter("meta_rpcs"), rpcs, "an absent name in a directory known whole asked meta");
+
+    // A change elsewhere breaks the promise: the next listing and lookup see it.
+    fs::write(a.join("d/absent"), b"now").unwrap();
+    fs::remove_file(a.join("d/000")).unwrap();
+    drop_kernel_pages(&b.join("d"));
+    let after = names(&b);
+    assert_eq!(after.len(), 301);
+    assert!(after.contains(&"absent".to_string()) && !after.contains(&"000".to_string()), "{after:?}");
+    assert_eq!(fs::read(b.join("d/absent")).unwrap(), b"now");
+}
+
 #[test]
 fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
     if !common::can_mount() {

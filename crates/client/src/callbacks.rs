@@ -17,8 +17,9 @@
 //! recall a delegation: the return breaks this client's promise on the directory, and is
 //! acknowledged, before the leader reads for the reply.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroUsize;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,6 +39,8 @@ const XATTRS_PER_INODE_MAX: usize = 32;
 const XATTR_VALUE_CACHED_MAX: usize = 4096;
 /// Search (execute) permission for owner, group and others.
 const SEARCHABLE_BY_ALL: u32 = 0o111;
+/// Read permission for owner, group and others.
+const READABLE_BY_ALL: u32 = 0o444;
 /// Inodes one registration message names (the leader takes up to 4,096).
 const REGISTER_BATCH: usize = 4096;
 /// Breaks handled at once (each may wait for the kernel).
@@ -88,11 +91,16 @@ pub enum PartitionPolicy {
 #[derive(Default)]
 struct CachedInode {
     attr: Option<pb::Attr>,
-    /// Name to child inode (0: no such name).
-    names: HashMap<Vec<u8>, u64>,
-    /// `names` holds every name of this directory (it was made empty here and every change
-    /// since was this client's own): a name it lacks does not exist.
+    /// Name to child inode (0: no such name), in meta's listing order (bytewise).
+    names: BTreeMap<Vec<u8>, u64>,
+    /// `names` holds every name of this directory: it was made empty here, or listed whole
+    /// under one promise, and every change since was this client's own. A name it lacks does
+    /// not exist, and the directory can be listed from here.
     complete: bool,
+    /// A listing under way: every name up to and including this one is in `names` (the pages
+    /// read so far came one after another with no break of the directory between them),
+    /// and how many names they held.
+    listed_through: Option<(Vec<u8>, usize)>,
     /// Extended attribute name to value, or the errno meta answered (ENODATA, EOPNOTSUPP).
     xattrs: HashMap<Vec<u8>, Result<Vec<u8>, i32>>,
     /// The inode has no extended attributes: meta said so in attributes it promised, or this
@@ -111,8 +119,44 @@ impl CachedInode {
         self.no_xattrs |= attr.no_xattrs;
         self.attr = Some(*attr);
     }
-}
 
+    /// Records `name` (child inode, 0 for absent). Past the bound a name is not kept, and the
+    /// directory is no longer known whole.
+    fn set_name(&mut self, name: &[u8], child: u64) {
+        if self.names.len() < NAMES_PER_DIR_MAX || self.names.contains_key(name) {
+            self.names.insert(name.to_vec(), child);
+        } else {
+            self.names.remove(name);
+            self.complete = false;
+            self.listed_through = None;
+        }
+    }
+
+    /// Takes in one page of a listing that went on from `after` (empty: from the start), whose
+    /// names were just recorded. The directory is known whole once pages from the start reach
+    /// the end with every name kept.
+    fn listed(&mut self, after: &[u8], page: &[pb::DirEntry], eof: bool) {
+        let so_far = match &self.listed_through {
+            _ if after.is_empty() => Some(0),
+            Some((through, count)) if through.as_slice() == after => Some(*count),
+            _ => None,
+        };
+        let kept = page.iter().all(|e| self.names.get(&e.name).is_some_and(|&ino| ino != 0));
+        self.listed_through = None;
+        let (Some(so_far), true) = (so_far, kept) else { return };
+        let count = so_far + page.len();
+        if !eof {
+            let through = page.last().map_or_else(|| after.to_vec(), |e| e.name.clone());
+            self.listed_through = Some((through, count));
+            return;
+        }
+        // A name learned before the listing and missing from it would contradict the promise:
+        // such a directory is not taken as whole.
+        if self.names.values().filter(|&&ino| ino != 0).count() == count {
+            self.complete = true;
+        }
+    }
+}
 struct Trust {
     until: Option<Instant>,
     /// `until` passed and everything was forgotten; set again by the next renewal.
@@ -248,10 +292,52 @@ impl Callbacks {
         if let Some(attr) = child {
             cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
         }
-        let dir = cache.get_or_insert_mut(parent, CachedInode::default);
-        if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(name) {
-            dir.names.insert(name.to_vec(), child.map_or(0, |a| a.ino));
+        cache.get_or_insert_mut(parent, CachedInode::default).set_name(name, child.map_or(0, |a| a.ino));
+    }
+
+    /// Caches one page of `dir`'s listing read under a promise (the names after `after`, to the
+    /// end if `eof`), if nothing was broken since `epoch`. Pages read one after another from
+    /// the start make the directory known whole: it is listed from here until it changes.
+    pub fn note_listing(&self, dir: u64, after: &[u8], page: &[pb::DirEntry], eof: bool, epoch: u64) {
+        let mut cache = self.cache();
+        if self.epoch() != epoch {
+            return;
         }
+        for entry in page {
+            if let Some(attr) = &entry.attr {
+                cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
+            }
+        }
+        let dir = cache.get_or_insert_mut(dir, CachedInode::default);
+        for entry in page {
+            dir.set_name(&entry.name, entry.attr.map_or(0, |a| a.ino));
+        }
+        dir.listed(after, page, eof);
+    }
+
+    /// Up to `limit` entries of `dir` after `after`, and whether they reach its end, from a
+    /// listing known whole under a promise: None when it is not (or a child's attributes are
+    /// no longer cached). Like the kernel's cached listing, this skips meta's check that the
+    /// caller may read the directory, so only a directory anyone may read is answered here.
+    pub fn listing(&self, dir: u64, after: &[u8], limit: usize) -> Option<(Vec<pb::DirEntry>, bool)> {
+        if !self.trusted() {
+            return None;
+        }
+        let mut cache = self.cache();
+        let cached = cache.get(&dir)?;
+        if !cached.complete || cached.attr.is_none_or(|a| a.perm & READABLE_BY_ALL != READABLE_BY_ALL) {
+            return None;
+        }
+        let from = if after.is_empty() { Bound::Unbounded } else { Bound::Excluded(after) };
+        let mut names = cached.names.range::<[u8], _>((from, Bound::Unbounded)).filter(|(_, ino)| **ino != 0);
+        let page: Vec<(Vec<u8>, u64)> = names.by_ref().take(limit).map(|(name, ino)| (name.clone(), *ino)).collect();
+        let eof = names.next().is_none();
+        let mut entries = Vec::with_capacity(page.len());
+        for (name, ino) in page {
+            let attr = cache.get(&ino)?.attr?;
+            entries.push(pb::DirEntry { name, attr: Some(attr) });
+        }
+        Some((entries, eof))
     }
 
     /// A cached extended attribute of `target`, or the errno it was answered with.
@@ -324,13 +410,7 @@ impl Callbacks {
         }
         let (Some(entry), Some(dir), Some(child)) = (entry, kept_dir, promised.first()) else { return };
         if let Some(dir) = cache.get_mut(&dir) {
-            let value = if entry.removed { 0 } else { child.ino };
-            if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(entry.name) {
-                dir.names.insert(entry.name.to_vec(), value);
-            } else {
-                dir.names.remove(entry.name);
-                dir.complete = false;
-            }
+            dir.set_name(entry.name, if entry.removed { 0 } else { child.ino });
         }
         if let Some(created) = cache.get_mut(&child.ino).filter(|_| !entry.removed) {
             // A new inode has no extended attributes (what the kernel asks of each write,
@@ -374,12 +454,7 @@ impl Callbacks {
     fn note_name(cache: &mut LruCache<u64, CachedInode>, dir_attr: &pb::Attr, name: &[u8], child: u64) {
         let Some(dir) = cache.get_mut(&dir_attr.ino) else { return };
         dir.hold(dir_attr);
-        if dir.names.len() < NAMES_PER_DIR_MAX || dir.names.contains_key(name) {
-            dir.names.insert(name.to_vec(), child);
-        } else {
-            dir.names.remove(name);
-            dir.complete = false;
-        }
+        dir.set_name(name, child);
     }
 
     /// Whether every name of directory `dir` is cached (a name missing does not exist).
@@ -809,6 +884,98 @@ mod tests {
         assert_eq!(callbacks.entry(3, b"y"), Some(None));
         callbacks.forget(&Forget::Inodes(vec![3]));
         assert_eq!(callbacks.entry(3, b"y"), None);
+    }
+
+    fn entries(inos: std::ops::Range<u64>) -> Vec<pb::DirEntry> {
+        inos.map(|ino| pb::DirEntry { name: format!("n{ino:03}").into_bytes(), attr: Some(attr(ino)) }).collect()
+    }
+
+    fn names(page: &[pb::DirEntry]) -> Vec<&[u8]> {
+        page.iter().map(|e| e.name.as_slice()).collect()
+    }
+
+    #[test]
+    fn a_directory_listed_whole_is_listed_from_the_cache_until_it_changes() {
+        let callbacks = trusting();
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        let (first, second) = (entries(10..20), entries(20..25));
+        callbacks.note_listing(1, b"", &first, false, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100), None, "half listed");
+        // A lookup between the pages changes nothing.
+        callbacks.note_entry(1, b"n012", Some(&attr(12)), callbacks.epoch());
+        callbacks.note_listing(1, b"n019", &second, true, callbacks.epoch());
+        let (page, eof) = callbacks.listing(1, b"", 8).unwrap();
+        assert_eq!((names(&page), eof), (names(&first[..8]), false));
+        let (page, eof) = callbacks.listing(1, b"n017", 8).unwrap();
+        assert_eq!((page, eof), ([&first[8..], &second[..]].concat(), true));
+        assert_eq!(callbacks.listing(1, b"n024", 8), Some((Vec::new(), true)));
+        // A name the whole listing lacks does not exist.
+        assert_eq!(callbacks.entry(1, b"n999"), Some(None));
+        // This client's own change is applied to it.
+        let gone = OwnEntry { name: b"n010", removed: true, created: None };
+        callbacks.forget_own(&[1, 10], &[attr(10), attr(1)], Some(gone), callbacks.epoch());
+        assert_eq!(names(&callbacks.listing(1, b"", 1).unwrap().0), vec![b"n011".as_slice()]);
+        // A child whose promise broke: listed by meta again.
+        callbacks.forget(&Forget::Inodes(vec![21]));
+        assert_eq!(callbacks.listing(1, b"", 100), None);
+        assert_eq!(callbacks.listing(1, b"n022", 100).map(|(page, _)| page.len()), Some(2));
+        // The directory's own promise broke: nothing of it is left.
+        callbacks.forget(&Forget::Inodes(vec![1]));
+        assert_eq!(callbacks.listing(1, b"n022", 100), None);
+        assert_eq!(callbacks.entry(1, b"n999"), None);
+    }
+
+    #[test]
+    fn pages_that_do_not_follow_one_another_under_one_promise_do_not_make_a_directory_whole() {
+        let callbacks = trusting();
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        // A page that does not start where the last one ended.
+        callbacks.note_listing(1, b"", &entries(10..20), false, callbacks.epoch());
+        callbacks.note_listing(1, b"n018", &entries(19..25), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100), None);
+        // A break of the directory between two pages cuts the chain.
+        callbacks.note_listing(1, b"", &entries(10..20), false, callbacks.epoch());
+        callbacks.forget(&Forget::Inodes(vec![1]));
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        callbacks.note_listing(1, b"n019", &entries(20..25), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100), None, "the chain was cut");
+        // A break elsewhere while a page was out keeps that page out; read again, it counts.
+        callbacks.note_listing(1, b"", &entries(10..20), false, callbacks.epoch());
+        let epoch = callbacks.epoch();
+        callbacks.forget(&Forget::Inodes(vec![99]));
+        callbacks.note_listing(1, b"n019", &entries(20..25), true, epoch);
+        assert_eq!(callbacks.listing(1, b"", 100), None);
+        callbacks.note_listing(1, b"n019", &entries(20..25), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100).map(|(page, _)| page.len()), Some(15));
+        callbacks.forget(&Forget::Inodes(vec![1]));
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        // A name known before that the listing lacks contradicts it.
+        callbacks.note_entry(1, b"stray", Some(&attr(50)), callbacks.epoch());
+        callbacks.note_listing(1, b"", &entries(10..25), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100), None);
+        // One whole page from the start is enough.
+        callbacks.forget(&Forget::Inodes(vec![1]));
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        callbacks.note_listing(1, b"", &entries(10..25), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100).map(|(page, eof)| (page.len(), eof)), Some((15, true)));
+        // An empty directory too.
+        callbacks.note_attr(&attr(2), callbacks.epoch());
+        callbacks.note_listing(2, b"", &[], true, callbacks.epoch());
+        assert_eq!(callbacks.listing(2, b"", 100), Some((Vec::new(), true)));
+    }
+
+    #[test]
+    fn only_a_directory_anyone_may_read_is_listed_from_the_cache() {
+        let callbacks = trusting();
+        callbacks.note_attr(&pb::Attr { perm: 0o711, ..attr(1) }, callbacks.epoch());
+        callbacks.note_listing(1, b"", &entries(10..12), true, callbacks.epoch());
+        assert_eq!(callbacks.listing(1, b"", 100), None);
+        callbacks.note_attr(&attr(1), callbacks.epoch());
+        assert!(callbacks.listing(1, b"", 100).is_some());
+        let untrusted = Callbacks::new(PartitionPolicy::Wait);
+        untrusted.note_attr(&attr(1), untrusted.epoch());
+        untrusted.note_listing(1, b"", &entries(10..12), true, untrusted.epoch());
+        assert_eq!(untrusted.listing(1, b"", 100), None, "never renewed");
     }
 
     #[test]

@@ -471,6 +471,11 @@ impl MetaConnection {
         after: &[u8],
         limit: u32,
     ) -> ClientResult<(Vec<pb::DirEntry>, bool)> {
+        // A directory listed whole under a promise is listed again from the cache (the
+        // kernel's own copy of a listing can be dropped at any time, under memory pressure).
+        if let Some(cached) = self.callbacks.listing(dir.ino, after, limit as usize) {
+            return Ok(cached);
+        }
         let epoch = self.callbacks.epoch();
         let session = self.session();
         let after = after.to_vec();
@@ -489,9 +494,7 @@ impl MetaConnection {
         check(reply.errno)?;
         if reply.promised {
             let epoch = self.callbacks.settled(epoch, reply.point.as_ref());
-            for entry in &reply.entries {
-                self.callbacks.note_entry(dir.ino, &entry.name, entry.attr.as_ref(), epoch);
-            }
+            self.callbacks.note_listing(dir.ino, &after, &reply.entries, reply.eof, epoch);
         }
         Ok((reply.entries, reply.eof))
     }

@@ -73,6 +73,8 @@ pub struct CairnFs {
     /// `getxattr` requests the kernel passed on: each is a round trip to this process even
     /// when the answer is cached, so a cached walk is at local speed only when there are none.
     xattr_reads: AtomicU64,
+    /// Listing requests from the kernel (readdir and readdirplus), for metrics.
+    dir_reads: AtomicU64,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -126,6 +128,7 @@ impl CairnFs {
             notifier,
             root_ino: root.ino,
             xattr_reads: AtomicU64::new(0),
+            dir_reads: AtomicU64::new(0),
         }
     }
 
@@ -335,10 +338,15 @@ impl CairnFs {
         add: &mut impl FnMut(u64, u64, &[u8], Option<&pb::Attr>) -> bool,
     ) -> Result<(), ClientError> {
         // Each call lists from a freshly fetched page: attributes in the reply must not be
-        // older than the caller's snapshot of this client's uncommitted writes.
+        // older than the caller's snapshot of this client's uncommitted writes. A call past the
+        // last entry of the last page has no attributes to give, and needs no page.
         if offset >= 2 && stream.loaded {
             let position = offset - 2;
-            if position >= stream.base && position <= stream.base + stream.page.len() as u64 {
+            let end = stream.base + stream.page.len() as u64;
+            if stream.eof && position == end {
+                return Ok(());
+            }
+            if position >= stream.base && position <= end {
                 let at = (position - stream.base) as usize;
                 let after = if at == 0 { stream.page_after.clone() } else { stream.page[at - 1].name.clone() };
                 let (page, eof) = self.client.meta.readdir(&stream.opener, stream.dir, &after, READDIR_PAGE).await?;
@@ -833,6 +841,7 @@ impl Filesystem for CairnFs {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        self.dir_reads.fetch_add(1, Ordering::Relaxed);
         let result = self.runtime.block_on(self.list(fh, offset, |ino, next, name, attr| {
             let kind = attr.map(|a| file_type(a.kind)).unwrap_or(fuser::FileType::Directory);
             reply.add(self.kernel_ino(ino), next, kind, OsStr::from_bytes(name))
@@ -844,6 +853,7 @@ impl Filesystem for CairnFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        self.dir_reads.fetch_add(1, Ordering::Relaxed);
         let dir_attr = match self.runtime.block_on(async { self.client.meta.getattr(self.handle_of(ino)?).await }) {
             Ok(attr) => attr,
             Err(e) => {
@@ -1164,7 +1174,7 @@ impl CairnFs {
         let callbacks = &self.client.meta.callbacks;
         let delegations = &self.client.meta.delegations;
         format!(
-            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{},\"dir_reads\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
             self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
@@ -1176,6 +1186,7 @@ impl CairnFs {
             delegations.pending(),
             delegations.lost_total.load(Ordering::Relaxed),
             self.xattr_reads.load(Ordering::Relaxed),
+            self.dir_reads.load(Ordering::Relaxed),
         )
     }
 
