@@ -37,8 +37,8 @@ struct Holder {
     inodes: HashSet<u64>,
     /// The holder stops trusting its promises by then (it renews before).
     expires: Instant,
-    /// Breaks sent and not acknowledged yet.
-    pending: HashSet<u64>,
+    /// Breaks sent and not acknowledged yet, with the inodes each names.
+    pending: HashMap<u64, Vec<u64>>,
     /// Inodes named by this session's mutations in flight, with their counts.
     in_flight: HashMap<u64, u32>,
 }
@@ -51,13 +51,18 @@ impl Holder {
             registered: false,
             inodes: HashSet::new(),
             expires: now,
-            pending: HashSet::new(),
+            pending: HashMap::new(),
             in_flight: HashMap::new(),
         }
     }
 
     fn busy_with(&self, inodes: &[u64]) -> bool {
         inodes.iter().any(|ino| self.in_flight.contains_key(ino))
+    }
+
+    /// Whether a break naming one of `inodes` is still on its way to this holder.
+    fn breaking(&self, inodes: &[u64]) -> bool {
+        self.pending.values().any(|named| named.iter().any(|ino| inodes.contains(ino)))
     }
 }
 
@@ -268,6 +273,12 @@ impl Promises {
         if holder.tx.is_none() || holder.inodes.len() + inodes.len() > PROMISES_PER_SESSION_MAX {
             return false;
         }
+        // A break still on its way may reach the client after this reply. A reply to its own
+        // change would then be taken as the whole news about an inode that changed before it
+        // too (a directory's names with only this client's change applied): not promised.
+        if holder.breaking(inodes) {
+            return false;
+        }
         holder.inodes.extend(inodes.iter().copied());
         true
     }
@@ -430,10 +441,10 @@ pub fn same_version(cached: &pb::Attr, current: &pb::Attr) -> bool {
 /// counted).
 fn send_break(holder: &mut Holder, seq: u64, inodes: Vec<u64>, term: u64, change: u64) {
     let Some(tx) = &holder.tx else { return };
-    let broken = pb::CallbackBreak { seq, inodes, term, change };
+    let broken = pb::CallbackBreak { seq, inodes: inodes.clone(), term, change };
     let message = pb::CallbackDown { msg: Some(pb::callback_down::Msg::Broken(broken)) };
     if tx.try_send(message).is_ok() {
-        holder.pending.insert(seq);
+        holder.pending.insert(seq, inodes);
     } else {
         // A stream this far behind (or gone) cannot be told: its promises end with its lease.
         holder.tx = None;
@@ -446,7 +457,7 @@ fn satisfied(state: &State, wait: &Wait, now: Instant) -> bool {
             None => true,
             Some(holder) => {
                 holder.expires <= now
-                    || !holder.pending.contains(seq) && holder.tx.is_some()
+                    || !holder.pending.contains_key(seq) && holder.tx.is_some()
                     || holder.busy_with(inodes)
             }
         },
@@ -509,6 +520,26 @@ mod tests {
         assert!(!p.promise(1, 2, &[10], since));
         assert!(p.promise(1, 2, &[11], since));
         assert!(p.promise(1, 2, &[10], p.changes(1)));
+    }
+
+    #[tokio::test]
+    async fn a_break_not_yet_acknowledged_keeps_the_promise_off_a_reply_to_the_holders_own_change() {
+        let p = Promises::new(Duration::from_secs(30));
+        let (s2, mut rx2) = stream(&p, 1, 2);
+        assert!(p.promise(1, 2, &[10, 11], p.changes(1)));
+        // Session 2 has a change naming directory 10 in flight, so session 1's change to 10
+        // does not wait for session 2's acknowledgement.
+        let own_change = p.begin_mutation(1, 2, vec![10]);
+        p.break_and_wait(1, 1, &[10], &[]).await;
+        let message = broken(&mut rx2).expect("break sent");
+        // Session 2's reply, decided after both changes: the break may reach the client after
+        // it, so the directory is not promised with it.
+        let since = p.changes(1);
+        assert!(!p.promise(1, 2, &[12, 10], since));
+        assert!(p.promise(1, 2, &[12], since));
+        drop(own_change);
+        p.ack(2, s2, message.seq);
+        assert!(p.promise(1, 2, &[12, 10], p.changes(1)));
     }
 
     #[tokio::test]

@@ -812,7 +812,7 @@ impl Meta for MetaService {
         let encoded = request.encode_to_vec();
         let named = request.op.as_ref().map(pb::mutate_request::Op::named_inodes).unwrap_or_default();
         let breaks = request.op.as_ref().is_some_and(pb::mutate_request::Op::changes_cached_state);
-        let in_flight =
+        let mut in_flight =
             self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
         let proposed = std::time::Instant::now();
         let mut recalls = 0;
@@ -850,6 +850,11 @@ impl Meta for MetaService {
             changed.sort_unstable();
             changed.dedup();
             let change = self.break_promises(request.session, &changed).await.map_err(status_of)?;
+            // From here on, another session's change waits for this one's acknowledgement of
+            // its break again (nothing below waits on others, so this client's kernel, which
+            // may hold the directory locked until this reply, cannot hold that up for long). A
+            // break sent before is still unacknowledged below, and keeps the promise off.
+            drop(in_flight.take());
             // The writer may cache what it just changed, as of its own change; a replayed reply
             // is as of the first time, and whatever changed since is not in it.
             reply.promised = match (&reply.attr, self.node.leader_term()) {
@@ -866,6 +871,7 @@ impl Meta for MetaService {
                 _ => false,
             };
         }
+        drop(in_flight);
         if let Some(pb::mutate_request::Op::Batch(batch)) = &request.op
             && batch.release
         {
@@ -873,7 +879,6 @@ impl Meta for MetaService {
             // what they read next may be promised).
             self.node.promises.returned(batch.dir.map(|h| h.ino).unwrap_or_default());
         }
-        drop(in_flight);
         Ok(Response::new(reply))
     }
 

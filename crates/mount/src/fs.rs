@@ -338,15 +338,17 @@ impl CairnFs {
         add: &mut impl FnMut(u64, u64, &[u8], Option<&pb::Attr>) -> bool,
     ) -> Result<(), ClientError> {
         // Each call lists from a freshly fetched page: attributes in the reply must not be
-        // older than the caller's snapshot of this client's uncommitted writes. A call past the
-        // last entry of the last page has no attributes to give, and needs no page.
+        // older than the caller's snapshot of this client's uncommitted writes, and names
+        // added since the last page must not be missed (the kernel may be filling the listing
+        // it keeps for every process). A directory listed whole under a promise answers these
+        // pages from the client's cache, with no request.
+        if offset < 2 {
+            // From the start again (`rewinddir`): nothing read before is reused.
+            stream.loaded = false;
+        }
         if offset >= 2 && stream.loaded {
             let position = offset - 2;
-            let end = stream.base + stream.page.len() as u64;
-            if stream.eof && position == end {
-                return Ok(());
-            }
-            if position >= stream.base && position <= end {
+            if position >= stream.base && position <= stream.base + stream.page.len() as u64 {
                 let at = (position - stream.base) as usize;
                 let after = if at == 0 { stream.page_after.clone() } else { stream.page[at - 1].name.clone() };
                 let (page, eof) = self.client.meta.readdir(&stream.opener, stream.dir, &after, READDIR_PAGE).await?;
