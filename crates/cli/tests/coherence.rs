@@ -237,6 +237,53 @@ fn a_listing_the_kernel_dropped_is_listed_again_from_the_promise_and_absent_name
     assert_eq!(fs::read(b.join("d/absent")).unwrap(), b"now");
 }
 
+/// The names `dir` yields from where its stream stands to its end, sorted.
+fn read_names(dir: *mut libc::DIR) -> Vec<String> {
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: `dir` is an open directory stream; the entry is read before the next call.
+        let entry = unsafe { libc::readdir(dir) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: `d_name` is NUL-terminated within the entry.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) };
+        names.push(name.to_string_lossy().into_owned());
+    }
+    names.sort();
+    names
+}
+
+#[test]
+fn a_directory_stream_read_again_from_the_start_sees_names_added_since() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    // Only its owner may read it: never listed from the client's cache, always from meta.
+    fs::create_dir(a.join("d")).unwrap();
+    fs::set_permissions(a.join("d"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    fs::write(a.join("d/first"), b"").unwrap();
+    let path = c_path(&b.join("d"));
+    // SAFETY: the path is NUL-terminated; the stream is closed below.
+    let dir = unsafe { libc::opendir(path.as_ptr()) };
+    assert!(!dir.is_null(), "opendir: {}", std::io::Error::last_os_error());
+    // One entry read: the mount has sent the first page and not been asked past it.
+    // SAFETY: `dir` is open.
+    assert!(!unsafe { libc::readdir(dir) }.is_null());
+    // A name that sorts before the one the first page ended with.
+    fs::write(a.join("d/aaa"), b"").unwrap();
+    // SAFETY: `dir` is open.
+    unsafe { libc::rewinddir(dir) };
+    let again = read_names(dir);
+    // SAFETY: `dir` is open and not used after.
+    unsafe { libc::closedir(dir) };
+    assert_eq!(again, [".", "..", "aaa", "first"]);
+}
+
 #[test]
 fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
     if !common::can_mount() {
