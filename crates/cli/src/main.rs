@@ -160,6 +160,12 @@ enum Command {
         /// kernel data cache), instead of at close.
         #[arg(long)]
         strict: bool,
+        /// Keep whole-file copies of large cached files in the cache directory and let the
+        /// kernel read them directly (FUSE passthrough, root only): cached re-reads at local
+        /// disk speed. A file already open when the promise lease runs out keeps reading its
+        /// copy (the file as it was at open) instead of failing or waiting.
+        #[arg(long, conflicts_with = "strict")]
+        passthrough: bool,
         /// What requests do once this client lost touch with meta for longer than its
         /// promise lease: wait (up to --timeout-secs, then EIO) or fail with EIO at once.
         #[arg(long, value_enum, default_value = "wait")]
@@ -396,7 +402,7 @@ fn run(cli: Cli) -> Result<()> {
                 orphan_grace: std::time::Duration::from_secs(orphan_grace_secs),
             }))
         }
-        Command::Mount { meta, mount, cache_dir, cache_mib, strict, on_partition, timeout_secs, bind } => {
+        Command::Mount { meta, mount, cache_dir, cache_mib, strict, passthrough, on_partition, timeout_secs, bind } => {
             if let Some(ip) = bind {
                 cairn_proto::net::set_source_address(ip);
             }
@@ -409,7 +415,13 @@ fn run(cli: Cli) -> Result<()> {
                 OnPartition::Eio => PartitionPolicy::Eio,
             };
             let timeout = std::time::Duration::from_secs(timeout_secs);
-            roles::mount(&runtime, split(&meta), mount, cache, roles::MountModes { strict, partition, timeout })
+            roles::mount(
+                &runtime,
+                split(&meta),
+                mount,
+                cache,
+                roles::MountModes { strict, passthrough, partition, timeout },
+            )
         }
         Command::Bench { dir, size_mib, files, random_reads, runs, mount } => {
             let runs = runs.max(1);

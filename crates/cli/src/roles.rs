@@ -577,6 +577,8 @@ impl DiskCacheOptions {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct MountModes {
     pub strict: bool,
+    /// Whole-file copies read by the kernel directly (`MountOptions::passthrough`).
+    pub passthrough: bool,
     pub partition: PartitionPolicy,
     /// How long a request keeps trying before EIO.
     pub timeout: std::time::Duration,
@@ -598,6 +600,7 @@ pub fn mount(
         disk_cache_bytes: cache.bytes,
         partition: modes.partition,
         retry: RetryPolicy::with_deadline(modes.timeout),
+        whole_copies: modes.passthrough,
         ..Default::default()
     };
     let client = runtime.block_on(async {
@@ -607,8 +610,12 @@ pub fn mount(
         client.spawn_heartbeat();
         Ok::<_, anyhow::Error>(client)
     })?;
-    let mounted =
-        cairn_mount::mount(client, runtime.handle().clone(), &mount_path, MountOptions { strict: modes.strict })?;
+    let mounted = cairn_mount::mount(
+        client,
+        runtime.handle().clone(),
+        &mount_path,
+        MountOptions { strict: modes.strict, passthrough: modes.passthrough },
+    )?;
     println!("Cairn mounted at {} (meta {})", mounted.path().display(), meta.join(","));
     runtime.block_on(wait_for_signal())?;
     eprintln!("cairn: unmounting {}", mounted.path().display());

@@ -488,6 +488,20 @@ impl Callbacks {
         }
     }
 
+    /// Whether data read of `ino` from now on is covered by a promise (what `open_keeps_pages`
+    /// recorded at the last open, if the promise still holds).
+    pub fn pages_covered(&self, ino: u64) -> bool {
+        self.trusted() && self.cache().peek(&ino).is_some_and(|entry| entry.attr.is_some() && entry.pages_valid)
+    }
+
+    /// This mount changed `ino`'s data where the kernel's cached pages did not see it (a write
+    /// sent straight to this process): the next open drops them.
+    pub fn pages_changed_here(&self, ino: u64) {
+        if let Some(entry) = self.cache().peek_mut(&ino) {
+            entry.pages_valid = false;
+        }
+    }
+
     /// Forgets what a break names, in this cache and then in the kernel.
     fn forget(&self, what: &Forget) {
         self.forget_numbered(what, None);

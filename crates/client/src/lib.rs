@@ -5,12 +5,14 @@
 
 pub mod blocks;
 pub mod callbacks;
+pub mod copy_sync;
 pub mod delegations;
 pub mod disk_cache;
 pub mod error;
 pub mod files;
 pub mod locks;
 pub mod meta;
+pub mod whole_copies;
 
 use std::sync::Arc;
 
@@ -24,6 +26,8 @@ pub struct Client {
     pub blocks: Arc<blocks::BlockStore>,
     pub files: Files,
     pub locks: Arc<locks::Locks>,
+    /// Whole-file copies the kernel may read from directly (`ClientOptions::whole_copies`).
+    pub copies: Option<Arc<whole_copies::WholeCopies>>,
 }
 
 #[derive(Clone, Debug)]
@@ -38,6 +42,9 @@ pub struct ClientOptions {
     pub disk_cache_bytes: u64,
     /// What requests do once the callback lease ran out and meta cannot be reached.
     pub partition: callbacks::PartitionPolicy,
+    /// Keep whole-file copies of large cached files beside the disk cache (its directory and
+    /// size limit), for the kernel to read from directly. Needs the disk cache.
+    pub whole_copies: bool,
 }
 
 impl Default for ClientOptions {
@@ -49,6 +56,7 @@ impl Default for ClientOptions {
             disk_cache_dir: None,
             disk_cache_bytes: 1024 * 1024 * 1024,
             partition: callbacks::PartitionPolicy::default(),
+            whole_copies: false,
         }
     }
 }
@@ -62,21 +70,35 @@ impl Client {
         let meta = MetaConnection::connect(addresses, client_name, options.retry, options.partition).await?;
         let disk = match &options.disk_cache_dir {
             Some(dir) if options.disk_cache_bytes > 0 && !meta.fs_id.is_empty() => {
-                let dir = dir.join(&meta.fs_id);
-                match disk_cache::DiskCache::open(&dir, options.disk_cache_bytes) {
-                    Ok(cache) => Some(cache),
+                let pieces = dir.join(&meta.fs_id);
+                match disk_cache::DiskCache::open(&pieces, options.disk_cache_bytes) {
+                    Ok(cache) => Some((cache, dir.join(format!("{}.whole", meta.fs_id)))),
                     Err(e) => {
-                        tracing::warn!(dir = %dir.display(), error = %e, "no on-disk cache (another mount may use it)");
+                        tracing::warn!(dir = %pieces.display(), error = %e, "no on-disk cache (another mount may use it)");
                         None
                     }
                 }
             }
             _ => None,
         };
+        // Copies sit beside the pieces and are used only by the mount holding the pieces' lock.
+        let copies = match &disk {
+            Some((_, dir)) if options.whole_copies => {
+                match whole_copies::WholeCopies::open(dir, options.disk_cache_bytes) {
+                    Ok(copies) => Some(Arc::new(copies)),
+                    Err(e) => {
+                        tracing::warn!(dir = %dir.display(), error = %e, "no whole-file copies");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let disk = disk.map(|(cache, _)| cache);
         let blocks = Arc::new(blocks::BlockStore::new(meta.clone(), options.cache_bytes, disk));
         let locks = Arc::new(locks::Locks::new(meta.clone()));
         let files = Files::new(meta.clone(), blocks.clone(), locks.clone(), options.uploads_in_flight);
-        Ok(Arc::new(Client { meta, blocks, files, locks }))
+        Ok(Arc::new(Client { meta, blocks, files, locks, copies }))
     }
 
     /// Keeps the session and the callback stream alive and hands unlinked inodes this client no longer holds back to

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cairn_client::callbacks::{Forget, ForgetHandler};
-use cairn_client::{Client, ClientError, OpenFile};
+use cairn_client::{Client, ClientError, OpenFile, whole_copies};
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
@@ -20,7 +20,10 @@ use fuser::{
 };
 
 use crate::convert::{caller, file_attr, file_type, kind_of_mode, timestamp};
+use crate::fs::io_modes::{IoMode, KernelIo, OpenRequest};
 use crate::names::KernelNames;
+
+mod io_modes;
 
 /// Directory entries fetched per readdir round trip.
 const READDIR_PAGE: u32 = 128;
@@ -30,6 +33,10 @@ pub struct MountOptions {
     /// Every write reaches meta before `write()` returns, and the kernel caches no file data:
     /// other clients see each write at once (instead of at close).
     pub strict: bool,
+    /// Readers of a large file held whole in a local copy read it with no call into this
+    /// process (FUSE passthrough; needs CAP_SYS_ADMIN and the client's `whole_copies`). An
+    /// open file keeps reading its copy even after the lease lapses (see ARCHITECTURE.md).
+    pub passthrough: bool,
 }
 
 struct KnownInode {
@@ -54,7 +61,7 @@ struct DirStream {
 }
 
 enum Handle {
-    File { ino: u64, file: Arc<OpenFile> },
+    File { ino: u64, file: Arc<OpenFile>, mode: IoMode },
     Dir(Box<DirStream>),
 }
 
@@ -75,6 +82,8 @@ pub struct CairnFs {
     xattr_reads: AtomicU64,
     /// Listing requests from the kernel (readdir and readdirplus), for metrics.
     dir_reads: AtomicU64,
+    /// How the kernel does I/O through each open file.
+    io: KernelIo,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -129,6 +138,7 @@ impl CairnFs {
             root_ino: root.ino,
             xattr_reads: AtomicU64::new(0),
             dir_reads: AtomicU64::new(0),
+            io: KernelIo::default(),
         }
     }
 
@@ -234,9 +244,16 @@ impl CairnFs {
         fh
     }
 
+    fn open_file_mode(&self, fh: FileHandle) -> Result<(u64, Arc<OpenFile>, IoMode), ClientError> {
+        match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
+            Some(Handle::File { ino, file, mode }) => Ok((*ino, file.clone(), *mode)),
+            _ => Err(ClientError::Errno(errno::EBADF)),
+        }
+    }
+
     fn open_file(&self, fh: FileHandle) -> Result<(u64, Arc<OpenFile>), ClientError> {
         match self.handles.lock().expect("handle table poisoned").get(&fh.0) {
-            Some(Handle::File { ino, file }) => Ok((*ino, file.clone())),
+            Some(Handle::File { ino, file, .. }) => Ok((*ino, file.clone())),
             _ => Err(ClientError::Errno(errno::EBADF)),
         }
     }
@@ -244,6 +261,7 @@ impl CairnFs {
     /// Attributes for the kernel: the size includes this client's uncommitted writes as they
     /// were in `dirty_end`, taken before `attr` was fetched.
     fn attr_with(&self, attr: &pb::Attr, dirty_end: Option<u64>) -> fuser::FileAttr {
+        let dirty_end = dirty_end.max(self.io.written_len(attr.ino));
         let mut fattr = file_attr(attr, dirty_end.map_or(attr.size, |end| end.max(attr.size)));
         fattr.ino = self.kernel_ino(attr.ino);
         fattr
@@ -438,6 +456,15 @@ impl Filesystem for CairnFs {
         if let Err(missing) = config.add_capabilities(wanted) {
             tracing::info!(?missing, "kernel lacks some FUSE capabilities");
         }
+        if self.options.passthrough && self.client.copies.is_some() {
+            // Backing files sit on a local file system that is not itself stacked.
+            let taken =
+                config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok();
+            if !taken {
+                tracing::warn!("the kernel lacks FUSE passthrough; reading through the page cache");
+            }
+            self.io.passthrough.store(taken, Ordering::Relaxed);
+        }
         let _ = config.set_max_write(1024 * 1024);
         let _ = config.set_max_readahead(1024 * 1024);
         let _ = config.set_max_background(64);
@@ -533,10 +560,20 @@ impl Filesystem for CairnFs {
                 mtime: mtime.map(time_set),
                 kill_suid: false,
             };
-            let reply = self.client.meta.mutate(&who, Op::SetAttr(op)).await?;
-            let attr = reply.attr.ok_or(ClientError::Errno(errno::EIO))?;
+            let meta_ino = self.meta_ino(ino);
+            let attr = match size {
+                None => self.client.meta.mutate(&who, Op::SetAttr(op)).await?.attr,
+                Some(size) => {
+                    let change = async || self.client.meta.mutate(&who, Op::SetAttr(op)).await;
+                    self.change_copies(meta_ino, &who, change, |copy| copy.set_len(size)).await?.attr
+                }
+            };
+            let attr = attr.ok_or(ClientError::Errno(errno::EIO))?;
             if size.is_some() {
-                self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
+                self.client.files.invalidate(meta_ino, attr.size).await;
+                if let Some(copies) = &self.client.copies {
+                    copies.truncate(meta_ino, attr.size);
+                }
             }
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
@@ -685,15 +722,17 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.handle_of(ino) {
-            Ok(handle) => {
-                let file = self.client.files.open(handle, 0);
-                let fh = self.new_handle(Handle::File { ino: self.meta_ino(ino), file });
-                reply.opened(FileHandle(fh), self.file_open_flags(self.meta_ino(ino)));
-            }
-            Err(e) => reply.error(errno_of(&e)),
-        }
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let handle = match self.handle_of(ino) {
+            Ok(handle) => handle,
+            Err(e) => return reply.error(errno_of(&e)),
+        };
+        let request = OpenRequest {
+            handle,
+            read_only: flags.0 & libc::O_ACCMODE == libc::O_RDONLY,
+            who: caller(req.uid(), req.gid(), req.pid()),
+        };
+        self.open_for_kernel(request, reply);
     }
 
     fn read(
@@ -708,8 +747,14 @@ impl Filesystem for CairnFs {
         reply: ReplyData,
     ) {
         let result = self.runtime.block_on(async {
-            let (_, file) = self.open_file(fh)?;
-            self.client.files.read(&file, offset, size, &caller(req.uid(), req.gid(), req.pid())).await
+            let (ino, file) = self.open_file(fh)?;
+            let copies = self.client.copies.as_deref();
+            let stamp = copies.and_then(|copies| copies.stamp(ino));
+            let data = self.client.files.read(&file, offset, size, &caller(req.uid(), req.gid(), req.pid())).await?;
+            if let (Some(copies), Some(stamp)) = (copies, stamp) {
+                copies.fill(ino, stamp, offset, &data);
+            }
+            Ok(data)
         });
         match result {
             Ok(data) => reply.data(&data),
@@ -732,8 +777,15 @@ impl Filesystem for CairnFs {
         let who = caller(req.uid(), req.gid(), req.pid());
         let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.runtime.block_on(async {
-            let (_, file) = self.open_file(fh)?;
+            let (ino, file, mode) = self.open_file_mode(fh)?;
             self.client.files.write(&file, offset, data, who, kill_suid).await?;
+            if let Some(copies) = &self.client.copies {
+                // Readers served from the copy see the write as they would in a page cache.
+                copies.write(ino, offset, data);
+            }
+            if mode == IoMode::Direct {
+                self.client.meta.callbacks.pages_changed_here(ino);
+            }
             if self.options.strict {
                 // Write-through: committed (and other clients' promises broken) before the
                 // write returns.
@@ -747,9 +799,13 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, lock_owner: LockOwner, reply: ReplyEmpty) {
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
-            let (ino, file) = self.open_file(fh)?;
+            let (ino, file, mode) = self.open_file_mode(fh)?;
+            if mode == (IoMode::Passthrough { writer: true }) {
+                self.commit_copy_writes(ino, &file, &who).await?;
+            }
             self.client.files.flush(&file).await?;
             // A close drops the closing process's POSIX locks on the file (the kernel leaves
             // that to a file system that keeps its own locks).
@@ -775,7 +831,7 @@ impl Filesystem for CairnFs {
         reply: ReplyEmpty,
     ) {
         let handle = self.handles.lock().expect("handle table poisoned").remove(&fh.0);
-        let Some(Handle::File { ino, file }) = handle else {
+        let Some(Handle::File { ino, file, mode }) = handle else {
             reply.ok();
             return;
         };
@@ -787,7 +843,10 @@ impl Filesystem for CairnFs {
             {
                 tracing::warn!(ino, error = %e, "dropping a flock lock at close failed");
             }
-            let last = self.client.files.release(ino).await?;
+            let committed = self.release_mode(ino, mode, &file).await;
+            let last = self.client.files.release(ino).await;
+            committed?;
+            let last = last?;
             let orphan = {
                 let inodes = self.inodes.lock().expect("inode table poisoned");
                 inodes.get(&ino).filter(|k| k.orphaned).map(|k| k.generation)
@@ -803,9 +862,13 @@ impl Filesystem for CairnFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
-            let (_, file) = self.open_file(fh)?;
+            let (ino, file, mode) = self.open_file_mode(fh)?;
+            if mode == (IoMode::Passthrough { writer: true }) {
+                self.commit_copy_writes(ino, &file, &who).await?;
+            }
             self.client.files.flush(&file).await?;
             // A file made under a delegation (its name, its data) is durable once its batch is.
             self.settle_delegations().await
@@ -1123,14 +1186,19 @@ impl Filesystem for CairnFs {
                 let tracked = self.remember_name(self.meta_ino(parent), name.as_bytes(), attr.ino);
                 let file =
                     self.client.files.open(pb::FileHandle { ino: attr.ino, generation: attr.generation }, attr.size);
-                let fh = self.new_handle(Handle::File { ino: attr.ino, file });
+                let Some(mode) = self.io.created(attr.ino, self.options.strict) else {
+                    // Another name of a file this mount reads from its copy, made meanwhile:
+                    // the kernel cannot open it beside those without passthrough.
+                    return reply.error(Errno::EBUSY);
+                };
+                let fh = self.new_handle(Handle::File { ino: attr.ino, file, mode });
                 let entry_ttl = self.entry_ttl(self.meta_ino(parent), name.as_bytes(), attr.ino, tracked);
                 reply.created(
                     &entry_ttl,
                     &fattr,
                     Generation(attr.generation),
                     FileHandle(fh),
-                    self.file_open_flags(attr.ino),
+                    self.file_open_flags(attr.ino, mode),
                 );
             }
             Err(e) => reply.error(errno_of(&e)),
@@ -1153,9 +1221,14 @@ impl Filesystem for CairnFs {
                 self.client.files.flush(&file).await?;
             }
             let op = pb::FallocateOp { target: Some(self.handle_of(ino)?), offset, len: length, mode: mode as u32 };
-            let reply = self.client.meta.mutate(&who, Op::Fallocate(op)).await?;
+            let change = async || self.client.meta.mutate(&who, Op::Fallocate(op)).await;
+            let apply = |copy: &std::fs::File| whole_copies::fallocate(copy, mode, offset, length);
+            let reply = self.change_copies(self.meta_ino(ino), &who, change, apply).await?;
             if let Some(attr) = reply.attr {
                 self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
+            }
+            if let Some(copies) = &self.client.copies {
+                copies.fallocate(self.meta_ino(ino), mode, offset, length);
             }
             Ok::<_, ClientError>(())
         });
@@ -1175,8 +1248,9 @@ impl CairnFs {
     fn metrics(&self) -> String {
         let callbacks = &self.client.meta.callbacks;
         let delegations = &self.client.meta.delegations;
+        let copies = self.client.copies.as_ref().map_or((0, 0), |c| c.usage());
         format!(
-            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{},\"dir_reads\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{},\"dir_reads\":{},\"passthrough_opens\":{},\"whole_copies\":{},\"whole_copy_bytes\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
             self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
@@ -1189,6 +1263,9 @@ impl CairnFs {
             delegations.lost_total.load(Ordering::Relaxed),
             self.xattr_reads.load(Ordering::Relaxed),
             self.dir_reads.load(Ordering::Relaxed),
+            self.io.passthrough_opens.load(Ordering::Relaxed),
+            copies.0,
+            copies.1,
         )
     }
 
@@ -1261,8 +1338,8 @@ impl CairnFs {
         true
     }
 
-    fn file_open_flags(&self, ino: u64) -> FopenFlags {
-        if self.options.strict {
+    fn file_open_flags(&self, ino: u64, mode: IoMode) -> FopenFlags {
+        if mode == IoMode::Direct {
             return FopenFlags::FOPEN_DIRECT_IO;
         }
         // Pages the kernel cached stay only while one promise covered them all along.
@@ -1342,6 +1419,12 @@ impl KernelForget {
         };
         for &ino in &inodes {
             self.runtime.block_on(self.client.files.forget_window(ino));
+        }
+        if let Some(copies) = &self.client.copies {
+            match what {
+                Forget::Inodes(_) => inodes.iter().for_each(|&ino| copies.discard(ino)),
+                Forget::All => copies.discard_all(),
+            }
         }
         let Some(notifier) = self.notifier.get() else { return };
         for ino in inodes {
