@@ -21,6 +21,13 @@ pub const CHUNK_BYTES: u64 = 1024 * 1024;
 
 type ChunkHash = [u8; 32];
 
+/// A hash no chunk has: a chunk marked with it counts as changed.
+const NOT_COMMITTED: ChunkHash = [0xff; 32];
+
+fn zeros_hash(len: u64) -> ChunkHash {
+    *blake3::hash(&vec![0u8; len as usize]).as_bytes()
+}
+
 /// The copy's chunk hashes when it last matched meta.
 #[derive(Clone, Debug, Default)]
 pub struct Base {
@@ -49,6 +56,48 @@ impl Base {
             .map(|index| Ok(*blake3::hash(&read_chunk(copy, index, len)?).as_bytes()))
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Base { chunks, len })
+    }
+
+    /// The base after the file was truncated (or grown) to `size` through this process, in meta
+    /// and in the copy alike: a grown part reads zeros in both.
+    pub fn truncated(&mut self, size: u64) {
+        let old_len = self.len;
+        self.chunks.truncate(size.div_ceil(CHUNK_BYTES) as usize);
+        if size < old_len && !size.is_multiple_of(CHUNK_BYTES) {
+            // Its last chunk was cut: sent again at the next commit rather than read back here,
+            // where a write through the copy could slip in unseen.
+            if let Some(last) = self.chunks.last_mut() {
+                *last = NOT_COMMITTED;
+            }
+        }
+        if size > old_len {
+            if !old_len.is_multiple_of(CHUNK_BYTES)
+                && let Some(last) = self.chunks.last_mut()
+            {
+                *last = NOT_COMMITTED;
+            }
+            for index in self.chunks.len() as u64..size.div_ceil(CHUNK_BYTES) {
+                self.chunks.push(zeros_hash(chunk_len(size, index)));
+            }
+        }
+        self.len = size;
+    }
+
+    /// The base after fallocate(`mode`, `offset`, `len`) through this process, in meta and in
+    /// the copy alike.
+    pub fn fallocated(&mut self, mode: i32, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) != 0 {
+            for index in offset / CHUNK_BYTES..end.min(self.len).div_ceil(CHUNK_BYTES) {
+                let (start, stop) = (index * CHUNK_BYTES, index * CHUNK_BYTES + chunk_len(self.len, index));
+                let Some(hash) = self.chunks.get_mut(index as usize) else { break };
+                // Whole chunks become zeros; a chunk the range cuts is sent again.
+                *hash = if offset <= start && stop <= end { zeros_hash(stop - start) } else { NOT_COMMITTED };
+            }
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && end > self.len {
+            self.truncated(end);
+        }
     }
 
     /// Whether `data`, chunk `index` of a copy, is what the base holds there.
@@ -91,9 +140,6 @@ pub async fn commit_changes(
     *base = now;
     Ok(())
 }
-
-/// A hash no chunk has: a chunk marked with it counts as changed.
-const NOT_COMMITTED: ChunkHash = [0xff; 32];
 
 /// Brings `copy` up to the file's current content (read through `file`). With `base` (writers
 /// have the copy open), the chunks that differ from it were written here and are not
@@ -159,5 +205,32 @@ mod tests {
         copy.write_all_at(b"tail", len).unwrap();
         let len = copy.metadata().unwrap().len();
         assert!(!base.unchanged(2, &read_chunk(&copy, 2, len).unwrap()), "a chunk that grew changed");
+    }
+
+    #[test]
+    fn truncation_and_fallocate_move_the_base_as_they_move_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy");
+        std::fs::write(&path, vec![1u8; (CHUNK_BYTES * 3) as usize]).unwrap();
+        let copy = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut base = Base::of(&copy).unwrap();
+        let check = |base: &Base, index: u64| {
+            let len = copy.metadata().unwrap().len();
+            base.unchanged(index, &read_chunk(&copy, index, len).unwrap())
+        };
+        // Grown: the new chunks are zeros in both.
+        copy.set_len(CHUNK_BYTES * 5).unwrap();
+        base.truncated(CHUNK_BYTES * 5);
+        assert!((0..5).all(|i| check(&base, i)));
+        // Cut inside a chunk: that chunk is sent again, the others are as they were.
+        copy.set_len(CHUNK_BYTES * 2 + 10).unwrap();
+        base.truncated(CHUNK_BYTES * 2 + 10);
+        assert!(check(&base, 0) && check(&base, 1) && !check(&base, 2));
+        // A hole over chunk 0 and part of chunk 1.
+        let mut base = Base::of(&copy).unwrap();
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        crate::whole_copies::fallocate(&copy, punch, 0, CHUNK_BYTES + 5).unwrap();
+        base.fallocated(punch, 0, CHUNK_BYTES + 5);
+        assert!(check(&base, 0) && !check(&base, 1) && check(&base, 2));
     }
 }

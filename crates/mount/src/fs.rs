@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use cairn_client::callbacks::{Forget, ForgetHandler};
+use cairn_client::copy_sync::Base;
 use cairn_client::{Client, ClientError, OpenFile, whole_copies};
 use cairn_proto::{self as pb, errno, mutate_request::Op};
 use fuser::{
@@ -565,7 +566,9 @@ impl Filesystem for CairnFs {
                 None => self.client.meta.mutate(&who, Op::SetAttr(op)).await?.attr,
                 Some(size) => {
                     let change = async || self.client.meta.mutate(&who, Op::SetAttr(op)).await;
-                    self.change_copies(meta_ino, &who, change, |copy| copy.set_len(size)).await?.attr
+                    self.change_copies(meta_ino, &who, change, |copy| copy.set_len(size), |base| base.truncated(size))
+                        .await?
+                        .attr
                 }
             };
             let attr = attr.ok_or(ClientError::Errno(errno::EIO))?;
@@ -1223,7 +1226,8 @@ impl Filesystem for CairnFs {
             let op = pb::FallocateOp { target: Some(self.handle_of(ino)?), offset, len: length, mode: mode as u32 };
             let change = async || self.client.meta.mutate(&who, Op::Fallocate(op)).await;
             let apply = |copy: &std::fs::File| whole_copies::fallocate(copy, mode, offset, length);
-            let reply = self.change_copies(self.meta_ino(ino), &who, change, apply).await?;
+            let rebase = |base: &mut Base| base.fallocated(mode, offset, length);
+            let reply = self.change_copies(self.meta_ino(ino), &who, change, apply, rebase).await?;
             if let Some(attr) = reply.attr {
                 self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
             }

@@ -350,6 +350,7 @@ impl CairnFs {
         who: &pb::Caller,
         change: impl AsyncFnOnce() -> ClientResult<T>,
         apply: impl Fn(&File) -> std::io::Result<()>,
+        rebase: impl FnOnce(&mut Base),
     ) -> ClientResult<T> {
         let view = self.io.shared(ino);
         let mut base = match &view {
@@ -361,12 +362,15 @@ impl CairnFs {
         }
         let changed = change().await?;
         if let Some(view) = &view {
-            let applied = apply(&view.file);
-            if let Some(Some(base)) = base.as_deref_mut() {
-                match applied.and_then(|()| Base::of(&view.file)) {
-                    Ok(now) => *base = now,
-                    Err(e) => tracing::warn!(ino, error = %e, "a whole-file copy missed a change"),
+            match apply(&view.file) {
+                Ok(()) => {
+                    if let Some(Some(base)) = base.as_deref_mut() {
+                        // Moved as the change moved meta, not read back from the copy: a write
+                        // through it meanwhile stays a change to commit.
+                        rebase(base);
+                    }
                 }
+                Err(e) => tracing::warn!(ino, error = %e, "a whole-file copy missed a change"),
             }
         }
         Ok(changed)

@@ -1,0 +1,155 @@
+//! A mount with `--passthrough` serves readers of a large cached file from a whole-file copy
+//! on local disk that the kernel reads itself. These tests check that the copy is used, and
+//! that it never costs coherence: with other mounts (close-to-open, across many rounds), with
+//! writers on the same mount (which the kernel then sends into the copy too), and when the
+//! copy went stale under open readers.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use cairn_testkit::{Cluster, ClusterSpec};
+
+const MIB: usize = 1024 * 1024;
+
+fn passthrough_opens(mount: &Path) -> u64 {
+    common::metrics(mount)["passthrough_opens"].as_u64().expect("passthrough_opens counter")
+}
+
+/// `len` bytes that differ from round to round.
+fn content(round: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i / 4096 + round * 31) % 251) as u8).collect()
+}
+
+fn two_mounts() -> Option<(Cluster, std::path::PathBuf, std::path::PathBuf)> {
+    if !common::can_mount() {
+        return None;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let writer = cluster.mount().unwrap();
+    let reader = cluster.mount_with_args(&["--passthrough"]).unwrap();
+    Some((cluster, writer, reader))
+}
+
+#[test]
+fn a_file_closed_on_another_mount_is_read_at_once_even_where_readers_use_a_local_copy() {
+    let Some((_cluster, writer, reader)) = two_mounts() else { return };
+    let before = passthrough_opens(&reader);
+    for round in 0..60 {
+        // Sizes grow and shrink around the size copies start at.
+        let data = content(round, MIB / 2 + (round * 7919 * 13) % (3 * MIB));
+        fs::write(writer.join("f"), &data).unwrap();
+        // The first read fills the copy; the second is served from it when it is large enough.
+        for pass in 0..2 {
+            let read = fs::read(reader.join("f")).unwrap();
+            assert!(read == data, "round {round} pass {pass}: read {} bytes, wrote {}", read.len(), data.len());
+        }
+    }
+    assert!(passthrough_opens(&reader) > before + 20, "re-reads of the large rounds came from the copy");
+}
+
+#[test]
+fn writers_beside_readers_of_the_copy_write_into_it_and_commit_at_close() {
+    use std::io::Write;
+    let Some((_cluster, other, mount)) = two_mounts() else { return };
+    let original = content(0, 2 * MIB);
+    fs::write(other.join("f"), &original).unwrap();
+    let path = mount.join("f");
+    assert_eq!(fs::read(&path).unwrap(), original);
+    let before = passthrough_opens(&mount);
+    let reader = fs::File::open(&path).unwrap();
+    assert_eq!(passthrough_opens(&mount), before + 1, "the whole copy serves the reader");
+
+    // A write on this mount: the open reader sees it at once, the other mount at close.
+    let writer = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    writer.write_all_at(b"written here", 1000).unwrap();
+    let mut seen = [0u8; 12];
+    reader.read_exact_at(&mut seen, 1000).unwrap();
+    assert_eq!(&seen, b"written here");
+    assert_eq!(&fs::read(other.join("f")).unwrap()[1000..1012], &original[1000..1012], "not committed before close");
+    drop(writer);
+    let mut expected = original.clone();
+    expected[1000..1012].copy_from_slice(b"written here");
+    assert_eq!(fs::read(other.join("f")).unwrap(), expected, "committed at close");
+
+    // An append: the size shows here while the writer is open, and there after close.
+    let mut appender = fs::OpenOptions::new().append(true).open(&path).unwrap();
+    appender.write_all(b"appended").unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), expected.len() as u64 + 8);
+    drop(appender);
+    expected.extend_from_slice(b"appended");
+    assert_eq!(fs::read(other.join("f")).unwrap(), expected);
+
+    // A write through a shared mapping, and a truncation.
+    {
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // SAFETY: a fresh shared mapping of 4 KiB of an open file, unmapped below.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+            std::ptr::copy_nonoverlapping(b"mapped".as_ptr(), map.cast::<u8>(), 6);
+            assert_eq!(libc::msync(map, 4096, libc::MS_SYNC), 0);
+            assert_eq!(libc::munmap(map, 4096), 0);
+        }
+        file.set_len(5000).unwrap();
+    }
+    expected[..6].copy_from_slice(b"mapped");
+    expected.truncate(5000);
+    assert_eq!(fs::read(other.join("f")).unwrap(), expected);
+    assert_eq!(reader.metadata().unwrap().len(), 5000);
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut &reader, &mut all).unwrap();
+    assert_eq!(all, expected, "the open reader sees the file as this mount left it");
+    assert_eq!(fs::read(&path).unwrap(), expected);
+}
+
+#[test]
+fn a_copy_gone_stale_under_open_readers_is_brought_up_to_date_for_the_next_open() {
+    let Some((_cluster, other, mount)) = two_mounts() else { return };
+    let original = content(0, 3 * MIB);
+    fs::write(other.join("f"), &original).unwrap();
+    let path = mount.join("f");
+    assert_eq!(fs::read(&path).unwrap(), original);
+    let held = fs::File::open(&path).unwrap();
+    let before = passthrough_opens(&mount);
+    assert!(before >= 1, "the held reader reads the copy");
+
+    // Another mount replaces the file's content and size.
+    let replaced = content(1, 2 * MIB + 123);
+    fs::write(other.join("f"), &replaced).unwrap();
+    // A new open on this mount must show it (close-to-open), though the kernel makes it
+    // share the copy the held reader uses.
+    assert_eq!(fs::read(&path).unwrap(), replaced);
+    assert!(passthrough_opens(&mount) > before, "the new open shared the copy");
+    let mut from_held = vec![0u8; 16];
+    held.read_exact_at(&mut from_held, 0).unwrap();
+    assert_eq!(from_held, replaced[..16], "the copy was brought up to date in place");
+
+    // Once every reader closed, the next opens start from a fresh copy and still agree.
+    drop(held);
+    for _ in 0..3 {
+        assert_eq!(fs::read(&path).unwrap(), replaced);
+    }
+}
+
+#[test]
+fn a_plain_mount_keeps_no_copies() {
+    let Some((_cluster, plain, _)) = two_mounts() else { return };
+    fs::write(plain.join("f"), content(0, 2 * MIB)).unwrap();
+    for _ in 0..3 {
+        fs::read(plain.join("f")).unwrap();
+    }
+    let metrics = common::metrics(&plain);
+    assert_eq!(metrics["passthrough_opens"], 0);
+    assert_eq!(metrics["whole_copies"], 0);
+}
