@@ -690,6 +690,12 @@ impl Filesystem for CairnFs {
             if let Some(ino) = moved {
                 let _ = self.remember_name(self.meta_ino(newparent), newname.as_bytes(), ino);
             }
+            if wire_flags & 2 == 0
+                && let (Some(ino), Some(copies)) = (replaced_now, &self.client.copies)
+            {
+                // Replaced: most often its last link went.
+                copies.discard(ino);
+            }
             if reply.orphaned
                 && let Some(ino) = replaced_now
             {
@@ -1368,7 +1374,11 @@ impl CairnFs {
                 caller_not_holding: !self.may_hold(self.meta_ino(parent), name.as_bytes()),
             };
             let reply = self.client.meta.mutate(&who, Op::Unlink(op)).await?;
-            self.forget_name(self.meta_ino(parent), name.as_bytes());
+            let removed = self.forget_name(self.meta_ino(parent), name.as_bytes());
+            if let (Some(ino), Some(copies)) = (removed, &self.client.copies) {
+                // Most often the last link: its copy would only take room (opens keep theirs).
+                copies.discard(ino);
+            }
             if reply.orphaned
                 && let Some(attr) = &reply.attr
             {
