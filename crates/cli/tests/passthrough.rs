@@ -74,6 +74,10 @@ fn writers_beside_readers_of_the_copy_write_into_it_and_commit_at_close() {
     let mut expected = original.clone();
     expected[1000..1012].copy_from_slice(b"written here");
     assert_eq!(fs::read(other.join("f")).unwrap(), expected, "committed at close");
+    // This mount's own commit leaves its copy current: a new reader joins without re-reading.
+    let rpcs = common::metrics(&mount)["meta_rpcs"].as_u64().unwrap();
+    assert_eq!(fs::read(&path).unwrap(), expected);
+    assert_eq!(common::metrics(&mount)["meta_rpcs"].as_u64().unwrap(), rpcs, "no refresh, no request");
 
     // An append: the size shows here while the writer is open, and there after close.
     let mut appender = fs::OpenOptions::new().append(true).open(&path).unwrap();
@@ -152,4 +156,27 @@ fn a_plain_mount_keeps_no_copies() {
     let metrics = common::metrics(&plain);
     assert_eq!(metrics["passthrough_opens"], 0);
     assert_eq!(metrics["whole_copies"], 0);
+}
+
+#[test]
+fn a_commit_from_the_copy_sends_only_the_pages_written_here() {
+    let Some((_cluster, other, mount)) = two_mounts() else { return };
+    let original = content(0, 2 * MIB);
+    fs::write(other.join("f"), &original).unwrap();
+    let path = mount.join("f");
+    assert_eq!(fs::read(&path).unwrap(), original);
+    let _reader = fs::File::open(&path).unwrap();
+    let writer = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    writer.write_all_at(b"here", 0).unwrap();
+    // Meanwhile the other mount writes another page of the same region, and closes first.
+    {
+        let elsewhere = fs::OpenOptions::new().write(true).open(other.join("f")).unwrap();
+        elsewhere.write_all_at(b"there", 40_960).unwrap();
+    }
+    drop(writer);
+    let mut expected = original;
+    expected[..4].copy_from_slice(b"here");
+    expected[40_960..40_965].copy_from_slice(b"there");
+    assert_eq!(fs::read(other.join("f")).unwrap(), expected, "both writes stand");
+    assert_eq!(fs::read(&path).unwrap(), expected);
 }

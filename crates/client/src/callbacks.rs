@@ -108,6 +108,9 @@ struct CachedInode {
     no_xattrs: bool,
     /// The kernel's cached pages of this file were filled under this promise.
     pages_valid: bool,
+    /// The mount's whole-file copy of this file was started under this promise, which held
+    /// since (this client's own changes, applied to the copy too, carry it over).
+    copy_covered: bool,
 }
 
 impl CachedInode {
@@ -397,16 +400,24 @@ impl Callbacks {
             (Some(_), Some(dir)) if unchanged => Some(dir.ino),
             _ => None,
         };
+        let mut copies_covered = Vec::new();
         for &ino in inodes {
-            if Some(ino) != kept_dir {
-                cache.pop(&ino);
+            if Some(ino) != kept_dir
+                && let Some(gone) = cache.pop(&ino)
+                && gone.copy_covered
+            {
+                copies_covered.push((ino, gone.attr.map(|a| a.generation)));
             }
         }
         if !unchanged {
             return;
         }
         for attr in promised {
-            cache.get_or_insert_mut(attr.ino, CachedInode::default).hold(attr);
+            let entry = cache.get_or_insert_mut(attr.ino, CachedInode::default);
+            entry.hold(attr);
+            // No break came between the change and its promised reply: the copy, which the
+            // mount changed alike, is still covered.
+            entry.copy_covered |= copies_covered.contains(&(attr.ino, Some(attr.generation)));
         }
         let (Some(entry), Some(dir), Some(child)) = (entry, kept_dir, promised.first()) else { return };
         if let Some(dir) = cache.get_mut(&dir) {
@@ -488,18 +499,22 @@ impl Callbacks {
         }
     }
 
-    /// Whether data read of `ino` from now on is covered by a promise (what `open_keeps_pages`
-    /// recorded at the last open, if the promise still holds).
-    pub fn pages_covered(&self, ino: u64) -> bool {
-        self.trusted() && self.cache().peek(&ino).is_some_and(|entry| entry.attr.is_some() && entry.pages_valid)
+    /// Records that the mount starts (or brought up to date) a whole-file copy of `ino` under
+    /// the promise held now; false if none is.
+    pub fn cover_copy(&self, ino: u64) -> bool {
+        let trusted = self.trusted();
+        match self.cache().peek_mut(&ino) {
+            Some(entry) if trusted && entry.attr.is_some() => {
+                entry.copy_covered = true;
+                true
+            }
+            _ => false,
+        }
     }
 
-    /// This mount changed `ino`'s data where the kernel's cached pages did not see it (a write
-    /// sent straight to this process): the next open drops them.
-    pub fn pages_changed_here(&self, ino: u64) {
-        if let Some(entry) = self.cache().peek_mut(&ino) {
-            entry.pages_valid = false;
-        }
+    /// Whether the promise `ino`'s whole-file copy was started under still holds.
+    pub fn copy_covered(&self, ino: u64) -> bool {
+        self.trusted() && self.cache().peek(&ino).is_some_and(|entry| entry.attr.is_some() && entry.copy_covered)
     }
 
     /// Forgets what a break names, in this cache and then in the kernel.

@@ -44,8 +44,10 @@ struct Copy {
     path: Option<PathBuf>,
     /// Byte ranges (start → end) of the copy that hold the file's data: disjoint, merged.
     filled: BTreeMap<u64, u64>,
-    /// The copy file's length.
+    /// The copy file's length (at most `size`).
     len: u64,
+    /// The file's size as this mount knows it: what lies past it reads zeros.
+    size: u64,
     /// Bytes counted against the limit: the file's size when the copy started, or more.
     reserved: u64,
     /// Changes applied since the copy started (see `FillStamp`).
@@ -57,7 +59,9 @@ struct Copy {
 impl Copy {
     /// Whether the copy holds every byte of a file of `size` bytes.
     fn holds_whole(&self, size: u64) -> bool {
-        self.len == size && self.filled.first_key_value().is_some_and(|(&start, &end)| start == 0 && end >= size)
+        self.size == size
+            && self.len == size
+            && self.filled.first_key_value().is_some_and(|(&start, &end)| start == 0 && end >= size)
     }
 
     /// Records `[start, end)` as holding the file's data.
@@ -80,8 +84,9 @@ impl Copy {
         );
     }
 
-    /// Forgets what lies past `size` (a truncation), and records a gap grown by it as zeros.
+    /// Forgets what lies past `size` (a truncation), and records a part grown by it as zeros.
     fn note_truncated(&mut self, size: u64) {
+        let grown_from = self.size;
         let past: Vec<u64> = self.filled.range(size..).map(|(s, _)| *s).collect();
         for s in past {
             self.filled.remove(&s);
@@ -91,11 +96,12 @@ impl Copy {
         {
             *last.get_mut() = size;
         }
-        if size > self.len {
+        if size > grown_from {
             // A file grown by truncation reads zeros there, and so does the copy.
-            self.note_filled(self.len, size);
+            self.note_filled(grown_from, size);
         }
         self.len = size;
+        self.size = size;
         self.reserved = self.reserved.max(size);
     }
 }
@@ -169,6 +175,7 @@ impl WholeCopies {
                 path: Some(path),
                 filled: BTreeMap::new(),
                 len: 0,
+                size,
                 reserved: size,
                 changes: 0,
                 pinned: 0,
@@ -215,11 +222,12 @@ impl WholeCopies {
             self.drop_locked(&mut index, ino);
             return;
         }
-        if offset > copy.len {
-            // The gap a write past the end leaves reads zeros, in the file and in the copy.
-            let len = copy.len;
-            copy.note_filled(len, offset);
+        if offset > copy.size {
+            // The gap a write past the end of the file leaves reads zeros, there and here.
+            let size = copy.size;
+            copy.note_filled(size, offset);
         }
+        copy.size = copy.size.max(end);
         copy.len = copy.len.max(end);
         copy.reserved = copy.reserved.max(end);
         copy.note_filled(offset, end);
@@ -250,10 +258,11 @@ impl WholeCopies {
             self.drop_locked(&mut index, ino);
             return;
         }
-        if grows && end > copy.len {
-            let from = copy.len;
+        if grows && end > copy.size {
+            let from = copy.size;
             copy.note_filled(from, end);
-            copy.len = end;
+            copy.size = end;
+            copy.len = copy.len.max(end);
             copy.reserved = copy.reserved.max(end);
         }
     }
@@ -282,7 +291,7 @@ impl WholeCopies {
             None => None,
         };
         let filled = BTreeMap::from([(0, size)]);
-        let copy = Copy { serial, file, path, filled, len: size, reserved: size, changes: 0, pinned: 1 };
+        let copy = Copy { serial, file, path, filled, len: size, size, reserved: size, changes: 0, pinned: 1 };
         index.copies.put(ino, copy);
         serial
     }
@@ -409,6 +418,23 @@ mod tests {
         assert!(copies.whole(7, MIB / 2).is_some());
         copies.write(7, 2 * MIB, b"tail");
         assert!(copies.whole(7, 2 * MIB + 4).is_some(), "the gap a write leaves reads zeros");
+    }
+
+    #[test]
+    fn a_part_not_read_yet_is_not_taken_for_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let copies = copies(dir.path());
+        assert!(copies.start(7, 4 * MIB));
+        let stamp = copies.stamp(7).unwrap();
+        copies.fill(7, stamp, 0, &vec![1u8; MIB as usize]);
+        copies.write(7, 5 * MIB, b"past the end");
+        copies.truncate(7, 6 * MIB);
+        let stamp = copies.stamp(7).unwrap();
+        copies.fill(7, stamp, 3 * MIB, &vec![3u8; MIB as usize]);
+        assert!(copies.whole(7, 6 * MIB).is_none(), "1-3 MiB was never read");
+        let stamp = copies.stamp(7).unwrap();
+        copies.fill(7, stamp, MIB, &vec![2u8; 2 * MIB as usize]);
+        assert!(copies.whole(7, 6 * MIB).is_some());
     }
 
     #[test]

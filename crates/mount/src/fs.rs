@@ -84,7 +84,7 @@ pub struct CairnFs {
     /// Listing requests from the kernel (readdir and readdirplus), for metrics.
     dir_reads: AtomicU64,
     /// How the kernel does I/O through each open file.
-    io: KernelIo,
+    io: Arc<KernelIo>,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -117,7 +117,9 @@ impl CairnFs {
         inodes.insert(root.ino, KnownInode { generation: root.generation, lookups: 1, orphaned: false });
         let inodes = Arc::new(Mutex::new(inodes));
         let names = Arc::new(Mutex::new(KernelNames::default()));
+        let io = Arc::new(KernelIo::default());
         let forget = KernelForget {
+            io: io.clone(),
             client: client.clone(),
             runtime: runtime.clone(),
             inodes: inodes.clone(),
@@ -139,7 +141,7 @@ impl CairnFs {
             root_ino: root.ino,
             xattr_reads: AtomicU64::new(0),
             dir_reads: AtomicU64::new(0),
-            io: KernelIo::default(),
+            io,
         }
     }
 
@@ -739,6 +741,7 @@ impl Filesystem for CairnFs {
         let request = OpenRequest {
             handle,
             read_only: flags.0 & libc::O_ACCMODE == libc::O_RDONLY,
+            write_only: flags.0 & libc::O_ACCMODE == libc::O_WRONLY,
             who: caller(req.uid(), req.gid(), req.pid()),
         };
         self.open_for_kernel(request, reply);
@@ -786,14 +789,11 @@ impl Filesystem for CairnFs {
         let who = caller(req.uid(), req.gid(), req.pid());
         let kill_suid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
         let result = self.runtime.block_on(async {
-            let (ino, file, mode) = self.open_file_mode(fh)?;
+            let (ino, file) = self.open_file(fh)?;
             self.client.files.write(&file, offset, data, who, kill_suid).await?;
             if let Some(copies) = &self.client.copies {
                 // Readers served from the copy see the write as they would in a page cache.
                 copies.write(ino, offset, data);
-            }
-            if mode == IoMode::Direct {
-                self.client.meta.callbacks.pages_changed_here(ino);
             }
             if self.options.strict {
                 // Write-through: committed (and other clients' promises broken) before the
@@ -1198,6 +1198,9 @@ impl Filesystem for CairnFs {
                 let Some(mode) = self.io.created(attr.ino, self.options.strict) else {
                     // Another name of a file this mount reads from its copy, made meanwhile:
                     // the kernel cannot open it beside those without passthrough.
+                    if let Err(e) = self.runtime.block_on(self.client.files.release(attr.ino)) {
+                        tracing::warn!(ino = attr.ino, error = %e, "closing a refused create");
+                    }
                     return reply.error(Errno::EBUSY);
                 };
                 let fh = self.new_handle(Handle::File { ino: attr.ino, file, mode });
@@ -1417,6 +1420,7 @@ fn lock_call(
 /// Makes the kernel forget what a break names: an inode's attributes and cached pages, and the
 /// names it holds in a directory.
 struct KernelForget {
+    io: Arc<KernelIo>,
     client: Arc<Client>,
     runtime: tokio::runtime::Handle,
     inodes: Arc<Mutex<HashMap<u64, KnownInode>>>,
@@ -1439,6 +1443,7 @@ impl KernelForget {
                 Forget::Inodes(_) => inodes.iter().for_each(|&ino| copies.discard(ino)),
                 Forget::All => copies.discard_all(),
             }
+            self.io.note_breaks(matches!(what, Forget::Inodes(_)).then_some(&inodes[..]));
         }
         let Some(notifier) = self.notifier.get() else { return };
         for ino in inodes {

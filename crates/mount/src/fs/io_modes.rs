@@ -50,6 +50,9 @@ struct Shared {
     writers: u32,
     /// Who opened the copy for writing last: a commit at close is made as them.
     writer: pb::Caller,
+    /// Breaks of the inode since these opens began: a refresh that one overtook is not taken
+    /// for current.
+    breaks: u64,
     /// What the copy held when it last matched meta, while writers have it open. Its lock
     /// orders commits from the copy, refreshes of it and changes applied to it.
     base: Arc<tokio::sync::Mutex<Option<Base>>>,
@@ -75,6 +78,7 @@ pub(super) struct KernelIo {
 /// A passthrough copy as an open or a change sees it.
 struct SharedView {
     serial: u64,
+    breaks: u64,
     writer: pb::Caller,
     file: Arc<File>,
     base: Arc<tokio::sync::Mutex<Option<Base>>>,
@@ -90,10 +94,23 @@ impl KernelIo {
         let shared = table.get(&ino)?.shared.as_ref()?;
         Some(SharedView {
             serial: shared.serial,
+            breaks: shared.breaks,
             writer: shared.writer.clone(),
             file: shared.file.clone(),
             base: shared.base.clone(),
         })
+    }
+
+    /// Notes a break of `inodes` (every inode for `None`) for the passthrough opens of each.
+    pub fn note_breaks(&self, inodes: Option<&[u64]>) {
+        let mut table = self.table();
+        for (ino, opens) in table.iter_mut() {
+            if let Some(shared) = opens.shared.as_mut()
+                && inodes.is_none_or(|inodes| inodes.contains(ino))
+            {
+                shared.breaks += 1;
+            }
+        }
     }
 
     /// Bytes the passthrough writers of `ino` have in its copy, if any writer has it open: the
@@ -158,6 +175,8 @@ impl KernelIo {
 pub(super) struct OpenRequest {
     pub handle: pb::FileHandle,
     pub read_only: bool,
+    /// Opened for writing only: such an open never reads the copy.
+    pub write_only: bool,
     pub who: pb::Caller,
 }
 
@@ -177,16 +196,16 @@ impl CairnFs {
         // Pages the kernel cached stay only while one promise covered them all along.
         let mut keep_pages = !strict && callbacks.open_keeps_pages(ino);
         if let Some(copies) = self.client.copies.as_deref().filter(|_| !strict) {
-            if !keep_pages {
-                // The promise lapsed since the copy started: it may be stale.
+            if !callbacks.copy_covered(ino) {
+                // The promise the copy started under lapsed: it may be stale.
                 copies.discard(ino);
             }
             let size = callbacks.attr(ino).map(|attr| attr.size);
             if request.read_only
-                && callbacks.pages_covered(ino)
                 && self.io.shared(ino).is_none()
                 && !copies.has(ino)
                 && size.is_some_and(|s| s >= COPY_MIN_BYTES)
+                && callbacks.cover_copy(ino)
                 && copies.start(ino, size.unwrap_or(0))
             {
                 // The reads that fill the copy must come here, not from the kernel's pages.
@@ -239,7 +258,8 @@ impl CairnFs {
         }
         let size = self.client.meta.callbacks.attr(ino).map(|attr| attr.size);
         let copies = self.client.copies.as_deref().filter(|_| self.io.passthrough.load(Ordering::Relaxed));
-        if opens.cached == 0 && opens.direct == 0 && request.read_only && keep_pages {
+        let covered = self.client.meta.callbacks.copy_covered(ino);
+        if opens.cached == 0 && opens.direct == 0 && request.read_only && covered {
             let whole = copies.zip(size).and_then(|(c, size)| Some((c, c.whole(ino, size)?)));
             if let Some((copies, (serial, copy))) = whole {
                 match sender.open_backing(&*copy) {
@@ -254,6 +274,7 @@ impl CairnFs {
                             readers: 1,
                             writers: 0,
                             writer: pb::Caller::default(),
+                            breaks: 0,
                             base: Arc::default(),
                         });
                         self.io.passthrough_opens.fetch_add(1, Ordering::Relaxed);
@@ -286,37 +307,49 @@ impl CairnFs {
         let ino = request.handle.ino;
         let copies = self.client.copies.as_deref();
         let files = &self.client.files;
-        let serial = self.runtime.block_on(async {
+        let callbacks = &self.client.meta.callbacks;
+        let refreshed = self.runtime.block_on(async {
             let mut base = view.base.lock().await;
-            let mut serial = view.serial;
-            let current =
-                copies.is_some_and(|c| c.is_current(ino, view.serial)) && self.client.meta.callbacks.pages_covered(ino);
-            if !current {
+            let current = copies.is_some_and(|c| c.is_current(ino, view.serial)) && callbacks.copy_covered(ino);
+            // An open that only writes never reads the copy: it need not be current.
+            let mut refreshed = None;
+            if !current && !request.write_only {
                 // Another client changed the file: what was written here goes first, then the
                 // rest of the copy catches up (readers on it see the new data, as they would
                 // in the page cache).
                 if let Some(base) = base.as_mut() {
-                    copy_sync::commit_changes(files, file, &view.file, base, &request.who).await?;
+                    copy_sync::commit_changes(files, file, &view.file, base, &view.writer).await?;
                 }
-                let size = copy_sync::refresh(files, file, &view.file, base.as_mut(), &request.who).await?;
-                if let Some(copies) = copies {
-                    serial = copies.adopt(ino, view.file.clone(), size);
-                }
+                refreshed = Some(copy_sync::refresh(files, file, &view.file, base.as_mut(), &request.who).await?);
             }
             if !request.read_only && base.is_none() {
                 *base = Some(Base::of(&view.file).map_err(|_| ClientError::Errno(pb::errno::EIO))?);
             }
-            Ok::<_, ClientError>(serial)
-        })?;
+            Ok::<_, ClientError>(refreshed)
+        });
+        if let Err(e) = &refreshed {
+            tracing::warn!(ino, error = %e, "bringing a whole-file copy up to date failed");
+        }
+        let refreshed = refreshed?;
         let mut table = self.io.table();
         let Some(shared) =
             table.get_mut(&ino).and_then(|o| o.shared.as_mut()).filter(|s| Arc::ptr_eq(&s.file, &view.file))
         else {
             return Ok(Attempt::Again);
         };
+        if let Some(size) = refreshed {
+            if shared.breaks != view.breaks {
+                // A break overtook the refresh: it may have read the file before that change.
+                return Ok(Attempt::Again);
+            }
+            if let Some(copies) = copies
+                && callbacks.cover_copy(ino)
+            {
+                // Adopted pinned once, for these opens.
+                shared.serial = copies.adopt(ino, view.file.clone(), size);
+            }
+        }
         let Some(sender) = reply.take() else { return Ok(Attempt::Done) };
-        // An adopted copy comes pinned once, for these opens.
-        shared.serial = serial;
         if request.read_only {
             shared.readers += 1;
         } else {
@@ -335,10 +368,15 @@ impl CairnFs {
     pub(super) async fn commit_copy_writes(&self, ino: u64, file: &OpenFile, who: &pb::Caller) -> ClientResult<()> {
         let Some(view) = self.io.shared(ino) else { return Ok(()) };
         let mut base = view.base.lock().await;
-        match base.as_mut() {
-            Some(base) => copy_sync::commit_changes(&self.client.files, file, &view.file, base, who).await,
-            None => Ok(()),
+        let Some(base) = base.as_mut() else { return Ok(()) };
+        let committed = copy_sync::commit_changes(&self.client.files, file, &view.file, base, who).await;
+        if committed.is_err()
+            && let Some(copies) = &self.client.copies
+        {
+            // The copy holds what meta does not: no new open may take it for the file.
+            copies.discard(ino);
         }
+        committed
     }
 
     /// Applies a change made through this process (truncate, fallocate) to `ino`'s copies:
