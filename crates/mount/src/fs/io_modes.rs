@@ -332,9 +332,9 @@ impl CairnFs {
         }
         let refreshed = refreshed?;
         let mut table = self.io.table();
-        let Some(shared) =
-            table.get_mut(&ino).and_then(|o| o.shared.as_mut()).filter(|s| Arc::ptr_eq(&s.file, &view.file))
-        else {
+        let Some(opens) = table.get_mut(&ino) else { return Ok(Attempt::Again) };
+        debug_assert!(opens.cached == 0, "no page-cache open beside passthrough opens");
+        let Some(shared) = opens.shared.as_mut().filter(|s| Arc::ptr_eq(&s.file, &view.file)) else {
             return Ok(Attempt::Again);
         };
         if let Some(size) = refreshed {
