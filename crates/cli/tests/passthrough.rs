@@ -139,11 +139,25 @@ fn a_copy_gone_stale_under_open_readers_is_brought_up_to_date_for_the_next_open(
     held.read_exact_at(&mut from_held, 0).unwrap();
     assert_eq!(from_held, replaced[..16], "the copy was brought up to date in place");
 
-    // Once every reader closed, the next opens start from a fresh copy and still agree.
-    drop(held);
-    for _ in 0..3 {
-        assert_eq!(fs::read(&path).unwrap(), replaced);
+    // Grown elsewhere again: an append here, by an open for writing only, lands after the
+    // new end, not after the end the copy had.
+    let mut grown = content(2, 2 * MIB + 500);
+    fs::write(other.join("f"), &grown).unwrap();
+    {
+        use std::io::Write;
+        let mut appender = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        appender.write_all(b"appended here").unwrap();
     }
+    grown.extend_from_slice(b"appended here");
+    assert_eq!(fs::read(other.join("f")).unwrap(), grown);
+
+    // Once every reader closed, the copy the writer left is whole: opens read it again.
+    drop(held);
+    let before = passthrough_opens(&mount);
+    for _ in 0..3 {
+        assert_eq!(fs::read(&path).unwrap(), grown);
+    }
+    assert!(passthrough_opens(&mount) >= before + 3, "the copy serves opens again");
 }
 
 #[test]

@@ -56,7 +56,14 @@ fn page_hash(data: &[u8]) -> Option<PageHash> {
 fn next_data(file: &File, offset: u64, len: u64) -> u64 {
     // SAFETY: lseek on a descriptor the caller owns.
     let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if at < 0 { len } else { at as u64 }
+    if at >= 0 {
+        at as u64
+    } else if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+        len
+    } else {
+        // A file system that cannot tell: all of it is read.
+        offset
+    }
 }
 
 /// Where the hole after `offset` (in data) starts in `file`.
@@ -217,12 +224,14 @@ pub async fn refresh(
     let mut offset = 0u64;
     loop {
         let data = files.read(file, offset, READ_BYTES as u32, reader).await?;
+        // As long as writers here have made it now: a page they appended is theirs.
+        let len_now = copy.metadata().map_err(io_error)?.len();
         match base.as_deref_mut() {
             None => copy.write_all_at(&data, offset).map_err(io_error)?,
             Some(base) => {
                 for (i, page) in data.chunks(PAGE_BYTES as usize).enumerate() {
                     let index = offset / PAGE_BYTES + i as u64;
-                    let mut local = vec![0u8; page_len(len_before, index) as usize];
+                    let mut local = vec![0u8; page_len(len_now, index) as usize];
                     let written_here =
                         copy.read_exact_at(&mut local, index * PAGE_BYTES).is_err() || !base.unchanged(index, &local);
                     if written_here {
@@ -246,8 +255,18 @@ pub async fn refresh(
     let len_now = copy.metadata().map_err(io_error)?.len();
     match base {
         Some(base) if len_now > len_before.max(offset) => {
-            // Writers here appended meanwhile: what they wrote stays, to be committed.
-            for index in offset / PAGE_BYTES..len_now.div_ceil(PAGE_BYTES) {
+            // Writers here appended meanwhile: what they wrote stays, to be committed. What
+            // lay between the file's new end and theirs (the file was cut elsewhere) reads
+            // zeros, as it will in meta once their pages extend the file again.
+            if len_before > offset {
+                let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                crate::whole_copies::fallocate(copy, punch, offset, len_before - offset).map_err(io_error)?;
+            }
+            base.pages.retain(|&index, _| index < offset.div_ceil(PAGE_BYTES));
+            if !offset.is_multiple_of(PAGE_BYTES) {
+                base.pages.insert(offset / PAGE_BYTES, NOT_COMMITTED);
+            }
+            for index in len_before.max(offset) / PAGE_BYTES..len_now.div_ceil(PAGE_BYTES) {
                 base.pages.insert(index, NOT_COMMITTED);
             }
             base.len = offset;

@@ -296,6 +296,19 @@ impl WholeCopies {
         serial
     }
 
+    /// Records that copy `serial` of `ino` holds the whole file, `size` bytes, as meta does
+    /// (every change written into it was committed).
+    pub fn refit(&self, ino: u64, serial: u64, size: u64) {
+        let mut index = self.index();
+        if let Some(copy) = index.copies.peek_mut(&ino).filter(|c| c.serial == serial) {
+            copy.filled = BTreeMap::from([(0, size)]);
+            copy.len = size;
+            copy.size = size;
+            copy.reserved = copy.reserved.max(size);
+            copy.changes += 1;
+        }
+    }
+
     /// Whether copy `serial` of `ino` is still current (not discarded, not replaced).
     pub fn is_current(&self, ino: u64, serial: u64) -> bool {
         self.index().copies.peek(&ino).is_some_and(|c| c.serial == serial)

@@ -264,7 +264,7 @@ impl CairnFs {
     /// Attributes for the kernel: the size includes this client's uncommitted writes as they
     /// were in `dirty_end`, taken before `attr` was fetched.
     fn attr_with(&self, attr: &pb::Attr, dirty_end: Option<u64>) -> fuser::FileAttr {
-        let dirty_end = dirty_end.max(self.io.written_len(attr.ino));
+        let dirty_end = dirty_end.max(self.io.written_len(attr.ino, self.client.copies.as_deref()));
         let mut fattr = file_attr(attr, dirty_end.map_or(attr.size, |end| end.max(attr.size)));
         fattr.ino = self.kernel_ino(attr.ino);
         fattr
@@ -1435,15 +1435,16 @@ impl KernelForget {
             Forget::Inodes(inodes) => inodes.clone(),
             Forget::All => self.inodes.lock().expect("inode table poisoned").keys().copied().collect(),
         };
-        for &ino in &inodes {
-            self.runtime.block_on(self.client.files.forget_window(ino));
-        }
         if let Some(copies) = &self.client.copies {
+            // First: a refresh of a shared copy under way must not be taken for current.
+            self.io.note_breaks(matches!(what, Forget::Inodes(_)).then_some(&inodes[..]));
             match what {
                 Forget::Inodes(_) => inodes.iter().for_each(|&ino| copies.discard(ino)),
                 Forget::All => copies.discard_all(),
             }
-            self.io.note_breaks(matches!(what, Forget::Inodes(_)).then_some(&inodes[..]));
+        }
+        for &ino in &inodes {
+            self.runtime.block_on(self.client.files.forget_window(ino));
         }
         let Some(notifier) = self.notifier.get() else { return };
         for ino in inodes {

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cairn_client::copy_sync::{self, Base};
-use cairn_client::whole_copies::COPY_MIN_BYTES;
+use cairn_client::whole_copies::{COPY_MIN_BYTES, WholeCopies};
 use cairn_client::{ClientError, ClientResult, OpenFile};
 use cairn_proto as pb;
 use fuser::{BackingId, FileHandle, FopenFlags, ReplyOpen};
@@ -115,9 +115,11 @@ impl KernelIo {
 
     /// Bytes the passthrough writers of `ino` have in its copy, if any writer has it open: the
     /// size the kernel should see before they commit.
-    pub fn written_len(&self, ino: u64) -> Option<u64> {
+    pub fn written_len(&self, ino: u64, copies: Option<&WholeCopies>) -> Option<u64> {
         let table = self.table();
         let shared = table.get(&ino)?.shared.as_ref().filter(|s| s.writers > 0)?;
+        // A stale copy's length is another client's old size, not what was written here.
+        copies.filter(|c| c.is_current(ino, shared.serial))?;
         shared.file.metadata().ok().map(|m| m.len())
     }
 
@@ -201,7 +203,10 @@ impl CairnFs {
                 copies.discard(ino);
             }
             let size = callbacks.attr(ino).map(|attr| attr.size);
+            // Not while the file is open here: a writer's data not committed yet is in no size
+            // the copy could start from.
             if request.read_only
+                && !self.client.files.is_open(ino)
                 && self.io.shared(ino).is_none()
                 && !copies.has(ino)
                 && size.is_some_and(|s| s >= COPY_MIN_BYTES)
@@ -311,16 +316,20 @@ impl CairnFs {
         let refreshed = self.runtime.block_on(async {
             let mut base = view.base.lock().await;
             let current = copies.is_some_and(|c| c.is_current(ino, view.serial)) && callbacks.copy_covered(ino);
-            // An open that only writes never reads the copy: it need not be current.
             let mut refreshed = None;
-            if !current && !request.write_only {
+            if !current {
                 // Another client changed the file: what was written here goes first, then the
                 // rest of the copy catches up (readers on it see the new data, as they would
                 // in the page cache).
                 if let Some(base) = base.as_mut() {
                     copy_sync::commit_changes(files, file, &view.file, base, &view.writer).await?;
                 }
-                refreshed = Some(copy_sync::refresh(files, file, &view.file, base.as_mut(), &request.who).await?);
+                // An open for writing only may not read the file, yet appends at the copy's end
+                // and sends whole pages: the copy is brought up to date for it too, read as
+                // root (what it reads goes only into the copy, which the kernel opens for
+                // callers it checked).
+                let reader = if request.write_only { pb::Caller::default() } else { request.who.clone() };
+                refreshed = Some(copy_sync::refresh(files, file, &view.file, base.as_mut(), &reader).await?);
             }
             if !request.read_only && base.is_none() {
                 *base = Some(Base::of(&view.file).map_err(|_| ClientError::Errno(pb::errno::EIO))?);
@@ -337,17 +346,16 @@ impl CairnFs {
         let Some(shared) = opens.shared.as_mut().filter(|s| Arc::ptr_eq(&s.file, &view.file)) else {
             return Ok(Attempt::Again);
         };
-        if let Some(size) = refreshed {
-            if shared.breaks != view.breaks {
-                // A break overtook the refresh: it may have read the file before that change.
-                return Ok(Attempt::Again);
-            }
-            if let Some(copies) = copies
-                && callbacks.cover_copy(ino)
-            {
-                // Adopted pinned once, for these opens.
-                shared.serial = copies.adopt(ino, view.file.clone(), size);
-            }
+        // A break that overtook the refresh was for a change made while this open was under
+        // way, which it may show or not; but the copy may mix before and after, so it is not
+        // taken for current then: the next open refreshes it again.
+        if let Some(size) = refreshed
+            && shared.breaks == view.breaks
+            && let Some(copies) = copies
+            && callbacks.cover_copy(ino)
+        {
+            // Adopted pinned once, for these opens.
+            shared.serial = copies.adopt(ino, view.file.clone(), size);
         }
         let Some(sender) = reply.take() else { return Ok(Attempt::Done) };
         if request.read_only {
@@ -417,17 +425,23 @@ impl CairnFs {
     /// The kernel released an open: a passthrough writer's changes are committed, and the
     /// copy is unpinned after its last passthrough open.
     pub(super) async fn release_mode(&self, ino: u64, mode: IoMode, file: &OpenFile) -> ClientResult<()> {
-        let committed = match mode {
+        let view = self.io.shared(ino);
+        let committed = match (mode, &view) {
             // Writes through a mapping may land after the last flush.
-            IoMode::Passthrough { writer: true } => match self.io.shared(ino) {
-                Some(view) => self.commit_copy_writes(ino, file, &view.writer).await,
-                None => Ok(()),
-            },
+            (IoMode::Passthrough { writer: true }, Some(view)) => {
+                self.commit_copy_writes(ino, file, &view.writer).await
+            }
             _ => Ok(()),
         };
         if let Some(serial) = self.io.released(ino, mode)
             && let Some(copies) = &self.client.copies
         {
+            // All committed: the copy holds the file as meta does, whatever writers did to it.
+            if committed.is_ok()
+                && let Some(len) = view.and_then(|v| v.file.metadata().ok()).map(|m| m.len())
+            {
+                copies.refit(ino, serial, len);
+            }
             copies.pin(ino, serial, false);
         }
         committed
