@@ -13,14 +13,16 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
-cargo clippy -q --release --all-targets -- -D warnings
+cargo clippy -q --profile checked --all-targets -- -D warnings
 
+# One profile for the whole run: release optimizations with debug assertions and overflow
+# checks (Cargo.toml, `[profile.checked]`).
 echo "== build"
-cargo build -q --release --all-targets
+cargo build -q --profile checked --all-targets
 
 echo "== fuzz (a short run of each target; scripts/fuzz.sh runs them longer)"
 ./scripts/fuzz.sh --seconds 10
 
 echo "== tests"
 # Tests that mount file systems share the machine's two cores; keep them few at a time.
-exec cargo nextest run --release --no-fail-fast --test-threads 2 --failure-output final --status-level fail
+exec cargo nextest run --cargo-profile checked --no-fail-fast --test-threads 2 --failure-output final --status-level fail

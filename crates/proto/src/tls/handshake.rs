@@ -169,32 +169,19 @@ async fn drive<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream, read: &mut Read
 
 /// Sends the alert a failed handshake left queued (best effort: the peer then learns why, for
 /// example that its certificate was refused).
+///
+/// Only what is queued: rustls hands queued records out before it reads input, and asking it
+/// for more would make it read the input that failed once more (and, for bytes that are not
+/// TLS at all, queue a second fatal alert, which rustls asserts never happens).
 async fn send_alert<C: Unbuffered>(conn: &mut C, tcp: &mut TcpStream, read: &mut ReadBuffer, outgoing: &mut Vec<u8>) {
-    let mut encoded = 0;
-    for _ in 0..8 {
-        // The same buffer as before: rustls's handshake state refers to places in it.
-        match conn.process(read.unread_mut()).state {
-            Ok(ConnectionState::EncodeTlsData(mut data)) => loop {
-                match data.encode(&mut outgoing[encoded..]) {
-                    Ok(n) => {
-                        encoded += n;
-                        break;
-                    }
-                    Err(EncodeError::InsufficientSize(need)) => outgoing.resize(encoded + need.required_size, 0),
-                    Err(EncodeError::AlreadyEncoded) => break,
-                }
-            },
-            Ok(ConnectionState::TransmitTlsData(data)) => {
-                if tcp.write_all(&outgoing[..encoded]).await.is_err() {
-                    return;
-                }
-                encoded = 0;
-                data.done();
-            }
-            _ => break,
+    // The same buffer as before: rustls's handshake state refers to places in it.
+    let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(read.unread_mut()).state else { return };
+    let encoded = loop {
+        match data.encode(outgoing) {
+            Ok(n) => break n,
+            Err(EncodeError::InsufficientSize(need)) => outgoing.resize(need.required_size, 0),
+            Err(EncodeError::AlreadyEncoded) => return,
         }
-    }
-    if encoded > 0 {
-        let _ = tcp.write_all(&outgoing[..encoded]).await;
-    }
+    };
+    let _ = tcp.write_all(&outgoing[..encoded]).await;
 }
