@@ -6,6 +6,8 @@ set -euo pipefail
 
 need_apt=()
 command -v fusermount3 >/dev/null 2>&1 || need_apt+=(fuse3)
+# Whole-file copies (`--passthrough`) live on an ext4 volume the mount makes.
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || need_apt+=(e2fsprogs)
 if [ "${1:-}" = "--test-tools" ]; then
   # pjdfstest links against libacl; the lock tests run SQLite databases on the mount.
   [ -e /usr/include/sys/acl.h ] || need_apt+=(libacl1-dev)

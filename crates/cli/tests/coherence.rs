@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use cairn_testkit::{Cluster, ClusterSpec};
+use cairn_testkit::{Cluster, ClusterSpec, pattern};
 
 #[test]
 fn data_closed_on_one_mount_is_read_at_once_on_another() {
@@ -252,6 +252,58 @@ fn read_names(dir: *mut libc::DIR) -> Vec<String> {
     }
     names.sort();
     names
+}
+
+#[test]
+fn a_file_read_again_after_the_kernel_dropped_its_pages_asks_meta_nothing_until_it_changes() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let a = cluster.mount().unwrap();
+    let b = cluster.mount().unwrap();
+    // A file in blocks, and one small enough that meta holds its bytes.
+    let big = pattern(1, 9 * 1024 * 1024 + 123);
+    let small = b"a small file ".repeat(100);
+    fs::write(a.join("big"), &big).unwrap();
+    fs::write(a.join("small"), &small).unwrap();
+    let counter = |name: &str| common::metrics(&b)[name].as_u64().unwrap();
+    assert_eq!(fs::read(b.join("big")).unwrap(), big);
+    assert_eq!(fs::read(b.join("small")).unwrap(), small);
+    assert!(counter("data_map_bytes") > 0, "no data map was kept");
+    let rpcs = counter("meta_rpcs");
+    for round in 0..3 {
+        drop_kernel_pages(&b.join("big"));
+        drop_kernel_pages(&b.join("small"));
+        let reads = counter("file_reads");
+        assert_eq!(fs::read(b.join("big")).unwrap(), big);
+        assert_eq!(fs::read(b.join("small")).unwrap(), small);
+        assert!(counter("file_reads") > reads, "the kernel still had the pages: the test shows nothing");
+        assert_eq!(counter("meta_rpcs"), rpcs, "round {round}: a read under the promise asked meta for the data map");
+    }
+
+    // Changes elsewhere break the promise: the next open reads them, whether the kernel
+    // dropped its pages or not.
+    let replaced = pattern(2, 5 * 1024 * 1024);
+    fs::write(a.join("big"), &replaced).unwrap();
+    let mut appended = small.clone();
+    appended.extend_from_slice(b"and more");
+    fs::write(a.join("small"), &appended).unwrap();
+    assert_eq!(fs::read(b.join("small")).unwrap(), appended);
+    drop_kernel_pages(&b.join("big"));
+    assert_eq!(fs::read(b.join("big")).unwrap(), replaced);
+    // An overwrite in place that keeps the size, read after the kernel dropped its pages.
+    let patch = pattern(3, 4096);
+    let file = fs::OpenOptions::new().write(true).open(a.join("big")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &patch, 4 * 1024 * 1024).unwrap();
+    drop(file);
+    let mut expected = replaced.clone();
+    expected[4 * 1024 * 1024..4 * 1024 * 1024 + 4096].copy_from_slice(&patch);
+    drop_kernel_pages(&b.join("big"));
+    assert_eq!(fs::read(b.join("big")).unwrap(), expected);
+    drop_kernel_pages(&b.join("big"));
+    assert_eq!(fs::read(b.join("big")).unwrap(), expected);
 }
 
 #[test]

@@ -194,3 +194,67 @@ fn a_commit_from_the_copy_sends_only_the_pages_written_here() {
     assert_eq!(fs::read(other.join("f")).unwrap(), expected, "both writes stand");
     assert_eq!(fs::read(&path).unwrap(), expected);
 }
+
+#[test]
+fn a_reader_of_the_copy_cut_off_from_meta_stops_reading_it_when_the_lease_runs_out() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 3, ..Default::default() };
+    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let other = cluster.mount().unwrap();
+    let mount = cluster.mount_with_args(&["--passthrough", "--on-partition", "eio"]).unwrap();
+    let mount_ip = cluster.last_mount_ip();
+    let old = content(1, 2 * MIB);
+    fs::write(other.join("f"), &old).unwrap();
+    assert!(fs::read(mount.join("f")).unwrap() == old, "the read that fills the copy");
+    let before = passthrough_opens(&mount);
+    let held = fs::File::open(mount.join("f")).unwrap();
+    assert!(passthrough_opens(&mount) > before, "the open was not served from the copy: the test shows nothing");
+    let mut page = vec![0u8; 4096];
+    held.read_exact_at(&mut page, 0).unwrap();
+    assert!(page == old[..4096]);
+    // A writer here too, with a page in the copy it has not committed yet.
+    let patch = vec![0xAB; 4096];
+    let writer = fs::OpenOptions::new().write(true).open(mount.join("f")).unwrap();
+    writer.write_all_at(&patch, 8192).unwrap();
+
+    cluster.faults.cut(mount_ip, cluster.metas[0].ip);
+    // The other mount's close returns once this one's lease ran out: from then on, the
+    // descriptor opened before must not serve the replaced data.
+    let new = content(2, 2 * MIB);
+    fs::write(other.join("f"), &new).unwrap();
+    for offset in [0, MIB, 2 * MIB - 4096] {
+        let read = held.read_exact_at(&mut page, offset as u64);
+        let err = read.expect_err("a descriptor reading the copy went on past the lease");
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    }
+    match fs::read(mount.join("f")) {
+        Ok(data) => assert!(data != old, "a new open on the cut-off mount served replaced data"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+
+    cluster.faults.heal();
+    cairn_testkit::wait_until("the mount to trust its promises again", std::time::Duration::from_secs(30), || {
+        common::metrics(&mount)["promise_ttl_ms"].as_u64().is_some_and(|ttl| ttl > 0)
+    })
+    .unwrap();
+    // The page written before the cut was read out of the copy before it went, and is
+    // committed now, over the other mount's data there.
+    writer.sync_all().expect("the writer's page, saved from the copy, commits after healing");
+    drop(writer);
+    drop(held);
+    let mut expected = new.clone();
+    expected[8192..8192 + 4096].copy_from_slice(&patch);
+    assert!(fs::read(other.join("f")).unwrap() == expected, "the saved page did not reach meta");
+    cairn_testkit::wait_until("the healed mount to read the file", std::time::Duration::from_secs(30), || {
+        fs::read(mount.join("f")).is_ok_and(|data| data == expected)
+    })
+    .unwrap();
+    // Copies are made again, on a new volume, and serve re-reads.
+    let before = passthrough_opens(&mount);
+    for _ in 0..3 {
+        assert!(fs::read(mount.join("f")).unwrap() == expected);
+    }
+    assert!(passthrough_opens(&mount) > before, "no copy served re-reads after healing");
+}

@@ -28,6 +28,7 @@ use cairn_proto::{self as pb, callback_down, callback_up};
 use lru::LruCache;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::data_maps::{DataMaps, DataWindow};
 use crate::meta::MetaConnection;
 
 /// Inodes whose attributes (and names, for directories) are cached at most.
@@ -111,6 +112,9 @@ struct CachedInode {
     /// The mount's whole-file copy of this file was started under this promise, which held
     /// since (this client's own changes, applied to the copy too, carry it over).
     copy_covered: bool,
+    /// The serial of the data maps kept of this file under this promise (0: none); see
+    /// `crate::data_maps`.
+    map_serial: u64,
 }
 
 impl CachedInode {
@@ -118,6 +122,10 @@ impl CachedInode {
     fn hold(&mut self, attr: &pb::Attr) {
         if self.attr.is_some_and(|old| old.generation != attr.generation) {
             *self = CachedInode::default();
+        }
+        // Data maps describe the file as of the attributes they came with.
+        if self.attr.is_some_and(|old| (old.size, old.mtime, old.ctime) != (attr.size, attr.mtime, attr.ctime)) {
+            self.map_serial = 0;
         }
         self.no_xattrs |= attr.no_xattrs;
         self.attr = Some(*attr);
@@ -177,6 +185,9 @@ pub struct Callbacks {
     pub policy: PartitionPolicy,
     /// Breaks received, for metrics and tests.
     pub breaks: AtomicU64,
+    /// Files' data maps kept under their promises (valid per `CachedInode::map_serial`).
+    data_maps: DataMaps,
+    map_serials: AtomicU64,
 }
 
 impl Callbacks {
@@ -189,6 +200,8 @@ impl Callbacks {
             handler: OnceLock::new(),
             policy,
             breaks: AtomicU64::new(0),
+            data_maps: DataMaps::default(),
+            map_serials: AtomicU64::new(0),
         }
     }
 
@@ -458,8 +471,18 @@ impl Callbacks {
         let mut cache = self.cache();
         self.epoch.fetch_add(1, Ordering::SeqCst);
         if let Some(entry) = cache.get_mut(&attr.ino) {
+            entry.map_serial = 0;
             entry.hold(attr);
         }
+    }
+
+    /// This client changed `ino` in a way it cannot apply to what it caches: that is dropped,
+    /// and replies in flight are not cached.
+    pub fn forget_cached(&self, ino: u64) {
+        let mut cache = self.cache();
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        cache.pop(&ino);
+        self.data_maps.forget(ino);
     }
 
     fn note_name(cache: &mut LruCache<u64, CachedInode>, dir_attr: &pb::Attr, name: &[u8], child: u64) {
@@ -517,6 +540,51 @@ impl Callbacks {
         self.trusted() && self.cache().peek(&ino).is_some_and(|entry| entry.attr.is_some() && entry.copy_covered)
     }
 
+    /// Keeps `window` of file `ino`, fetched with a promise by a request sent at `epoch`, for
+    /// later opens: only if nothing moved the epoch since, and the cached attributes are those
+    /// the window came with.
+    pub fn keep_data_window(&self, ino: u64, window: Arc<DataWindow>, epoch: u64) {
+        let mut cache = self.cache();
+        if self.epoch() != epoch {
+            return;
+        }
+        let Some(entry) = cache.peek_mut(&ino) else { return };
+        if entry.attr.is_none_or(|attr| attr.size != window.size) {
+            return;
+        }
+        if entry.map_serial == 0 {
+            entry.map_serial = self.map_serials.fetch_add(1, Ordering::Relaxed) + 1;
+        }
+        // Under the cache's lock, so that a break, which drops the serial under it, comes
+        // wholly before or after.
+        self.data_maps.keep(ino, entry.map_serial, window);
+    }
+
+    /// A data map of `ino` kept under the promise held now that answers a read of
+    /// `offset..end`.
+    pub fn data_window(&self, ino: u64, offset: u64, end: u64) -> Option<Arc<DataWindow>> {
+        if !self.trusted() {
+            return None;
+        }
+        let cache = self.cache();
+        let serial = cache.peek(&ino).filter(|entry| entry.attr.is_some()).map(|entry| entry.map_serial)?;
+        if serial == 0 {
+            return None;
+        }
+        self.data_maps.get(ino, serial, offset, end)
+    }
+
+    /// Drops the data maps kept of `ino` (a read through one failed).
+    pub fn forget_data_windows(&self, ino: u64) {
+        let _cache = self.cache();
+        self.data_maps.forget(ino);
+    }
+
+    /// Bytes of data maps kept, for metrics.
+    pub fn data_map_bytes(&self) -> usize {
+        self.data_maps.bytes()
+    }
+
     /// Forgets what a break names, in this cache and then in the kernel.
     fn forget(&self, what: &Forget) {
         self.forget_numbered(what, None);
@@ -538,9 +606,14 @@ impl Callbacks {
                 Forget::Inodes(inodes) => {
                     for ino in inodes {
                         cache.pop(ino);
+                        // Never valid again (their serial went with the entry): memory back.
+                        self.data_maps.forget(*ino);
                     }
                 }
-                Forget::All => cache.clear(),
+                Forget::All => {
+                    cache.clear();
+                    self.data_maps.clear();
+                }
             }
         }
         if let Some(handler) = self.handler.get() {

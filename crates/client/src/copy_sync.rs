@@ -186,10 +186,27 @@ pub async fn commit_changes(
     base: &mut Base,
     writer: &pb::Caller,
 ) -> ClientResult<()> {
-    let now = Base::of(copy).map_err(io_error)?;
-    let changed = now.differing(base);
+    let (now, changes) = changed_pages(copy, base).map_err(io_error)?;
+    let written = !changes.is_empty();
+    for (start, data) in changes {
+        files.write(file, start, &data, writer.clone(), false).await?;
+    }
+    if written {
+        files.flush(file).await?;
+    }
+    *base = now;
+    Ok(())
+}
+
+/// Bytes of a file at an offset.
+pub type Run = (u64, Vec<u8>);
+
+/// The runs of pages of `copy` that differ from `base` (at most `READ_BYTES` each), with their
+/// bytes, and the base the copy has now.
+pub fn changed_pages(copy: &File, base: &Base) -> io::Result<(Base, Vec<Run>)> {
+    let now = Base::of(copy)?;
     let mut runs: Vec<(u64, u64)> = Vec::new();
-    for index in changed {
+    for index in now.differing(base) {
         let start = index * PAGE_BYTES;
         let end = (start + PAGE_BYTES).min(now.len);
         match runs.last_mut() {
@@ -198,16 +215,13 @@ pub async fn commit_changes(
             _ => {}
         }
     }
-    for &(start, end) in &runs {
+    let mut changes = Vec::with_capacity(runs.len());
+    for (start, end) in runs {
         let mut data = vec![0u8; (end - start) as usize];
-        copy.read_exact_at(&mut data, start).map_err(io_error)?;
-        files.write(file, start, &data, writer.clone(), false).await?;
+        copy.read_exact_at(&mut data, start)?;
+        changes.push((start, data));
     }
-    if !runs.is_empty() {
-        files.flush(file).await?;
-    }
-    *base = now;
-    Ok(())
+    Ok((now, changes))
 }
 
 /// Brings `copy` up to the file's current content (read through `file` as `reader`). With

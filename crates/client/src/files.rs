@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::blocks::BlockStore;
+use crate::data_maps::DataWindow;
 use crate::error::{ClientError, ClientResult};
 use crate::locks::Locks;
 use crate::meta::MetaConnection;
@@ -41,14 +42,6 @@ impl Building {
     }
 }
 
-struct ExtentWindow {
-    start: u64,
-    end: u64,
-    size: u64,
-    extents: Arc<Vec<pb::Extent>>,
-    servers: Arc<HashMap<u64, String>>,
-}
-
 #[derive(Default)]
 struct FileInner {
     building: Option<Building>,
@@ -62,7 +55,9 @@ struct FileInner {
     dirty: bool,
     kill_suid: bool,
     writer: pb::Caller,
-    window: Option<ExtentWindow>,
+    window: Option<Arc<DataWindow>>,
+    /// `window` came from the maps kept under the file's promise, not from meta for this open.
+    window_kept: bool,
     last_read_end: u64,
     /// Size as of the last commit or attribute fetch.
     known_size: u64,
@@ -335,6 +330,9 @@ impl Files {
                 attr.mtime = Some(time);
                 attr.ctime = Some(time);
                 self.meta.callbacks.note_changed(&attr);
+            } else {
+                // Not trusted this moment: nothing cached of the file may outlive the change.
+                self.meta.callbacks.forget_cached(file.handle.ino);
             }
             inner.ready.clear();
             inner.dirty = false;
@@ -373,56 +371,86 @@ impl Files {
     }
 
     /// Reads on behalf of `reader` (meta checks that it may read the file). A block map held
-    /// so long that its block tokens expired is fetched again, once.
+    /// so long that its block tokens expired is fetched again, once; so is one kept from an
+    /// earlier open that a read through it failed with (its data servers may have moved).
     pub async fn read(&self, file: &OpenFile, offset: u64, size: u32, reader: &pb::Caller) -> ClientResult<Vec<u8>> {
+        // Read your writes; a failure here is the writes', and is not retried below.
+        self.flush(file).await?;
         match self.read_once(file, offset, size, reader).await {
             Err(ClientError::TokenRefused(why)) => {
                 tracing::debug!(ino = file.handle.ino, %why, "block token refused; fetching the block map again");
-                file.inner.lock().await.window = None;
+                self.drop_window(file).await;
+                self.read_once(file, offset, size, reader).await
+            }
+            Err(e) if !matches!(e, ClientError::Errno(_)) && file.inner.lock().await.window_kept => {
+                tracing::debug!(ino = file.handle.ino, error = %e, "a read through a kept block map failed; fetching it again");
+                self.drop_window(file).await;
                 self.read_once(file, offset, size, reader).await
             }
             other => other,
         }
     }
 
+    /// Drops the data map `file` reads through, and those kept of it.
+    async fn drop_window(&self, file: &OpenFile) {
+        let mut inner = file.inner.lock().await;
+        inner.window = None;
+        inner.window_kept = false;
+        self.meta.callbacks.forget_data_windows(file.handle.ino);
+    }
+
+    /// The part of `file`'s data map that answers a read of `offset..offset + size`: the one
+    /// this open holds, one kept under the file's promise, or a new one from meta.
+    async fn window_for(
+        &self,
+        file: &OpenFile,
+        inner: &mut FileInner,
+        offset: u64,
+        size: u32,
+        reader: &pb::Caller,
+    ) -> ClientResult<Arc<DataWindow>> {
+        let ino = file.handle.ino;
+        let wanted_end = offset.saturating_add(size as u64);
+        if let Some(window) = inner.window.as_ref().filter(|w| w.covers(offset, wanted_end)) {
+            return Ok(window.clone());
+        }
+        if let Some(window) = self.meta.callbacks.data_window(ino, offset, wanted_end) {
+            inner.known_size = window.size;
+            inner.window = Some(window.clone());
+            inner.window_kept = true;
+            return Ok(window);
+        }
+        let window_len = EXTENT_WINDOW_BYTES.max(size as u64);
+        let (reply, cacheable) = self.meta.extents(reader, file.handle, offset, window_len).await?;
+        let file_size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
+        // A capped reply covers only as far as its last extent.
+        let end = match reply.extents.last() {
+            Some(last) if reply.extents.len() >= pb::EXTENTS_PER_REPLY_MAX => last.offset + last.len,
+            _ => offset.saturating_add(window_len),
+        };
+        let window = Arc::new(DataWindow {
+            start: offset,
+            end,
+            size: file_size,
+            extents: reply.extents,
+            servers: Arc::new(reply.servers.into_iter().map(|s| (s.id, s.address)).collect()),
+        });
+        if let Some(epoch) = cacheable {
+            self.meta.callbacks.keep_data_window(ino, window.clone(), epoch);
+        }
+        inner.known_size = file_size;
+        inner.window = Some(window.clone());
+        inner.window_kept = false;
+        Ok(window)
+    }
+
     async fn read_once(&self, file: &OpenFile, offset: u64, size: u32, reader: &pb::Caller) -> ClientResult<Vec<u8>> {
-        self.flush(file).await?;
         let (window, sequential) = {
             let mut inner = file.inner.lock().await;
-            let wanted_end = offset.saturating_add(size as u64);
-            let covered =
-                inner.window.as_ref().is_some_and(|w| w.start <= offset && (wanted_end <= w.end || w.end >= w.size));
-            if !covered {
-                let window_len = EXTENT_WINDOW_BYTES.max(size as u64);
-                let reply = self.meta.extents(reader, file.handle, offset, window_len).await?;
-                let file_size = reply.attr.as_ref().map(|a| a.size).unwrap_or(0);
-                // A capped reply covers only as far as its last extent.
-                let end = match reply.extents.last() {
-                    Some(last) if reply.extents.len() >= pb::EXTENTS_PER_REPLY_MAX => last.offset + last.len,
-                    _ => offset.saturating_add(window_len),
-                };
-                inner.known_size = file_size;
-                inner.window = Some(ExtentWindow {
-                    start: offset,
-                    end,
-                    size: file_size,
-                    extents: Arc::new(reply.extents),
-                    servers: Arc::new(reply.servers.into_iter().map(|s| (s.id, s.address)).collect()),
-                });
-            }
+            let window = self.window_for(file, &mut inner, offset, size, reader).await?;
             let sequential = inner.last_read_end == offset;
             inner.last_read_end = offset + size as u64;
-            let window = inner.window.as_ref().expect("window set above");
-            (
-                ExtentWindow {
-                    start: window.start,
-                    end: window.end,
-                    size: window.size,
-                    extents: window.extents.clone(),
-                    servers: window.servers.clone(),
-                },
-                sequential,
-            )
+            (window, sequential)
         };
         if offset >= window.size {
             return Ok(Vec::new());
@@ -458,7 +486,7 @@ impl Files {
 
     /// Starts fetching the blocks a sequential reader reaches next: those of the next
     /// [`READ_AHEAD_BLOCKS`] extents past `end`, from extent `first` on.
-    fn read_ahead(&self, window: &ExtentWindow, first: usize, end: u64) {
+    fn read_ahead(&self, window: &Arc<DataWindow>, first: usize, end: u64) {
         let ahead = window.extents[first..].iter().filter(|e| e.offset >= end && e.block.is_some());
         for extent in ahead.take(READ_AHEAD_BLOCKS) {
             if let Some(block) = &extent.block {

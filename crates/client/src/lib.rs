@@ -6,6 +6,8 @@
 pub mod blocks;
 pub mod callbacks;
 pub mod copy_sync;
+pub mod copy_volume;
+pub mod data_maps;
 pub mod delegations;
 pub mod disk_cache;
 pub mod error;
@@ -84,7 +86,8 @@ impl Client {
         // Copies sit beside the pieces and are used only by the mount holding the pieces' lock.
         let copies = match &disk {
             Some((_, dir)) if options.whole_copies => {
-                match whole_copies::WholeCopies::open(dir, options.disk_cache_bytes) {
+                match whole_copies::WholeCopies::open(dir, options.disk_cache_bytes, whole_copies::Revocation::ShutDown)
+                {
                     Ok(copies) => Some(Arc::new(copies)),
                     Err(e) => {
                         tracing::warn!(dir = %dir.display(), error = %e, "no whole-file copies");

@@ -594,13 +594,15 @@ impl MetaConnection {
         heartbeat_period(self.lease) + USAGE_FRESH_MARGIN
     }
 
+    /// Part of a file's data map; with the epoch under which it may be kept (see
+    /// `Callbacks::keep_data_window`) when meta promised it.
     pub async fn extents(
         &self,
         caller: &pb::Caller,
         target: pb::FileHandle,
         offset: u64,
         len: u64,
-    ) -> ClientResult<pb::GetExtentsReply> {
+    ) -> ClientResult<(pb::GetExtentsReply, Option<u64>)> {
         let epoch = self.callbacks.epoch();
         let session = self.session();
         let reply = self
@@ -611,12 +613,15 @@ impl MetaConnection {
             })
             .await?;
         check(reply.errno)?;
+        let mut cacheable = None;
         if reply.promised
             && let Some(attr) = &reply.attr
         {
-            self.callbacks.note_attr(attr, self.callbacks.settled(epoch, reply.point.as_ref()));
+            let settled = self.callbacks.settled(epoch, reply.point.as_ref());
+            self.callbacks.note_attr(attr, settled);
+            cacheable = Some(settled);
         }
-        Ok(reply)
+        Ok((reply, cacheable))
     }
 
     /// Data servers for `count` new blocks, none of them in `exclude`.

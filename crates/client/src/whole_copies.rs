@@ -23,8 +23,11 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use lru::LruCache;
+
+use crate::copy_volume::CopyVolume;
 
 /// A file smaller than this is not copied: the kernel's own page cache serves it as well.
 pub const COPY_MIN_BYTES: u64 = 1024 * 1024;
@@ -109,27 +112,128 @@ impl Copy {
 struct Index {
     copies: LruCache<u64, Copy>,
     next_serial: u64,
+    /// The file system the copies are on, when they have one of their own (see `Revocation`).
+    volume: Option<CopyVolume>,
+    /// When a new volume was last tried after a revocation.
+    volume_tried: Option<Instant>,
+    /// A new volume is being made (outside the lock: it takes a `mkfs` and a mount).
+    volume_coming: bool,
+    /// The mount ended: no volume any more.
+    closed: bool,
 }
+
+/// How reads of copies already open are taken back when trust in the promises is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Revocation {
+    /// Copies live on a volume of their own, which is shut down (`CopyVolume`): what the
+    /// kernel reads from them fails with `EIO` from then on.
+    ShutDown,
+    /// Copies live in a plain directory and cannot be taken back (tests of the bookkeeping).
+    None,
+}
+
+/// How long after a failed attempt a new copies volume is tried again.
+const VOLUME_RETRY: Duration = Duration::from_secs(10);
 
 pub struct WholeCopies {
     dir: PathBuf,
     limit_bytes: u64,
+    revocation: Revocation,
     index: Mutex<Index>,
 }
 
 impl WholeCopies {
-    /// Empties (or creates) `dir` for copies whose total length stays under `limit_bytes`.
-    pub fn open(dir: &Path, limit_bytes: u64) -> io::Result<WholeCopies> {
-        match fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        fs::create_dir_all(dir)?;
+    /// Empties (or creates) `dir` for copies whose total length stays under `limit_bytes`; with
+    /// `Revocation::ShutDown`, a volume of their own is mounted there.
+    pub fn open(dir: &Path, limit_bytes: u64, revocation: Revocation) -> io::Result<WholeCopies> {
+        let volume = match revocation {
+            Revocation::ShutDown => Some(CopyVolume::create(dir, limit_bytes)?),
+            Revocation::None => {
+                match fs::remove_dir_all(dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                fs::create_dir_all(dir)?;
+                None
+            }
+        };
         Ok(WholeCopies {
             dir: dir.to_path_buf(),
             limit_bytes,
-            index: Mutex::new(Index { copies: LruCache::unbounded(), next_serial: 1 }),
+            revocation,
+            index: Mutex::new(Index {
+                copies: LruCache::unbounded(),
+                next_serial: 1,
+                volume,
+                volume_tried: None,
+                volume_coming: false,
+                closed: false,
+            }),
         })
+    }
+
+    /// Trust in the promises was lost: drops every copy and, where copies have a volume of
+    /// their own, shuts it down, so that opens already reading a copy fail from now on instead
+    /// of serving what may be stale. A new volume is made when a copy is next wanted.
+    pub fn revoke_all(&self) {
+        let mut index = self.index();
+        let Some(volume) = index.volume.as_mut() else {
+            drop(index);
+            return self.discard_all();
+        };
+        if let Err(e) = volume.shut_down() {
+            // Unmounting still stops new opens; descriptors already open keep their copy.
+            tracing::warn!(dir = %self.dir.display(), error = %e, "shutting the copies volume down failed");
+        }
+        volume.close();
+        // The files are gone with their volume: nothing to remove.
+        index.copies.clear();
+    }
+
+    /// Ends the copies at unmount: drops them and takes their volume away.
+    pub fn close(&self) {
+        let mut index = self.index();
+        index.closed = true;
+        index.copies.clear();
+        if let Some(mut volume) = index.volume.take() {
+            volume.close();
+        }
+    }
+
+    /// Whether new copies can be made: with a volume of their own, it is open, or a new one
+    /// could be mounted in place of a revoked one (tried at most once per `VOLUME_RETRY`).
+    fn ready(&self) -> bool {
+        if self.revocation == Revocation::None {
+            return true;
+        }
+        let old = {
+            let mut index = self.index();
+            if index.volume.as_ref().is_some_and(CopyVolume::is_open) {
+                return true;
+            }
+            if index.closed || index.volume_coming || index.volume_tried.is_some_and(|at| at.elapsed() < VOLUME_RETRY) {
+                return false;
+            }
+            index.volume_tried = Some(Instant::now());
+            index.volume_coming = true;
+            index.volume.take()
+        };
+        // The old one first: its mount is detached before the new one takes its place.
+        drop(old);
+        let made = CopyVolume::create(&self.dir, self.limit_bytes);
+        let mut index = self.index();
+        index.volume_coming = false;
+        match made {
+            Ok(volume) if !index.closed => {
+                index.volume = Some(volume);
+                true
+            }
+            Ok(_unmounted_when_dropped) => false,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "no new copies volume");
+                false
+            }
+        }
     }
 
     fn index(&self) -> std::sync::MutexGuard<'_, Index> {
@@ -146,6 +250,14 @@ impl WholeCopies {
         let mut index = self.index();
         if let Some(old) = index.copies.pop(&ino) {
             remove(old.path.as_deref());
+        }
+        let volume_open = index.volume.as_ref().is_some_and(CopyVolume::is_open);
+        if self.revocation == Revocation::ShutDown && !volume_open {
+            drop(index);
+            if !self.ready() {
+                return false;
+            }
+            index = self.index();
         }
         // Room first: the least recently used copies no open reads from go.
         let mut used: u64 = index.copies.iter().map(|(_, c)| c.reserved).sum();
@@ -384,7 +496,7 @@ mod tests {
     const MIB: u64 = 1024 * 1024;
 
     fn copies(dir: &Path) -> WholeCopies {
-        WholeCopies::open(&dir.join("whole"), 8 * MIB).unwrap()
+        WholeCopies::open(&dir.join("whole"), 8 * MIB, Revocation::None).unwrap()
     }
 
     #[test]

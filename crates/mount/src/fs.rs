@@ -83,6 +83,8 @@ pub struct CairnFs {
     xattr_reads: AtomicU64,
     /// Listing requests from the kernel (readdir and readdirplus), for metrics.
     dir_reads: AtomicU64,
+    /// Reads of file data that reached the mount (the kernel's pages did not answer them).
+    file_reads: AtomicU64,
     /// How the kernel does I/O through each open file.
     io: Arc<KernelIo>,
 }
@@ -141,6 +143,7 @@ impl CairnFs {
             root_ino: root.ino,
             xattr_reads: AtomicU64::new(0),
             dir_reads: AtomicU64::new(0),
+            file_reads: AtomicU64::new(0),
             io,
         }
     }
@@ -758,6 +761,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.file_reads.fetch_add(1, Ordering::Relaxed);
         let result = self.runtime.block_on(async {
             let (ino, file) = self.open_file(fh)?;
             let copies = self.client.copies.as_deref();
@@ -1263,7 +1267,7 @@ impl CairnFs {
         let delegations = &self.client.meta.delegations;
         let copies = self.client.copies.as_ref().map_or((0, 0), |c| c.usage());
         format!(
-            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{},\"dir_reads\":{},\"passthrough_opens\":{},\"whole_copies\":{},\"whole_copy_bytes\":{}}}",
+            "{{\"meta_rpcs\":{},\"block_bytes_fetched\":{},\"breaks\":{},\"promise_ttl_ms\":{},\"kernel_names\":{},\"kernel_inodes\":{},\"delegated_batches\":{},\"delegated_entries\":{},\"delegated_pending\":{},\"delegated_lost\":{},\"xattr_reads\":{},\"dir_reads\":{},\"file_reads\":{},\"data_map_bytes\":{},\"passthrough_opens\":{},\"whole_copies\":{},\"whole_copy_bytes\":{}}}",
             self.client.meta.rpcs.load(Ordering::Relaxed),
             self.client.blocks.bytes_fetched.load(Ordering::Relaxed),
             callbacks.breaks.load(Ordering::Relaxed),
@@ -1276,6 +1280,8 @@ impl CairnFs {
             delegations.lost_total.load(Ordering::Relaxed),
             self.xattr_reads.load(Ordering::Relaxed),
             self.dir_reads.load(Ordering::Relaxed),
+            self.file_reads.load(Ordering::Relaxed),
+            callbacks.data_map_bytes(),
             self.io.passthrough_opens.load(Ordering::Relaxed),
             copies.0,
             copies.1,
@@ -1440,7 +1446,12 @@ impl KernelForget {
             self.io.note_breaks(matches!(what, Forget::Inodes(_)).then_some(&inodes[..]));
             match what {
                 Forget::Inodes(_) => inodes.iter().for_each(|&ino| copies.discard(ino)),
-                Forget::All => copies.discard_all(),
+                // Opens already reading a copy must stop too: the copies' volume goes down,
+                // once what writers have in them and did not commit is out.
+                Forget::All => {
+                    self.io.revoke();
+                    copies.revoke_all();
+                }
             }
         }
         for &ino in &inodes {

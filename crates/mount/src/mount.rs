@@ -38,6 +38,7 @@ fn unescape(field: &str) -> String {
 pub struct Mounted {
     session: Option<BackgroundSession>,
     path: PathBuf,
+    client: Arc<Client>,
 }
 
 impl Mounted {
@@ -52,13 +53,18 @@ impl Mounted {
 
     fn unmount_inner(&mut self) -> std::io::Result<()> {
         let Some(session) = self.session.take() else { return Ok(()) };
-        match session.umount_and_join() {
+        let unmounted = match session.umount_and_join() {
             Ok(()) => Ok(()),
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "unmount failed; detaching lazily");
                 lazy_unmount(&self.path)
             }
+        };
+        // The whole-file copies' volume is the mount's own: it goes with it.
+        if let Some(copies) = &self.client.copies {
+            copies.close();
         }
+        unmounted
     }
 }
 
@@ -103,7 +109,7 @@ pub fn mount(
     // A read-only credential mounts read-only: the kernel then refuses writes itself (EROFS)
     // and meta would refuse them anyway.
     let access = if client.meta.read_only { MountOption::RO } else { MountOption::RW };
-    let fs = CairnFs::new(client, runtime, options, notifier.clone());
+    let fs = CairnFs::new(client.clone(), runtime, options, notifier.clone());
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName("cairn".into()),
@@ -119,5 +125,5 @@ pub fn mount(
     let session =
         fuser::spawn_mount(fs, &path, &config).map_err(|source| MountError::Mount { path: path.clone(), source })?;
     let _ = notifier.set(session.notifier());
-    Ok(Mounted { session: Some(session), path })
+    Ok(Mounted { session: Some(session), path, client })
 }

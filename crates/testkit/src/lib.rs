@@ -82,6 +82,22 @@ pub fn is_mounted(path: &Path) -> bool {
     info.lines().any(|line| line.split(' ').nth(4).is_some_and(|m| Path::new(m) == canonical))
 }
 
+/// Lazily unmounts every mount below `dir`, deepest first.
+pub fn detach_mounts_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let mut below: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(&dir) && *m != dir)
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for mount in below {
+        let _ = Command::new("umount").arg("-l").arg(&mount).status();
+    }
+}
+
 /// One `cairn` process the harness started, with its log file.
 pub struct Process {
     pub name: String,
@@ -588,6 +604,9 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         // Mounts first, while the servers can still answer their last flushes.
         self.mounts.clear();
+        // What a mount killed with SIGKILL left mounted in the test directory (the volume of
+        // its whole-file copies), so that the directory can go.
+        detach_mounts_under(self.dir.path());
         if std::env::var_os("CAIRN_KEEP_TEST_DIRS").is_some() {
             self.dir.disable_cleanup(true);
             eprintln!("kept test directory {}", self.dir.path().display());

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_client::copy_sync::{self, Base};
+use cairn_client::copy_sync::{self, Base, Run};
 use cairn_client::whole_copies::{COPY_MIN_BYTES, WholeCopies};
 use cairn_client::{ClientError, ClientResult, OpenFile};
 use cairn_proto as pb;
@@ -56,7 +56,18 @@ struct Shared {
     /// What the copy held when it last matched meta, while writers have it open. Its lock
     /// orders commits from the copy, refreshes of it and changes applied to it.
     base: Arc<tokio::sync::Mutex<Option<Base>>>,
+    /// The copy was taken away (the mount stopped trusting its promises): reads of it fail,
+    /// and new opens of the inode fail until these close.
+    revoked: bool,
+    /// What writers had written into the copy and not committed when it was taken away, read
+    /// out of it just before: committed from here at their next flush.
+    saved: Arc<Mutex<Vec<Run>>>,
+    /// Some uncommitted writes could not be saved: the writers' next flushes fail.
+    lost: bool,
 }
+
+/// Uncommitted writes read out of copies about to be taken away, at most.
+const SAVED_BYTES_MAX: usize = 256 * 1024 * 1024;
 
 #[derive(Default)]
 struct InodeOpens {
@@ -82,6 +93,9 @@ struct SharedView {
     writer: pb::Caller,
     file: Arc<File>,
     base: Arc<tokio::sync::Mutex<Option<Base>>>,
+    revoked: bool,
+    saved: Arc<Mutex<Vec<Run>>>,
+    lost: bool,
 }
 
 impl KernelIo {
@@ -98,7 +112,45 @@ impl KernelIo {
             writer: shared.writer.clone(),
             file: shared.file.clone(),
             base: shared.base.clone(),
+            revoked: shared.revoked,
+            saved: shared.saved.clone(),
+            lost: shared.lost,
         })
+    }
+
+    /// The copies are about to be taken away (trust in the promises was lost): what writers
+    /// wrote into a copy and did not commit yet is read out of it first, to be committed from
+    /// memory at their next flush, and every inode's passthrough opens are marked revoked.
+    pub fn revoke(&self) {
+        let mut table = self.table();
+        let mut saved_bytes = 0;
+        for (ino, opens) in table.iter_mut() {
+            let Some(shared) = opens.shared.as_mut() else { continue };
+            shared.revoked = true;
+            if shared.writers == 0 {
+                continue;
+            }
+            // A commit under way holds the lock, and has what it read from the copy.
+            let Ok(mut base) = shared.base.try_lock() else { continue };
+            let Some(base) = base.as_mut() else { continue };
+            match copy_sync::changed_pages(&shared.file, base) {
+                Ok((now, changes)) => {
+                    let bytes: usize = changes.iter().map(|(_, data)| data.len()).sum();
+                    if saved_bytes + bytes > SAVED_BYTES_MAX {
+                        tracing::warn!(ino, bytes, "too many uncommitted writes in a copy to keep in memory");
+                        shared.lost = true;
+                        continue;
+                    }
+                    saved_bytes += bytes;
+                    shared.saved.lock().unwrap_or_else(|p| p.into_inner()).extend(changes);
+                    *base = now;
+                }
+                Err(e) => {
+                    tracing::warn!(ino, error = %e, "reading uncommitted writes out of a copy failed");
+                    shared.lost = true;
+                }
+            }
+        }
     }
 
     /// Notes a break of `inodes` (every inode for `None`) for the passthrough opens of each.
@@ -281,6 +333,9 @@ impl CairnFs {
                             writer: pb::Caller::default(),
                             breaks: 0,
                             base: Arc::default(),
+                            revoked: false,
+                            saved: Arc::default(),
+                            lost: false,
                         });
                         self.io.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                         sender.opened_passthrough(fh, FopenFlags::empty(), &shared.backing);
@@ -310,6 +365,10 @@ impl CairnFs {
         reply: &mut Option<ReplyOpen>,
     ) -> ClientResult<Attempt> {
         let ino = request.handle.ino;
+        if view.revoked {
+            // The kernel would put this open on the copy that was taken away too.
+            return Err(ClientError::Errno(pb::errno::EIO));
+        }
         let copies = self.client.copies.as_deref();
         let files = &self.client.files;
         let callbacks = &self.client.meta.callbacks;
@@ -376,6 +435,15 @@ impl CairnFs {
     pub(super) async fn commit_copy_writes(&self, ino: u64, file: &OpenFile, who: &pb::Caller) -> ClientResult<()> {
         let Some(view) = self.io.shared(ino) else { return Ok(()) };
         let mut base = view.base.lock().await;
+        if view.revoked {
+            // The copy is gone: what was read out of it before is committed instead.
+            let saved = std::mem::take(&mut *view.saved.lock().unwrap_or_else(|p| p.into_inner()));
+            for (start, data) in saved {
+                self.client.files.write(file, start, &data, who.clone(), false).await?;
+            }
+            self.client.files.flush(file).await?;
+            return if view.lost { Err(ClientError::Errno(pb::errno::EIO)) } else { Ok(()) };
+        }
         let Some(base) = base.as_mut() else { return Ok(()) };
         let committed = copy_sync::commit_changes(&self.client.files, file, &view.file, base, who).await;
         if committed.is_err()
@@ -399,6 +467,12 @@ impl CairnFs {
         rebase: impl FnOnce(&mut Base),
     ) -> ClientResult<T> {
         let view = self.io.shared(ino);
+        if view.as_ref().is_some_and(|view| view.revoked) {
+            if let Some(file) = self.client.files.get(ino) {
+                self.commit_copy_writes(ino, &file, who).await?;
+            }
+            return change().await;
+        }
         let mut base = match &view {
             Some(view) => Some(view.base.lock().await),
             None => None,
