@@ -607,6 +607,12 @@ pub fn mount(
         let client = Client::connect(meta.clone(), client_name("mount"), options)
             .await
             .with_context(|| format!("connecting to meta at {}", meta.join(",")))?;
+        if modes.passthrough && client.copies.is_none() {
+            bail!(
+                "--passthrough keeps whole-file copies on a volume of its own: it needs the disk cache \
+                 (--cache-mib above 0), root, loop devices and mkfs.ext4 (the log above says which failed)"
+            );
+        }
         client.spawn_heartbeat();
         Ok::<_, anyhow::Error>(client)
     })?;

@@ -258,3 +258,27 @@ fn a_reader_of_the_copy_cut_off_from_meta_stops_reading_it_when_the_lease_runs_o
     }
     assert!(passthrough_opens(&mount) > before, "no copy served re-reads after healing");
 }
+
+#[test]
+fn a_passthrough_mount_that_cannot_keep_copies_refuses_to_start() {
+    if !common::can_mount() {
+        return;
+    }
+    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
+    let cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let mount = cluster.dir.path().join("refused");
+    fs::create_dir_all(&mount).unwrap();
+    // No disk cache: nowhere to keep copies.
+    let out = std::process::Command::new(common::bin())
+        .args(["mount", "--meta", &cluster.meta_addresses(), "--credential"])
+        .arg(cluster.credential())
+        .arg("--mount")
+        .arg(&mount)
+        .args(["--cache-mib", "0", "--passthrough"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the mount started without copies");
+    assert!(stderr.contains("--passthrough keeps whole-file copies"), "{stderr}");
+    assert!(!cairn_testkit::is_mounted(&mount));
+}
