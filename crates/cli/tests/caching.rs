@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 
-use cairn_testkit::{Cluster, ClusterSpec, pattern};
+use cairn_testkit::{ClusterSpec, pattern};
 
 /// Cached piece files under `cache` (one subdirectory per file system, one per shard).
 fn piece_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -23,11 +23,9 @@ fn piece_files(cache: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn blocks_read_once_are_served_from_disk_after_a_remount() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let cache = cluster.dir.path().join("kept-cache");
     let content = pattern(21, 6 * 1024 * 1024 + 12_345);
 
@@ -58,11 +56,9 @@ fn blocks_read_once_are_served_from_disk_after_a_remount() {
 
 #[test]
 fn a_sequential_read_fetches_each_block_once() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     // Six full 4 MiB blocks and a short one.
     let content = pattern(5, 6 * 4 * 1024 * 1024 + 777);
     let writer = cluster.mount().unwrap();
@@ -89,11 +85,9 @@ fn a_sequential_read_fetches_each_block_once() {
 
 #[test]
 fn reads_with_every_copy_gone_fail_within_the_mounts_timeout_even_when_joining_a_readahead() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let content = pattern(9, 3 * 4 * 1024 * 1024);
     let writer = cluster.mount().unwrap();
     fs::write(writer.join("file"), &content).unwrap();

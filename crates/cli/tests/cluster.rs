@@ -259,7 +259,7 @@ fn a_killed_meta_server_restarts_with_every_change_though_its_log_was_purged() {
     // A snapshot every 50 entries purges the log behind it, and the state machine commits
     // without syncing: after `kill -9` it rolls back to its last durable point and is rebuilt
     // from there (by the log, or the snapshot where the log is gone).
-    let spec = ClusterSpec { metas: 1, datas: 1, snapshot_every: 50, ..Default::default() };
+    let spec = ClusterSpec { snapshot_every: 50, ..Default::default() };
     let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
     let rt = runtime();
     rt.block_on(async {

@@ -5,17 +5,13 @@ mod common;
 
 use std::fs;
 
-use cairn_testkit::{Cluster, ClusterSpec, pattern};
+use cairn_testkit::{ClusterSpec, pattern};
 
 #[test]
 fn data_closed_on_one_mount_is_read_at_once_on_another() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     for round in 0..1000usize {
         // Sizes grow and shrink, so a size the reader's kernel cached would cut or pad the read.
         let content = format!("round {round} {}", "x".repeat((round * 7919) % 9000));
@@ -77,13 +73,9 @@ fn set_xattr(path: &std::path::Path, name: &str, value: Option<&[u8]>) {
 #[test]
 fn namespace_changes_on_one_mount_are_seen_at_once_on_another() {
     use std::os::unix::fs::PermissionsExt;
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     fs::create_dir(a.join("d")).unwrap();
     fs::write(a.join("d/f"), b"0123456789").unwrap();
     for round in 0..200u32 {
@@ -143,13 +135,9 @@ fn xattr_errno(path: &std::path::Path, name: &str) -> i32 {
 
 #[test]
 fn ls_l_of_a_cached_tree_asks_the_mount_nothing_per_file() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     for dir in 0..4 {
         fs::create_dir(a.join(format!("d{dir}"))).unwrap();
         for i in 0..50 {
@@ -195,13 +183,9 @@ fn drop_kernel_pages(path: &std::path::Path) {
 
 #[test]
 fn a_listing_the_kernel_dropped_is_listed_again_from_the_promise_and_absent_names_need_no_request() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     // More names than one page of a listing holds.
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..300 {
@@ -256,13 +240,9 @@ fn read_names(dir: *mut libc::DIR) -> Vec<String> {
 
 #[test]
 fn a_file_read_again_after_the_kernel_dropped_its_pages_asks_meta_nothing_until_it_changes() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     // A file in blocks, and one small enough that meta holds its bytes.
     let big = pattern(1, 9 * 1024 * 1024 + 123);
     let small = b"a small file ".repeat(100);
@@ -308,13 +288,9 @@ fn a_file_read_again_after_the_kernel_dropped_its_pages_asks_meta_nothing_until_
 
 #[test]
 fn a_directory_stream_read_again_from_the_start_sees_names_added_since() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     // Only its owner may read it: never listed from the client's cache, always from meta.
     fs::create_dir(a.join("d")).unwrap();
     fs::set_permissions(a.join("d"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
@@ -338,13 +314,9 @@ fn a_directory_stream_read_again_from_the_start_sees_names_added_since() {
 
 #[test]
 fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..50 {
         fs::write(a.join(format!("d/{i}")), format!("{i}")).unwrap();
@@ -381,13 +353,9 @@ fn cached_metadata_is_served_without_asking_meta_until_someone_changes_it() {
 
 #[test]
 fn a_mount_filling_its_own_new_directory_asks_meta_only_to_change_it_and_still_sees_other_mounts() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     // A made the directory and every change in it: it knows which names do not exist and what
     // the directory looks like after each change, so a file costs a create and a commit.
     fs::create_dir(a.join("own")).unwrap();
@@ -421,11 +389,10 @@ fn a_mount_filling_its_own_new_directory_asks_meta_only_to_change_it_and_still_s
 
 #[test]
 fn a_client_cut_off_from_meta_never_serves_data_replaced_elsewhere_and_resumes_after_healing() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec { session_lease_secs: 3, ..Default::default() })
+    else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 3, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let failing = cluster.mount_with_args(&["--on-partition", "eio"]).unwrap();
     let failing_ip = cluster.last_mount_ip();
     let waiting = cluster.mount().unwrap();
@@ -468,13 +435,9 @@ fn a_client_cut_off_from_meta_never_serves_data_replaced_elsewhere_and_resumes_a
 
 #[test]
 fn close_to_open_holds_while_the_meta_leader_is_killed() {
-    if !common::can_mount() {
+    let Some((mut cluster, a, b)) = common::two_mounts(ClusterSpec { metas: 3, datas: 1, ..Default::default() }) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 3, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
+    };
     let mut killed = None;
     for round in 0..1000usize {
         if round == 300 {
@@ -496,11 +459,9 @@ fn close_to_open_holds_while_the_meta_leader_is_killed() {
 #[test]
 fn a_strict_mount_makes_each_write_visible_before_close() {
     use std::io::Write;
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let strict = cluster.mount_with_args(&["--strict"]).unwrap();
     let reader = cluster.mount().unwrap();
     let mut file = fs::File::create(strict.join("log")).unwrap();

@@ -1,9 +1,9 @@
 //! Shared setup for the integration tests.
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use cairn_testkit::{Cluster, cairn_bin};
+use cairn_testkit::{Cluster, ClusterSpec, cairn_bin};
 
 /// Mount tests need root and FUSE; elsewhere they say so and pass (CI runs them as root).
 pub fn can_mount() -> bool {
@@ -21,8 +21,22 @@ pub fn cluster() -> Cluster {
     Cluster::start(cairn_bin(option_env!("CARGO_BIN_EXE_cairn"))).expect("starting a cluster")
 }
 
-pub fn bin() -> std::path::PathBuf {
+pub fn bin() -> PathBuf {
     cairn_bin(option_env!("CARGO_BIN_EXE_cairn"))
+}
+
+/// A cluster of `spec` for tests that mount it; None where mounts cannot run (see `can_mount`).
+pub fn mountable_cluster(spec: ClusterSpec) -> Option<Cluster> {
+    can_mount().then(|| Cluster::start_with(bin(), spec).expect("starting a cluster"))
+}
+
+/// A cluster of `spec` and two mounts of it with the default options; None where mounts cannot
+/// run.
+pub fn two_mounts(spec: ClusterSpec) -> Option<(Cluster, PathBuf, PathBuf)> {
+    let mut cluster = mountable_cluster(spec)?;
+    let a = cluster.mount().expect("the first mount");
+    let b = cluster.mount().expect("the second mount");
+    Some((cluster, a, b))
 }
 
 /// A meta client of `cluster`'s server at `address`, with the administrator's credential.

@@ -7,7 +7,7 @@ mod common;
 
 use std::fs;
 
-use cairn_testkit::{Cluster, ClusterSpec};
+use cairn_testkit::ClusterSpec;
 
 fn names(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> =
@@ -22,18 +22,6 @@ fn expected(range: std::ops::Range<usize>) -> Vec<String> {
     names
 }
 
-/// One meta and one data server with two mounts; None where FUSE is unavailable.
-fn two_mounts() -> Option<(Cluster, std::path::PathBuf, std::path::PathBuf)> {
-    if !common::can_mount() {
-        return None;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
-    Some((cluster, a, b))
-}
-
 fn delegated_entries(mount: &std::path::Path) -> u64 {
     common::metrics(mount)["delegated_entries"].as_u64().unwrap()
 }
@@ -44,7 +32,7 @@ fn delegated_pending(mount: &std::path::Path) -> u64 {
 
 #[test]
 fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
-    let Some((_cluster, a, b)) = two_mounts() else { return };
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..300 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -70,7 +58,7 @@ fn files_made_under_a_delegation_are_seen_whole_by_another_mount_at_once() {
 
 #[test]
 fn files_made_and_removed_under_a_delegation_reach_meta_in_order() {
-    let Some((_cluster, a, b)) = two_mounts() else { return };
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..500 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -91,11 +79,9 @@ fn files_made_and_removed_under_a_delegation_reach_meta_in_order() {
 
 #[test]
 fn synced_files_made_under_a_delegation_survive_a_meta_kill() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let a = cluster.mount().unwrap();
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..200 {
@@ -113,7 +99,7 @@ fn synced_files_made_under_a_delegation_survive_a_meta_kill() {
 
 #[test]
 fn a_mount_killed_while_holding_a_directory_does_not_keep_others_out() {
-    let Some((mut cluster, a, b)) = two_mounts() else { return };
+    let Some((mut cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..100 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -135,7 +121,7 @@ fn a_mount_killed_while_holding_a_directory_does_not_keep_others_out() {
 
 #[test]
 fn an_unmount_sends_what_was_made_under_a_delegation_first() {
-    let Some((mut cluster, a, _b)) = two_mounts() else { return };
+    let Some((mut cluster, a, _b)) = common::two_mounts(ClusterSpec::default()) else { return };
     fs::create_dir(a.join("d")).unwrap();
     for i in 0..2000 {
         fs::write(a.join(format!("d/f{i}")), format!("file {i}")).unwrap();
@@ -148,11 +134,10 @@ fn an_unmount_sends_what_was_made_under_a_delegation_first() {
 
 #[test]
 fn a_holder_cut_off_past_its_lease_loses_what_it_had_not_sent_and_says_so() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec { session_lease_secs: 6, ..Default::default() })
+    else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 6, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let a = cluster.mount().unwrap();
     let a_ip = cluster.last_mount_ip();
     let b = cluster.mount().unwrap();
@@ -195,7 +180,7 @@ fn a_holder_cut_off_past_its_lease_loses_what_it_had_not_sent_and_says_so() {
 
 #[test]
 fn a_listing_of_the_parent_shows_a_delegated_directory_as_its_holder_left_it() {
-    let Some((_cluster, a, b)) = two_mounts() else { return };
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else { return };
     fs::create_dir(a.join("d")).unwrap();
     // The other mount has listed the parent before, as `ls -l` does.
     let listed_mtime = |root: &std::path::Path| {
@@ -234,7 +219,7 @@ fn walk(dir: &std::path::Path) -> usize {
 
 #[test]
 fn a_tree_just_made_under_delegations_is_walked_elsewhere_once_and_then_from_cache() {
-    let Some((_cluster, a, b)) = two_mounts() else { return };
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else { return };
     let (dirs, files) = (20, 30);
     fs::create_dir(a.join("tree")).unwrap();
     for d in 0..dirs {

@@ -15,13 +15,6 @@ use cairn_testkit::{Cluster, cairn_bin};
 const DEFAULT_OPS: u64 = 100_000;
 const DEFAULT_SEED: u64 = 20_240_611;
 
-fn env_u64(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Ok(value) => value.trim().parse().with_context(|| format!("{name}={value:?} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 /// The last lines of a log, enough to see what a server did just before a failure.
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
@@ -45,13 +38,13 @@ fn fsx_survives_killed_servers() -> Result<()> {
         println!("skipping fsx_survives_killed_servers: {why}");
         return Ok(());
     }
-    let operations = env_u64("CAIRN_FSX_OPS", DEFAULT_OPS)?;
-    let seed = env_u64("CAIRN_FSX_SEED", DEFAULT_SEED)?;
+    let operations = cairn_testkit::env_u64("CAIRN_FSX_OPS", DEFAULT_OPS)?;
+    let seed = cairn_testkit::env_u64("CAIRN_FSX_SEED", DEFAULT_SEED)?;
     let config = FsxConfig {
         seed,
         operations,
-        max_file_len: env_u64("CAIRN_FSX_MAX_FILE_LEN", 2 * 1024 * 1024 + 4321)?,
-        max_op_len: env_u64("CAIRN_FSX_MAX_OP_LEN", 64 * 1024)?,
+        max_file_len: cairn_testkit::env_u64("CAIRN_FSX_MAX_FILE_LEN", 2 * 1024 * 1024 + 4321)?,
+        max_op_len: cairn_testkit::env_u64("CAIRN_FSX_MAX_OP_LEN", 64 * 1024)?,
         verify_every: 1000,
     };
     println!("fsx: seed {seed} (CAIRN_FSX_SEED), {operations} operations (CAIRN_FSX_OPS), {config:?}");

@@ -11,15 +11,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use cairn_testkit::{Cluster, ClusterSpec};
-
-fn two_mounts(session_lease_secs: u64) -> (Cluster, std::path::PathBuf, std::path::PathBuf) {
-    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).expect("starting a cluster");
-    let a = cluster.mount().unwrap();
-    let b = cluster.mount().unwrap();
-    (cluster, a, b)
-}
+use cairn_testkit::ClusterSpec;
 
 fn open(path: &Path) -> File {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap()
@@ -47,10 +39,9 @@ fn flock(file: &File, operation: i32) -> Result<(), i32> {
 
 #[test]
 fn fcntl_and_flock_locks_hold_across_mounts() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let (_cluster, a, b) = two_mounts(0);
+    };
     let on_a = open(&a.join("shared"));
     let on_b = open(&b.join("shared"));
 
@@ -103,11 +94,11 @@ fn fcntl_and_flock_locks_hold_across_mounts() {
 
 #[test]
 fn a_dead_clients_locks_go_when_its_session_expires() {
-    if !common::can_mount() {
-        return;
-    }
     let lease = 3;
-    let (mut cluster, a, b) = two_mounts(lease);
+    let Some((mut cluster, a, b)) = common::two_mounts(ClusterSpec { session_lease_secs: lease, ..Default::default() })
+    else {
+        return;
+    };
     let on_a = open(&a.join("held"));
     fcntl_lock(&on_a, libc::F_SETLK, libc::F_WRLCK, 0, 0).unwrap();
     let on_b = open(&b.join("held"));
@@ -137,10 +128,9 @@ fn sqlite(db: &Path, sql: &str) -> String {
 
 #[test]
 fn sqlite_written_from_two_mounts_at_once_stays_whole() {
-    if !common::can_mount() {
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
-    }
-    let (_cluster, a, b) = two_mounts(0);
+    };
     sqlite(&a.join("app.db"), "CREATE TABLE t (writer TEXT, n INTEGER, pad TEXT);");
     const ROWS: usize = 150;
     let writers: Vec<_> = [("a", a.clone()), ("b", b.clone())]

@@ -23,12 +23,9 @@ fn content(round: usize, len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i / 4096 + round * 31) % 251) as u8).collect()
 }
 
+/// A plain mount and a `--passthrough` one; None where mounts cannot run.
 fn two_mounts() -> Option<(Cluster, std::path::PathBuf, std::path::PathBuf)> {
-    if !common::can_mount() {
-        return None;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    let mut cluster = common::mountable_cluster(ClusterSpec::default())?;
     let writer = cluster.mount().unwrap();
     let reader = cluster.mount_with_args(&["--passthrough"]).unwrap();
     Some((cluster, writer, reader))
@@ -197,11 +194,10 @@ fn a_commit_from_the_copy_sends_only_the_pages_written_here() {
 
 #[test]
 fn a_reader_of_the_copy_cut_off_from_meta_stops_reading_it_when_the_lease_runs_out() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec { session_lease_secs: 3, ..Default::default() })
+    else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, session_lease_secs: 3, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let other = cluster.mount().unwrap();
     let mount = cluster.mount_with_args(&["--passthrough", "--on-partition", "eio"]).unwrap();
     let mount_ip = cluster.last_mount_ip();
@@ -261,11 +257,9 @@ fn a_reader_of_the_copy_cut_off_from_meta_stops_reading_it_when_the_lease_runs_o
 
 #[test]
 fn a_passthrough_mount_that_cannot_keep_copies_refuses_to_start() {
-    if !common::can_mount() {
+    let Some(cluster) = common::mountable_cluster(ClusterSpec::default()) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, ..Default::default() };
-    let cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let mount = cluster.dir.path().join("refused");
     fs::create_dir_all(&mount).unwrap();
     // No disk cache: nowhere to keep copies.

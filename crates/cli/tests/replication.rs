@@ -160,11 +160,15 @@ fn a_corrupt_copy_is_read_around_and_repaired() {
 
 #[test]
 fn the_scrubber_finds_a_corrupt_copy_nobody_reads_and_it_is_repaired() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec {
+        metas: 1,
+        datas: 3,
+        replication: 3,
+        fast_scrub: true,
+        ..Default::default()
+    }) else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 3, replication: 3, fast_scrub: true, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let mount = cluster.mount().unwrap();
     let content = pattern(9, 3 * 1024 * 1024);
     fs::write(mount.join("file"), &content).unwrap();
@@ -181,18 +185,16 @@ fn the_scrubber_finds_a_corrupt_copy_nobody_reads_and_it_is_repaired() {
 
 #[test]
 fn uploads_of_a_client_that_died_before_committing_are_collected() {
-    if !common::can_mount() {
-        return;
-    }
-    let spec = ClusterSpec {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec {
         metas: 1,
         datas: 1,
         replication: 1,
         session_lease_secs: 3,
         orphan_grace_secs: 1,
         ..Default::default()
+    }) else {
+        return;
     };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
     let kept = cluster.mount().unwrap();
     let content = pattern(10, 8 * 1024 * 1024);
     fs::write(kept.join("kept"), &content).unwrap();
@@ -223,11 +225,11 @@ fn uploads_of_a_client_that_died_before_committing_are_collected() {
 
 #[test]
 fn a_new_data_server_takes_its_share_of_existing_blocks() {
-    if !common::can_mount() {
+    let Some(mut cluster) =
+        common::mountable_cluster(ClusterSpec { replication: 1, orphan_grace_secs: 1, ..Default::default() })
+    else {
         return;
-    }
-    let spec = ClusterSpec { metas: 1, datas: 1, replication: 1, orphan_grace_secs: 1, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let mount = cluster.mount().unwrap();
     let content = pattern(11, 64 * 1024 * 1024);
     fs::write(mount.join("big"), &content).unwrap();

@@ -147,11 +147,9 @@ fn a_server_joins_only_with_this_file_systems_token() {
 
 #[test]
 fn a_plaintext_file_system_runs_only_when_asked_and_says_so() {
-    if !common::can_mount() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec { plaintext: true, ..Default::default() }) else {
         return;
-    }
-    let spec = ClusterSpec { plaintext: true, ..Default::default() };
-    let mut cluster = Cluster::start_with(common::bin(), spec).unwrap();
+    };
     let mount = cluster.mount().unwrap();
     std::fs::write(mount.join("f"), b"in the clear").unwrap();
     assert_eq!(std::fs::read(mount.join("f")).unwrap(), b"in the clear");

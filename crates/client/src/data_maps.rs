@@ -80,12 +80,14 @@ struct Held {
 /// Data maps kept across opens, per inode.
 pub struct DataMaps {
     held: Mutex<Held>,
+    kept_for: Duration,
 }
 
 impl Default for DataMaps {
     fn default() -> Self {
         DataMaps {
             held: Mutex::new(Held { files: LruCache::new(NonZeroUsize::new(FILES_MAX).expect("non-zero")), bytes: 0 }),
+            kept_for: KEPT_FOR_MAX,
         }
     }
 }
@@ -98,12 +100,21 @@ impl DataMaps {
     /// A kept window of `ino` under `serial` that answers a read of `offset..end`.
     pub fn get(&self, ino: u64, serial: u64, offset: u64, end: u64) -> Option<Arc<DataWindow>> {
         let mut held = self.held();
-        let maps = held.files.get(&ino).filter(|maps| maps.serial == serial)?;
-        maps.windows
-            .iter()
-            .rev()
-            .find(|k| k.at.elapsed() < KEPT_FOR_MAX && k.window.covers(offset, end))
-            .map(|k| k.window.clone())
+        let held = &mut *held;
+        let maps = held.files.get_mut(&ino)?;
+        if maps.serial != serial {
+            return None;
+        }
+        // Windows past their age go as they are met, not only when a bound pushes them out.
+        let before = maps.bytes();
+        let kept_for = self.kept_for;
+        maps.windows.retain(|k| k.at.elapsed() < kept_for);
+        held.bytes -= before - maps.bytes();
+        if maps.windows.is_empty() {
+            held.files.pop(&ino);
+            return None;
+        }
+        maps.windows.iter().rev().find(|k| k.window.covers(offset, end)).map(|k| k.window.clone())
     }
 
     /// Keeps `window` of `ino`, fetched under the promise numbered `serial`; maps kept under
@@ -205,5 +216,19 @@ mod tests {
         }
         assert!(maps.get(200, 1, 0, 10).is_none(), "past the windows kept per file, the oldest goes");
         assert!(maps.get(200, 1, 190, 200).is_some());
+    }
+
+    #[test]
+    fn a_window_past_its_age_answers_nothing_and_is_dropped_when_met() {
+        let maps = DataMaps { kept_for: Duration::from_secs(1), ..DataMaps::default() };
+        maps.keep(5, 1, window(0, 100, 1000, 10));
+        maps.keep(6, 1, window(0, 100, 1000, 10));
+        assert!(maps.get(5, 1, 0, 10).is_some());
+        std::thread::sleep(Duration::from_millis(1100));
+        maps.keep(5, 1, window(100, 1000, 1000, 10));
+        assert!(maps.get(5, 1, 0, 10).is_none(), "the first window aged out");
+        assert!(maps.get(5, 1, 200, 300).is_some(), "the window kept since still answers");
+        assert!(maps.get(6, 1, 0, 10).is_none());
+        assert_eq!(maps.bytes(), window(100, 1000, 1000, 10).bytes(), "only the young window is counted");
     }
 }

@@ -167,8 +167,9 @@ impl CairnFs {
     /// Makes the kernel ask again about `ino` (its attributes and cached data) and about the
     /// names it has cached in the directories holding it: a lock holder sees what the previous
     /// holder did, such as a journal file created or removed beside the locked file.
-    // Callbacks from meta will replace this when they land; until then the names of a locked
-    // file's directory are the ones programs coordinate through.
+    // Promise breaks already dropped what another client changed before its commit returned;
+    // this stays as a second line for the files programs coordinate through with locks, at the
+    // cost of the file's cached pages at each lock taken.
     fn forget_kernel_caches(&self, ino: u64) {
         let Some(notifier) = self.notifier.get() else { return };
         if let Err(e) = notifier.inval_inode(self.kernel_ino(ino), 0, 0) {

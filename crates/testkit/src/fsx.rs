@@ -15,9 +15,11 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Result, anyhow};
+
+use crate::op_times::OpTimes;
 
 /// How many recent operations a failure report lists.
 const HISTORY: usize = 20;
@@ -203,7 +205,7 @@ pub struct Fsx {
     fallocate_supported: bool,
     punch_supported: bool,
     /// Count and total time of each operation kind, in first-seen order.
-    stats: Vec<(&'static str, u64, Duration)>,
+    stats: OpTimes,
 }
 
 impl Fsx {
@@ -231,7 +233,7 @@ impl Fsx {
             history: VecDeque::with_capacity(HISTORY),
             fallocate_supported: true,
             punch_supported: true,
-            stats: Vec::new(),
+            stats: OpTimes::default(),
         })
     }
 
@@ -254,13 +256,7 @@ impl Fsx {
 
     /// How many operations of each kind ran and how long they took, one line per kind.
     pub fn stats(&self) -> String {
-        self.stats
-            .iter()
-            .map(|(name, count, time)| {
-                let mean = if *count > 0 { *time / *count as u32 } else { Duration::ZERO };
-                format!("{name:>18}: {count:>7} ops, {time:>12.3?} total, {mean:>10.3?} mean\n")
-            })
-            .collect()
+        self.stats.report(18)
     }
 
     /// Runs the next `n` operations.
@@ -469,14 +465,7 @@ impl Fsx {
     fn apply(&mut self, number: u64, op: FsxOp) -> Result<()> {
         let started = Instant::now();
         let result = self.apply_inner(number, op);
-        let elapsed = started.elapsed();
-        match self.stats.iter_mut().find(|(name, _, _)| *name == op.name()) {
-            Some((_, count, time)) => {
-                *count += 1;
-                *time += elapsed;
-            }
-            None => self.stats.push((op.name(), 1, elapsed)),
-        }
+        self.stats.add(op.name(), started.elapsed());
         result.map_err(|e| self.failure(number, op, e))
     }
 
@@ -657,11 +646,11 @@ fn tag(number: u64) -> u32 {
     (number + 1).min(u32::MAX as u64) as u32
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
 }
 
-fn describe_io(e: &io::Error) -> String {
+pub(crate) fn describe_io(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(code) => {
             let name = match code {
@@ -687,7 +676,7 @@ fn describe_io(e: &io::Error) -> String {
 }
 
 /// Reads up to `len` bytes at `offset`, looping over short reads until end of file.
-fn read_fully(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+pub(crate) fn read_fully(file: &File, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     let mut done = 0usize;
     while done < buf.len() {

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod crossmount;
 pub mod fsx;
+pub mod op_times;
 pub mod proxy;
 pub mod workload;
 
@@ -27,6 +29,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// A number from the environment variable `name`, or `default` when it is not set.
+pub fn env_u64(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(value) => value.trim().parse().with_context(|| format!("{name}={value:?} is not a number")),
+        Err(_) => Ok(default),
+    }
 }
 
 /// Polls `condition` until it holds or `timeout` passes.
