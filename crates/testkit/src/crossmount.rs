@@ -198,19 +198,14 @@ impl CrossMount {
             fs::create_dir_all(&path).map_err(|e| anyhow!("making {}: {}", path.display(), describe_io(&e)))?;
         }
         let rng = Rng::new(config.seed);
-        // SAFETY: umask has no preconditions; it is set back at once.
-        let umask = unsafe {
-            let umask = libc::umask(0o022);
-            libc::umask(umask);
-            umask
-        };
+        let umask = process_umask()?;
         Ok(CrossMount {
             roots,
             config,
             rng,
             files: BTreeMap::new(),
             coming_dir: false,
-            new_file_mode: 0o666 & !(umask as u32),
+            new_file_mode: 0o666 & !umask,
             ops_done: 0,
             history: VecDeque::with_capacity(HISTORY),
             stats: OpTimes::default(),
@@ -532,6 +527,13 @@ fn expect_found<T>(what: &str, present: bool, result: io::Result<T>) -> Result<O
         (false, Err(e)) => Err(format!("{what} is not there: expected ENOENT, got {}", describe_io(&e))),
         (false, Ok(_)) => Err(format!("{what} is not there, yet the mount found it")),
     }
+}
+
+/// The process's umask, read without setting it (other threads may be making files).
+fn process_umask() -> Result<u32> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:")).ok_or_else(|| anyhow!("no Umask line"))?;
+    Ok(u32::from_str_radix(line.trim(), 8)?)
 }
 
 /// Closes `file`, reporting what the close returns (where a client commits).
