@@ -166,3 +166,48 @@ fn sqlite_written_from_two_mounts_at_once_stays_whole() {
         assert_eq!(counts, format!("a|{ROWS}\nb|{ROWS}"), "every committed row is there");
     }
 }
+
+/// A database takes a lock per transaction. While the promise the kernel's pages of the file
+/// were read under holds, a lock taken costs the lock's call alone: no `getattr`, and the
+/// reads after it are answered by the kernel's pages. A change another mount commits under the
+/// lock breaks that promise, so the next lock taken here reads it.
+#[test]
+fn locks_taken_under_a_held_promise_keep_the_cached_file() {
+    use std::os::unix::fs::FileExt;
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
+        return;
+    };
+    const SIZE: usize = 256 * 1024;
+    std::fs::write(a.join("db"), vec![1u8; SIZE]).unwrap();
+    let on_a = open(&a.join("db"));
+    let read_whole = |file: &File| {
+        let mut data = vec![0u8; SIZE];
+        file.read_exact_at(&mut data, 0).unwrap();
+        data
+    };
+    let transaction = |file: &File| {
+        fcntl_lock(file, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+        let data = read_whole(file);
+        fcntl_lock(file, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+        data
+    };
+    // The first lock may find pages read before the promise: they are read again once.
+    transaction(&on_a);
+    transaction(&on_a);
+
+    let counter = |mount: &Path, name: &str| common::metrics(mount)[name].as_u64().unwrap();
+    let (rpcs, reads) = (counter(&a, "meta_rpcs"), counter(&a, "file_reads"));
+    const TRANSACTIONS: u64 = 20;
+    for _ in 0..TRANSACTIONS {
+        assert_eq!(transaction(&on_a), vec![1u8; SIZE]);
+    }
+    assert_eq!(counter(&a, "meta_rpcs") - rpcs, 2 * TRANSACTIONS, "a lock and an unlock per transaction, nothing else");
+    assert_eq!(counter(&a, "file_reads"), reads, "every read answered by the kernel's pages");
+
+    // Mount B changes the file under the lock; A's next transaction sees the change.
+    let on_b = open(&b.join("db"));
+    fcntl_lock(&on_b, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+    on_b.write_all_at(&vec![2u8; SIZE], 0).unwrap();
+    fcntl_lock(&on_b, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+    assert_eq!(transaction(&on_a), vec![2u8; SIZE], "the lock holder reads what the previous holder wrote");
+}

@@ -503,9 +503,10 @@ impl Callbacks {
         tokio::task::spawn_blocking(move || callbacks.forget(&Forget::Inodes(inodes)));
     }
 
-    /// Whether the kernel may keep the pages it cached of `ino` at this open, and records for
-    /// the next open whether pages read from now on are covered by a promise.
-    pub fn open_keeps_pages(&self, ino: u64) -> bool {
+    /// Whether the pages the kernel cached of `ino` are current (every one was read under the
+    /// promise held now), asked at an open and at a lock taken; records for the next asking
+    /// whether pages read from now on are covered by a promise.
+    pub fn kernel_pages_current(&self, ino: u64) -> bool {
         let trusted = self.trusted();
         let mut cache = self.cache();
         match cache.get_mut(&ino) {
@@ -1092,11 +1093,11 @@ mod tests {
     fn pages_are_kept_only_from_the_second_open_under_one_promise() {
         let callbacks = trusting();
         callbacks.note_attr(&attr(3), callbacks.epoch());
-        assert!(!callbacks.open_keeps_pages(3));
-        assert!(callbacks.open_keeps_pages(3));
+        assert!(!callbacks.kernel_pages_current(3));
+        assert!(callbacks.kernel_pages_current(3));
         callbacks.forget(&Forget::Inodes(vec![3]));
         callbacks.note_attr(&attr(3), callbacks.epoch());
-        assert!(!callbacks.open_keeps_pages(3));
+        assert!(!callbacks.kernel_pages_current(3));
     }
 
     #[test]

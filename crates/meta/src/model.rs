@@ -133,7 +133,8 @@ impl Inode {
             btime: Some(self.btime.to_pb()),
             rdev: self.rdev,
             allocated: self.allocated,
-            // Unknown here; reads that looked say (`Query::attr_read`).
+            // Unknown here; reads and mutations that looked say (`Query::attr_read`,
+            // `Tables::mutate`).
             no_xattrs: false,
         }
     }

@@ -616,10 +616,24 @@ impl<'t> Tables<'t> {
             None => fail(errno::EINVAL),
         };
         match result {
-            Ok(reply) => Ok(reply),
+            Ok(mut reply) => {
+                // Whether each inode the reply shows has extended attributes: a writer caching
+                // its file answers the `security.capability` the kernel asks at each write
+                // without a request, after its own commits too.
+                for attr in reply.attr.iter_mut().chain(reply.parent.iter_mut()) {
+                    attr.no_xattrs = !self.has_xattrs(attr.ino)?;
+                }
+                Ok(reply)
+            }
             Err(ApplyError::Errno(code)) => Ok(pb::MutateReply { errno: code, ..Default::default() }),
             Err(e) => Err(e),
         }
+    }
+
+    fn has_xattrs(&self, ino: u64) -> ApplyResult<bool> {
+        let table = self.txn.open_table(XATTRS)?;
+        let mut names = table.range(key_u64(ino).as_slice()..key_u64(ino + 1).as_slice())?;
+        Ok(names.next().is_some())
     }
 
     /// Whether every inode of `inos` lies under directory `root` (see `access::within`).

@@ -121,6 +121,31 @@ fn retried_request_returns_its_first_answer() {
     assert!(!again_replayed);
 }
 
+/// A mutation's reply says whether the inodes it shows have extended attributes, so that a
+/// writer keeps answering the kernel's `security.capability` questions from its cache.
+#[test]
+fn mutation_replies_say_whether_the_inode_has_extended_attributes() {
+    let mut fs = Fixture::new();
+    let root = fs.root();
+    let file = fs.create(root, "f", pb::FileKind::Regular).unwrap();
+    assert!(file.no_xattrs, "a new file has none");
+    let resize =
+        |size| Op::SetAttr(pb::SetAttrOp { target: Some(handle(&file)), size: Some(size), ..Default::default() });
+    let reply = fs.mutate(resize(10));
+    assert!(reply.attr.is_some_and(|a| a.no_xattrs));
+    let name = b"user.tag".to_vec();
+    let set = fs.mutate(Op::SetXattr(pb::SetXattrOp {
+        target: Some(handle(&file)),
+        name: name.clone(),
+        value: b"v".to_vec(),
+        flags: 0,
+    }));
+    assert!(set.attr.is_some_and(|a| !a.no_xattrs), "it has one now");
+    assert!(fs.mutate(resize(20)).attr.is_some_and(|a| !a.no_xattrs));
+    let removed = fs.mutate(Op::RemoveXattr(pb::RemoveXattrOp { target: Some(handle(&file)), name }));
+    assert!(removed.attr.is_some_and(|a| a.no_xattrs), "and none again");
+}
+
 #[test]
 fn directories_count_links_and_refuse_moves_into_themselves() {
     let mut fs = Fixture::new();

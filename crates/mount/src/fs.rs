@@ -165,11 +165,9 @@ impl CairnFs {
     }
 
     /// Makes the kernel ask again about `ino` (its attributes and cached data) and about the
-    /// names it has cached in the directories holding it: a lock holder sees what the previous
-    /// holder did, such as a journal file created or removed beside the locked file.
-    // Promise breaks already dropped what another client changed before its commit returned;
-    // this stays as a second line for the files programs coordinate through with locks, at the
-    // cost of the file's cached pages at each lock taken.
+    /// names it has cached in the directories holding it: a lock taken with no promise covering
+    /// the kernel's pages sees what the previous holder did, such as a journal file created or
+    /// removed beside the locked file.
     fn forget_kernel_caches(&self, ino: u64) {
         let Some(notifier) = self.notifier.get() else { return };
         if let Err(e) = notifier.inval_inode(self.kernel_ino(ino), 0, 0) {
@@ -910,7 +908,7 @@ impl Filesystem for CairnFs {
                 // The kernel keeps the listing while the directory's promise holds (a break
                 // drops it with the directory's other cached pages).
                 let mut flags = FopenFlags::FOPEN_CACHE_DIR;
-                if self.client.meta.callbacks.open_keeps_pages(self.meta_ino(ino)) {
+                if self.client.meta.callbacks.kernel_pages_current(self.meta_ino(ino)) {
                     flags |= FopenFlags::FOPEN_KEEP_CACHE;
                 }
                 reply.opened(FileHandle(fh), flags);
@@ -1036,11 +1034,16 @@ impl Filesystem for CairnFs {
             // before another is taken), so the next holder reads it.
             self.client.files.flush(&file).await?;
             self.client.locks.set(call, sleep).await?;
-            if call.kind != pb::LockKind::LockUnlock {
-                // Whoever held the lock before may have changed the file: read it afresh.
+            // Whoever held the lock before committed its changes before letting go, and each
+            // of those commits broke this client's promise on the file (dropping what the
+            // kernel and this client cached of it) before it returned. So while the promise
+            // the kernel's pages were read under still holds, they are current: a database
+            // taking a lock per transaction keeps its cache.
+            let ino = self.meta_ino(ino);
+            if call.kind != pb::LockKind::LockUnlock && !self.client.meta.callbacks.kernel_pages_current(ino) {
                 let attr = self.client.meta.getattr(file.handle).await?;
-                self.client.files.invalidate(self.meta_ino(ino), attr.size).await;
-                self.forget_kernel_caches(self.meta_ino(ino));
+                self.client.files.invalidate(ino, attr.size).await;
+                self.forget_kernel_caches(ino);
             }
             Ok::<_, ClientError>(())
         });
@@ -1363,7 +1366,7 @@ impl CairnFs {
             return FopenFlags::FOPEN_DIRECT_IO;
         }
         // Pages the kernel cached stay only while one promise covered them all along.
-        if self.client.meta.callbacks.open_keeps_pages(ino) {
+        if self.client.meta.callbacks.kernel_pages_current(ino) {
             FopenFlags::FOPEN_KEEP_CACHE
         } else {
             FopenFlags::empty()

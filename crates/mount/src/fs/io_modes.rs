@@ -248,7 +248,7 @@ impl CairnFs {
         let strict = self.options.strict;
         let callbacks = &self.client.meta.callbacks;
         // Pages the kernel cached stay only while one promise covered them all along.
-        let mut keep_pages = !strict && callbacks.open_keeps_pages(ino);
+        let mut keep_pages = !strict && callbacks.kernel_pages_current(ino);
         if let Some(copies) = self.client.copies.as_deref().filter(|_| !strict) {
             if !callbacks.copy_covered(ino) {
                 // The promise the copy started under lapsed: it may be stale.
