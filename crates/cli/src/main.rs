@@ -162,8 +162,9 @@ enum Command {
         strict: bool,
         /// Keep whole-file copies of large cached files in the cache directory and let the
         /// kernel read them directly (FUSE passthrough, root only): cached re-reads at local
-        /// disk speed. A file already open when the promise lease runs out keeps reading its
-        /// copy (the file as it was at open) instead of failing or waiting.
+        /// disk speed. Needs loop devices and mkfs.ext4 (the copies get a file system of their
+        /// own). When the promise lease runs out, reads of a copy fail with EIO, through files
+        /// already open too, whatever --on-partition says: such a read cannot wait.
         #[arg(long, conflicts_with = "strict")]
         passthrough: bool,
         /// What requests do once this client lost touch with meta for longer than its

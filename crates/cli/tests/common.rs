@@ -67,3 +67,18 @@ pub fn metrics(mount: &Path) -> serde_json::Value {
     assert!(out.status.success(), "getfattr: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).expect("metrics are JSON")
 }
+
+/// fcntl on `file`: `cmd` is F_SETLK, F_SETLKW or F_GETLK. Returns the lock as the kernel left
+/// it (for F_GETLK, the conflicting one) or the errno.
+pub fn fcntl_lock(file: &std::fs::File, cmd: i32, kind: i32, start: i64, len: i64) -> Result<libc::flock, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as i16;
+    lock.l_whence = libc::SEEK_SET as i16;
+    lock.l_start = start;
+    lock.l_len = len;
+    // SAFETY: fcntl with a lock command reads and writes the flock we own.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) };
+    if rc == 0 { Ok(lock) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) }
+}

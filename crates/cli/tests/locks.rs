@@ -12,23 +12,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use cairn_testkit::ClusterSpec;
+use common::fcntl_lock;
 
 fn open(path: &Path) -> File {
     OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).unwrap()
-}
-
-/// fcntl on `file`: `cmd` is F_SETLK, F_SETLKW or F_GETLK. Returns the lock as the kernel left
-/// it (for F_GETLK, the conflicting one) or the errno.
-fn fcntl_lock(file: &File, cmd: i32, kind: i32, start: i64, len: i64) -> Result<libc::flock, i32> {
-    // SAFETY: a zeroed flock is a valid value; the fields that matter are set below.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = kind as i16;
-    lock.l_whence = libc::SEEK_SET as i16;
-    lock.l_start = start;
-    lock.l_len = len;
-    // SAFETY: fcntl with a lock command reads and writes the flock we own.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut lock) };
-    if rc == 0 { Ok(lock) } else { Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)) }
 }
 
 fn flock(file: &File, operation: i32) -> Result<(), i32> {
@@ -132,8 +119,47 @@ fn sqlite_written_from_two_mounts_at_once_stays_whole() {
         return;
     };
     sqlite(&a.join("app.db"), "CREATE TABLE t (writer TEXT, n INTEGER, pad TEXT);");
+    write_from_both_at_once(&a, &b);
+}
+
+/// The same with the database read through a whole-file copy on one mount (`--passthrough`):
+/// a reader there holds it open on the copy, so that mount's writer shares the copy too, and
+/// takes its locks on it.
+#[test]
+fn sqlite_written_from_two_mounts_at_once_stays_whole_where_one_reads_through_a_copy() {
+    let Some(mut cluster) = common::mountable_cluster(ClusterSpec::default()) else {
+        return;
+    };
+    let a = cluster.mount().unwrap();
+    let copying = cluster.mount_with_args(&["--passthrough"]).unwrap();
+    // Large enough for a copy (1 MiB and up).
+    sqlite(
+        &a.join("app.db"),
+        "CREATE TABLE t (writer TEXT, n INTEGER, pad TEXT); \
+         WITH RECURSIVE k(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM k WHERE n < 2000) \
+         INSERT INTO t SELECT 'seed', n, hex(randomblob(300)) FROM k;",
+    );
+    let db = copying.join("app.db");
+    std::fs::read(&db).unwrap();
+    let opens = common::metrics(&copying)["passthrough_opens"].as_u64().unwrap();
+    let _reader = File::open(&db).unwrap();
+    assert_eq!(
+        common::metrics(&copying)["passthrough_opens"].as_u64().unwrap(),
+        opens + 1,
+        "the reader is on the copy"
+    );
+    write_from_both_at_once(&a, &copying);
+    assert!(
+        common::metrics(&copying)["passthrough_opens"].as_u64().unwrap() > opens + 1,
+        "the writer there shared the copy"
+    );
+}
+
+/// One `sqlite3` process on each mount inserts rows, a transaction each, at the same time; then
+/// both mounts see a whole database with every committed row.
+fn write_from_both_at_once(a: &Path, b: &Path) {
     const ROWS: usize = 150;
-    let writers: Vec<_> = [("a", a.clone()), ("b", b.clone())]
+    let writers: Vec<_> = [("a", a.to_path_buf()), ("b", b.to_path_buf())]
         .into_iter()
         .map(|(name, mount)| {
             let mut script = String::from(".timeout 60000\n");
@@ -160,9 +186,12 @@ fn sqlite_written_from_two_mounts_at_once_stays_whole() {
         let output = writer.join().unwrap();
         assert!(output.status.success() && output.stderr.is_empty(), "{}", String::from_utf8_lossy(&output.stderr));
     }
-    for mount in [&a, &b] {
+    for mount in [a, b] {
         assert_eq!(sqlite(&mount.join("app.db"), "PRAGMA integrity_check;"), "ok");
-        let counts = sqlite(&mount.join("app.db"), "SELECT writer, count(DISTINCT n) FROM t GROUP BY writer;");
+        let counts = sqlite(
+            &mount.join("app.db"),
+            "SELECT writer, count(DISTINCT n) FROM t WHERE writer != 'seed' GROUP BY writer;",
+        );
         assert_eq!(counts, format!("a|{ROWS}\nb|{ROWS}"), "every committed row is there");
     }
 }

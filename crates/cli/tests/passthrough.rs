@@ -157,6 +157,44 @@ fn a_copy_gone_stale_under_open_readers_is_brought_up_to_date_for_the_next_open(
     assert!(passthrough_opens(&mount) >= before + 3, "the copy serves opens again");
 }
 
+/// A database read through the copy: a lock taken here after another mount wrote under it
+/// shows that write, through the descriptor the database kept open, as it does on a mount
+/// without copies.
+#[test]
+fn a_lock_taken_on_a_file_read_through_its_copy_shows_what_the_previous_holder_wrote() {
+    use common::fcntl_lock;
+    let Some((_cluster, other, mount)) = two_mounts() else { return };
+    let original = content(0, 2 * MIB);
+    fs::write(other.join("db"), &original).unwrap();
+    let path = mount.join("db");
+    assert_eq!(fs::read(&path).unwrap(), original);
+    // A reader (a read-only connection, a backup) holds it open on the copy; the writer's
+    // open joins it there.
+    let before = passthrough_opens(&mount);
+    let _reader = fs::File::open(&path).unwrap();
+    let held = fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    assert_eq!(passthrough_opens(&mount), before + 2, "the database is read through the copy");
+
+    for round in 1..4u8 {
+        let on_other = fs::OpenOptions::new().read(true).write(true).open(other.join("db")).unwrap();
+        fcntl_lock(&on_other, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+        // Bytes that page did not hold before.
+        let page = vec![250 - round; 4096];
+        on_other.write_all_at(&page, 4096 * u64::from(round)).unwrap();
+        fcntl_lock(&on_other, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+        drop(on_other);
+
+        fcntl_lock(&held, libc::F_SETLKW, libc::F_WRLCK, 0, 0).unwrap();
+        let mut seen = vec![0u8; 4096];
+        held.read_exact_at(&mut seen, 4096 * u64::from(round)).unwrap();
+        assert!(seen == page, "round {round}: the lock holder reads what the previous holder wrote");
+        // And what it writes under the lock reaches the other mount when it lets go.
+        held.write_all_at(&[round + 100; 10], 0).unwrap();
+        fcntl_lock(&held, libc::F_SETLK, libc::F_UNLCK, 0, 0).unwrap();
+        assert_eq!(fs::read(other.join("db")).unwrap()[..10], [round + 100; 10]);
+    }
+}
+
 #[test]
 fn a_plain_mount_keeps_no_copies() {
     let Some((_cluster, plain, _)) = two_mounts() else { return };

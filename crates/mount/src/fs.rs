@@ -35,8 +35,9 @@ pub struct MountOptions {
     /// other clients see each write at once (instead of at close).
     pub strict: bool,
     /// Readers of a large file held whole in a local copy read it with no call into this
-    /// process (FUSE passthrough; needs CAP_SYS_ADMIN and the client's `whole_copies`). An
-    /// open file keeps reading its copy even after the lease lapses (see ARCHITECTURE.md).
+    /// process (FUSE passthrough; needs CAP_SYS_ADMIN and the client's `whole_copies`). When
+    /// the lease lapses, the copies' file system is shut down and reads of them fail with
+    /// `EIO`, through files already open too (see ARCHITECTURE.md).
     pub passthrough: bool,
 }
 
@@ -1016,8 +1017,8 @@ impl Filesystem for CairnFs {
 
     fn setlk(
         &self,
-        _req: &Request,
-        ino: INodeNo,
+        req: &Request,
+        _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
         start: u64,
@@ -1027,11 +1028,16 @@ impl Filesystem for CairnFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
+        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
-            let (_, file) = self.open_file(fh)?;
+            let (ino, file, mode) = self.open_file_mode(fh)?;
             let call = lock_call(file.handle, lock_owner, start, end, typ, pid)?;
             // What this client wrote under the lock reaches meta before the lock is let go (and
-            // before another is taken), so the next holder reads it.
+            // before another is taken), so the next holder reads it: from the write buffer,
+            // and from a whole-file copy writers here share.
+            if matches!(mode, IoMode::Passthrough { .. }) {
+                self.commit_copy_writes(ino, &file, &who).await?;
+            }
             self.client.files.flush(&file).await?;
             self.client.locks.set(call, sleep).await?;
             // Whoever held the lock before committed its changes before letting go, and each
@@ -1039,11 +1045,16 @@ impl Filesystem for CairnFs {
             // kernel and this client cached of it) before it returned. So while the promise
             // the kernel's pages were read under still holds, they are current: a database
             // taking a lock per transaction keeps its cache.
-            let ino = self.meta_ino(ino);
-            if call.kind != pb::LockKind::LockUnlock && !self.client.meta.callbacks.kernel_pages_current(ino) {
+            if call.kind == pb::LockKind::LockUnlock {
+                return Ok(());
+            }
+            if !self.client.meta.callbacks.kernel_pages_current(ino) {
                 let attr = self.client.meta.getattr(file.handle).await?;
                 self.client.files.invalidate(ino, attr.size).await;
                 self.forget_kernel_caches(ino);
+            }
+            if matches!(mode, IoMode::Passthrough { .. }) {
+                self.refresh_copy_for_lock(ino, &file).await?;
             }
             Ok::<_, ClientError>(())
         });

@@ -369,27 +369,14 @@ impl CairnFs {
             // The kernel would put this open on the copy that was taken away too.
             return Err(ClientError::Errno(pb::errno::EIO));
         }
-        let copies = self.client.copies.as_deref();
-        let files = &self.client.files;
-        let callbacks = &self.client.meta.callbacks;
         let refreshed = self.runtime.block_on(async {
             let mut base = view.base.lock().await;
-            let current = copies.is_some_and(|c| c.is_current(ino, view.serial)) && callbacks.copy_covered(ino);
-            let mut refreshed = None;
-            if !current {
-                // Another client changed the file: what was written here goes first, then the
-                // rest of the copy catches up (readers on it see the new data, as they would
-                // in the page cache).
-                if let Some(base) = base.as_mut() {
-                    copy_sync::commit_changes(files, file, &view.file, base, &view.writer).await?;
-                }
-                // An open for writing only may not read the file, yet appends at the copy's end
-                // and sends whole pages: the copy is brought up to date for it too, read as
-                // root (what it reads goes only into the copy, which the kernel opens for
-                // callers it checked).
-                let reader = if request.write_only { pb::Caller::default() } else { request.who.clone() };
-                refreshed = Some(copy_sync::refresh(files, file, &view.file, base.as_mut(), &reader).await?);
-            }
+            // An open for writing only may not read the file, yet appends at the copy's end
+            // and sends whole pages: the copy is brought up to date for it too, read as root
+            // (what it reads goes only into the copy, which the kernel opens for callers it
+            // checked).
+            let reader = if request.write_only { pb::Caller::default() } else { request.who.clone() };
+            let refreshed = self.refresh_stale_copy(ino, &view, &mut base, file, &reader).await?;
             if !request.read_only && base.is_none() {
                 *base = Some(Base::of(&view.file).map_err(|_| ClientError::Errno(pb::errno::EIO))?);
             }
@@ -405,16 +392,8 @@ impl CairnFs {
         let Some(shared) = opens.shared.as_mut().filter(|s| Arc::ptr_eq(&s.file, &view.file)) else {
             return Ok(Attempt::Again);
         };
-        // A break that overtook the refresh was for a change made while this open was under
-        // way, which it may show or not; but the copy may mix before and after, so it is not
-        // taken for current then: the next open refreshes it again.
-        if let Some(size) = refreshed
-            && shared.breaks == view.breaks
-            && let Some(copies) = copies
-            && callbacks.cover_copy(ino)
-        {
-            // Adopted pinned once, for these opens.
-            shared.serial = copies.adopt(ino, view.file.clone(), size);
+        if let Some(size) = refreshed {
+            self.adopt_refreshed(shared, ino, &view, size);
         }
         let Some(sender) = reply.take() else { return Ok(Attempt::Done) };
         if request.read_only {
@@ -430,8 +409,65 @@ impl CairnFs {
         Ok(Attempt::Done)
     }
 
-    /// Commits what passthrough writers wrote into `ino`'s copy (flush, fsync, close, and
-    /// before a change made through this process).
+    /// Brings the copy `view` shows up to date if it went stale (a break): what writers here
+    /// wrote into it is committed first, then the rest catches up, and readers already on it
+    /// see the new data, as they would in the page cache. The size it was brought to, if it
+    /// was. `base` is the copy's base, locked by the caller.
+    async fn refresh_stale_copy(
+        &self,
+        ino: u64,
+        view: &SharedView,
+        base: &mut Option<Base>,
+        file: &OpenFile,
+        reader: &pb::Caller,
+    ) -> ClientResult<Option<u64>> {
+        let copies = self.client.copies.as_deref();
+        if copies.is_some_and(|c| c.is_current(ino, view.serial)) && self.client.meta.callbacks.copy_covered(ino) {
+            return Ok(None);
+        }
+        let files = &self.client.files;
+        if let Some(base) = base.as_mut() {
+            copy_sync::commit_changes(files, file, &view.file, base, &view.writer).await?;
+        }
+        Ok(Some(copy_sync::refresh(files, file, &view.file, base.as_mut(), reader).await?))
+    }
+
+    /// A copy brought up to date (to `size`) counts as current again, unless a break overtook
+    /// the refresh: that was for a change made meanwhile, which the copy may show in part, so
+    /// the next open (or lock) refreshes it again.
+    fn adopt_refreshed(&self, shared: &mut Shared, ino: u64, view: &SharedView, size: u64) {
+        if shared.breaks == view.breaks
+            && let Some(copies) = self.client.copies.as_deref()
+            && self.client.meta.callbacks.cover_copy(ino)
+        {
+            // Adopted pinned once, for these opens.
+            shared.serial = copies.adopt(ino, view.file.clone(), size);
+        }
+    }
+
+    /// After a lock on `ino` is granted: the copy its passthrough opens share, if it went
+    /// stale, is brought up to date, so that the holder reads through the descriptors it kept
+    /// open what the previous holder wrote (as the kernel's pages are dropped for the page
+    /// cache's opens). Read as root, as for an open for writing only: a lock may be taken
+    /// through one.
+    pub(super) async fn refresh_copy_for_lock(&self, ino: u64, file: &OpenFile) -> ClientResult<()> {
+        let Some(view) = self.io.shared(ino).filter(|view| !view.revoked) else { return Ok(()) };
+        let refreshed = {
+            let mut base = view.base.lock().await;
+            self.refresh_stale_copy(ino, &view, &mut base, file, &pb::Caller::default()).await?
+        };
+        let Some(size) = refreshed else { return Ok(()) };
+        let mut table = self.io.table();
+        if let Some(shared) =
+            table.get_mut(&ino).and_then(|opens| opens.shared.as_mut()).filter(|s| Arc::ptr_eq(&s.file, &view.file))
+        {
+            self.adopt_refreshed(shared, ino, &view, size);
+        }
+        Ok(())
+    }
+
+    /// Commits what passthrough writers wrote into `ino`'s copy (flush, fsync, close, a lock
+    /// or unlock, and before a change made through this process).
     pub(super) async fn commit_copy_writes(&self, ino: u64, file: &OpenFile, who: &pb::Caller) -> ClientResult<()> {
         let Some(view) = self.io.shared(ino) else { return Ok(()) };
         let mut base = view.base.lock().await;
