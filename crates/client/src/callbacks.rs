@@ -504,8 +504,8 @@ impl Callbacks {
     }
 
     /// Whether the pages the kernel cached of `ino` are current (every one was read under the
-    /// promise held now), asked at an open and at a lock taken; records for the next asking
-    /// whether pages read from now on are covered by a promise.
+    /// promise held now), asked at an open; records for the next open whether pages read from
+    /// now on are covered by a promise.
     pub fn kernel_pages_current(&self, ino: u64) -> bool {
         let trusted = self.trusted();
         let mut cache = self.cache();

@@ -166,9 +166,8 @@ impl CairnFs {
     }
 
     /// Makes the kernel ask again about `ino` (its attributes and cached data) and about the
-    /// names it has cached in the directories holding it: a lock taken with no promise covering
-    /// the kernel's pages sees what the previous holder did, such as a journal file created or
-    /// removed beside the locked file.
+    /// names it has cached in the directories holding it: a lock holder sees what the previous
+    /// holder did, such as a journal file created or removed beside the locked file.
     fn forget_kernel_caches(&self, ino: u64) {
         let Some(notifier) = self.notifier.get() else { return };
         if let Err(e) = notifier.inval_inode(self.kernel_ino(ino), 0, 0) {
@@ -1017,7 +1016,7 @@ impl Filesystem for CairnFs {
 
     fn setlk(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         lock_owner: LockOwner,
@@ -1028,32 +1027,31 @@ impl Filesystem for CairnFs {
         sleep: bool,
         reply: ReplyEmpty,
     ) {
-        let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
             let (ino, file, mode) = self.open_file_mode(fh)?;
             let call = lock_call(file.handle, lock_owner, start, end, typ, pid)?;
+            let passthrough = matches!(mode, IoMode::Passthrough { .. });
             // What this client wrote under the lock reaches meta before the lock is let go (and
             // before another is taken), so the next holder reads it: from the write buffer,
             // and from a whole-file copy writers here share.
-            if matches!(mode, IoMode::Passthrough { .. }) {
-                self.commit_copy_writes(ino, &file, &who).await?;
+            if passthrough {
+                self.commit_shared_copy(ino, &file).await?;
             }
             self.client.files.flush(&file).await?;
             self.client.locks.set(call, sleep).await?;
-            // Whoever held the lock before committed its changes before letting go, and each
-            // of those commits broke this client's promise on the file (dropping what the
-            // kernel and this client cached of it) before it returned. So while the promise
-            // the kernel's pages were read under still holds, they are current: a database
-            // taking a lock per transaction keeps its cache.
             if call.kind == pb::LockKind::LockUnlock {
                 return Ok(());
             }
-            if !self.client.meta.callbacks.kernel_pages_current(ino) {
-                let attr = self.client.meta.getattr(file.handle).await?;
-                self.client.files.invalidate(ino, attr.size).await;
-                self.forget_kernel_caches(ino);
-            }
-            if matches!(mode, IoMode::Passthrough { .. }) {
+            // Whoever held the lock before may have changed the file: read it afresh. Its
+            // commits broke this client's promise on the file, but the leader does not wait for
+            // a break to be applied here while this client has a request naming the file in
+            // flight (a lock request polling, for one), so the break may still be on its way:
+            // what this client cached of the file goes too, not only the kernel's copy of it.
+            self.client.meta.callbacks.forget_cached(ino);
+            let attr = self.client.meta.getattr_fresh(file.handle).await?;
+            self.client.files.invalidate(ino, attr.size).await;
+            self.forget_kernel_caches(ino);
+            if passthrough {
                 self.refresh_copy_for_lock(ino, &file).await?;
             }
             Ok::<_, ClientError>(())

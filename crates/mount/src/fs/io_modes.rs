@@ -376,7 +376,7 @@ impl CairnFs {
             // (what it reads goes only into the copy, which the kernel opens for callers it
             // checked).
             let reader = if request.write_only { pb::Caller::default() } else { request.who.clone() };
-            let refreshed = self.refresh_stale_copy(ino, &view, &mut base, file, &reader).await?;
+            let refreshed = self.refresh_copy(ino, &view, &mut base, file, &reader, false).await?;
             if !request.read_only && base.is_none() {
                 *base = Some(Base::of(&view.file).map_err(|_| ClientError::Errno(pb::errno::EIO))?);
             }
@@ -409,20 +409,24 @@ impl CairnFs {
         Ok(Attempt::Done)
     }
 
-    /// Brings the copy `view` shows up to date if it went stale (a break): what writers here
-    /// wrote into it is committed first, then the rest catches up, and readers already on it
-    /// see the new data, as they would in the page cache. The size it was brought to, if it
-    /// was. `base` is the copy's base, locked by the caller.
-    async fn refresh_stale_copy(
+    /// Brings the copy `view` shows up to date if it went stale (a break), or in any case with
+    /// `always`: what writers here wrote into it is committed first, then the rest catches up,
+    /// and readers already on it see the new data, as they would in the page cache. The size
+    /// it was brought to, if it was. `base` is the copy's base, locked by the caller.
+    async fn refresh_copy(
         &self,
         ino: u64,
         view: &SharedView,
         base: &mut Option<Base>,
         file: &OpenFile,
         reader: &pb::Caller,
+        always: bool,
     ) -> ClientResult<Option<u64>> {
         let copies = self.client.copies.as_deref();
-        if copies.is_some_and(|c| c.is_current(ino, view.serial)) && self.client.meta.callbacks.copy_covered(ino) {
+        if !always
+            && copies.is_some_and(|c| c.is_current(ino, view.serial))
+            && self.client.meta.callbacks.copy_covered(ino)
+        {
             return Ok(None);
         }
         let files = &self.client.files;
@@ -445,16 +449,16 @@ impl CairnFs {
         }
     }
 
-    /// After a lock on `ino` is granted: the copy its passthrough opens share, if it went
-    /// stale, is brought up to date, so that the holder reads through the descriptors it kept
-    /// open what the previous holder wrote (as the kernel's pages are dropped for the page
-    /// cache's opens). Read as root, as for an open for writing only: a lock may be taken
-    /// through one.
+    /// After a lock on `ino` is granted: the copy its passthrough opens share is brought up to
+    /// date, so that the holder reads through the descriptors it kept open what the previous
+    /// holder wrote (as the kernel's pages are dropped for the page cache's opens). Whether or
+    /// not a break was seen: one may still be on its way (see `setlk`). Read as root, as for an
+    /// open for writing only: a lock may be taken through one.
     pub(super) async fn refresh_copy_for_lock(&self, ino: u64, file: &OpenFile) -> ClientResult<()> {
         let Some(view) = self.io.shared(ino).filter(|view| !view.revoked) else { return Ok(()) };
         let refreshed = {
             let mut base = view.base.lock().await;
-            self.refresh_stale_copy(ino, &view, &mut base, file, &pb::Caller::default()).await?
+            self.refresh_copy(ino, &view, &mut base, file, &pb::Caller::default(), true).await?
         };
         let Some(size) = refreshed else { return Ok(()) };
         let mut table = self.io.table();
@@ -466,8 +470,15 @@ impl CairnFs {
         Ok(())
     }
 
-    /// Commits what passthrough writers wrote into `ino`'s copy (flush, fsync, close, a lock
-    /// or unlock, and before a change made through this process).
+    /// Commits what passthrough writers wrote into `ino`'s copy, as the writer who opened it
+    /// last (before a lock or unlock, taken through any of the copy's opens).
+    pub(super) async fn commit_shared_copy(&self, ino: u64, file: &OpenFile) -> ClientResult<()> {
+        let Some(view) = self.io.shared(ino) else { return Ok(()) };
+        self.commit_copy_writes(ino, file, &view.writer).await
+    }
+
+    /// Commits what passthrough writers wrote into `ino`'s copy (flush, fsync, close, and
+    /// before a change made through this process).
     pub(super) async fn commit_copy_writes(&self, ino: u64, file: &OpenFile, who: &pb::Caller) -> ClientResult<()> {
         let Some(view) = self.io.shared(ino) else { return Ok(()) };
         let mut base = view.base.lock().await;
