@@ -252,7 +252,11 @@ pub async fn refresh(
                         base.pages.insert(index, NOT_COMMITTED);
                         continue;
                     }
-                    copy.write_all_at(page, index * PAGE_BYTES).map_err(io_error)?;
+                    // A page that did not change elsewhere is not written: a write here into it
+                    // meanwhile (writers do not wait for a refresh) stays.
+                    if local.as_slice() != page {
+                        copy.write_all_at(page, index * PAGE_BYTES).map_err(io_error)?;
+                    }
                     // What meta holds there now, as the copy does.
                     match page_hash(page) {
                         Some(hash) => base.pages.insert(index, hash),

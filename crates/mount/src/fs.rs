@@ -1042,12 +1042,16 @@ impl Filesystem for CairnFs {
             if call.kind == pb::LockKind::LockUnlock {
                 return Ok(());
             }
-            // Whoever held the lock before may have changed the file: read it afresh. Its
-            // commits broke this client's promise on the file, but the leader does not wait for
-            // a break to be applied here while this client has a request naming the file in
-            // flight (a lock request polling, for one), so the break may still be on its way:
-            // what this client cached of the file goes too, not only the kernel's copy of it.
-            self.client.meta.callbacks.forget_cached(ino);
+            // Whoever held the lock before may have changed the file and its directory (a
+            // journal made or removed): read them afresh. Its commits broke this client's
+            // promises on them, but the leader does not wait for a break to be applied here
+            // while this client has a request naming the inode in flight (a lock request
+            // polling, for one), so the break may still be on its way: what this client cached
+            // of them goes too, not only the kernel's copy.
+            let parents = self.names.lock().expect("name cache poisoned").parents_of(ino);
+            for cached in parents.into_iter().chain([ino]) {
+                self.client.meta.callbacks.forget_cached(cached);
+            }
             let attr = self.client.meta.getattr_fresh(file.handle).await?;
             self.client.files.invalidate(ino, attr.size).await;
             self.forget_kernel_caches(ino);
