@@ -474,3 +474,51 @@ fn a_strict_mount_makes_each_write_visible_before_close() {
         assert_eq!(fs::read(reader.join("log")).unwrap(), expected, "round {round}");
     }
 }
+
+/// The leader does not wait for a break to be applied by a client that has its own change to
+/// the inode in flight (that client's kernel may hold a lock the break's invalidation needs).
+/// Such a client must still not answer an open from what the break named.
+#[test]
+fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_file() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
+        return;
+    };
+    fs::write(a.join("f"), b"start").unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // The reading mount changes the file's extended attributes and mode without a pause, so
+    // that a change of its own naming the file is in flight most of the time.
+    let changer = {
+        use std::os::unix::fs::PermissionsExt;
+        let (stop, path) = (stop.clone(), b.join("f"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if n.is_multiple_of(2) {
+                    set_xattr(&path, "user.tick", Some(n.to_string().as_bytes()));
+                } else {
+                    let mode = if n % 4 == 1 { 0o640 } else { 0o644 };
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                }
+            }
+            n
+        })
+    };
+    let mut failure = None;
+    for round in 0..500usize {
+        let content = format!("round {round} {}", "y".repeat((round * 7919) % 9000));
+        fs::write(a.join("f"), &content).unwrap();
+        let read = fs::read(b.join("f")).unwrap();
+        if read != content.as_bytes() {
+            failure = Some(format!("round {round}: read {} bytes, wrote {}", read.len(), content.len()));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ticks = changer.join().unwrap();
+    assert!(ticks > 0);
+    if let Some(failure) = failure {
+        panic!("{failure} ({ticks} changes made meanwhile on the reading mount)");
+    }
+}

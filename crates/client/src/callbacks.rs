@@ -188,6 +188,9 @@ pub struct Callbacks {
     /// Files' data maps kept under their promises (valid per `CachedInode::map_serial`).
     data_maps: DataMaps,
     map_serials: AtomicU64,
+    /// Inodes a break made this cache forget and the kernel not yet, with the count of such
+    /// breaks (see `kernel_behind`).
+    kernel_behind: Mutex<HashMap<u64, u32>>,
 }
 
 impl Callbacks {
@@ -202,6 +205,7 @@ impl Callbacks {
             breaks: AtomicU64::new(0),
             data_maps: DataMaps::default(),
             map_serials: AtomicU64::new(0),
+            kernel_behind: Mutex::new(HashMap::new()),
         }
     }
 
@@ -588,11 +592,42 @@ impl Callbacks {
 
     /// Forgets what a break names, in this cache and then in the kernel.
     fn forget(&self, what: &Forget) {
-        self.forget_numbered(what, None);
+        self.forget_cached_numbered(what, None);
+        self.forget_in_kernel(what);
     }
 
-    /// `forget`, for a break made by change `(term, change)` of the leader (see `settled`).
-    fn forget_numbered(&self, what: &Forget, made_by: Option<(u64, u64)>) {
+    /// Whether a break made this cache forget `ino` and the kernel has not yet: the kernel may
+    /// still hold the inode's old attributes and pages, so an open makes it forget them first.
+    /// (The leader waits for the kernel too, unless this client has a change of its own to the
+    /// inode in flight: its kernel may hold a lock the invalidation needs until that returns.)
+    pub fn kernel_behind(&self, ino: u64) -> bool {
+        self.kernel_behind.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&ino)
+    }
+
+    fn kernel_behind_on(&self, inodes: &[u64], behind: bool) {
+        let mut counts = self.kernel_behind.lock().unwrap_or_else(|p| p.into_inner());
+        for &ino in inodes {
+            if behind {
+                *counts.entry(ino).or_insert(0) += 1;
+            } else if let Some(count) = counts.get_mut(&ino) {
+                *count -= 1;
+                if *count == 0 {
+                    counts.remove(&ino);
+                }
+            }
+        }
+    }
+
+    /// The kernel's part of forgetting (the mount's handler): it may wait for kernel locks.
+    fn forget_in_kernel(&self, what: &Forget) {
+        if let Some(handler) = self.handler.get() {
+            handler(what);
+        }
+    }
+
+    /// Forgets what a break made by change `(term, change)` of the leader (see `settled`)
+    /// names, in this cache only: this never waits for the kernel.
+    fn forget_cached_numbered(&self, what: &Forget, made_by: Option<(u64, u64)>) {
         {
             let mut cache = self.cache();
             let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
@@ -616,9 +651,6 @@ impl Callbacks {
                     self.data_maps.clear();
                 }
             }
-        }
-        if let Some(handler) = self.handler.get() {
-            handler(what);
         }
     }
 
@@ -741,19 +773,29 @@ impl Callbacks {
                         }
                         Some(callback_down::Msg::Broken(broken)) => {
                             self.breaks.fetch_add(1, Ordering::Relaxed);
+                            // This cache forgets at once, in the order breaks come, and says so:
+                            // a writer does not wait for the kernel of a client whose own
+                            // change to the inode is in flight (see `kernel_behind`).
+                            let inodes = broken.inodes;
+                            self.kernel_behind_on(&inodes, true);
+                            let what = Forget::Inodes(inodes.clone());
+                            self.forget_cached_numbered(&what, Some((broken.term, broken.change)));
+                            let ack = pb::CallbackAck { seq: broken.seq, cache_only: true };
+                            up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) })
+                                .await
+                                .map_err(|_| "stream closed")?;
                             let permit = limiter.clone().acquire_owned().await.map_err(|e| e.to_string())?;
                             let callbacks = self.clone();
                             let up = up.clone();
                             tokio::spawn(async move {
-                                let what = Forget::Inodes(broken.inodes);
-                                let made_by = Some((broken.term, broken.change));
                                 let forgot = {
                                     let callbacks = callbacks.clone();
-                                    tokio::task::spawn_blocking(move || callbacks.forget_numbered(&what, made_by)).await
+                                    tokio::task::spawn_blocking(move || callbacks.forget_in_kernel(&what)).await
                                 };
                                 drop(permit);
+                                callbacks.kernel_behind_on(&inodes, false);
                                 if forgot.is_ok() {
-                                    let ack = pb::CallbackAck { seq: broken.seq };
+                                    let ack = pb::CallbackAck { seq: broken.seq, cache_only: false };
                                     let _ = up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) }).await;
                                 }
                             });
@@ -843,8 +885,8 @@ mod tests {
         let point = |term, changes| Some(pb::PromisePoint { term, changes });
         // Changes 4 and 5 of term 2 broke promises while the read was out; it read after 5.
         let epoch = callbacks.epoch();
-        callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, 4)));
-        callbacks.forget_numbered(&Forget::Inodes(vec![2]), Some((2, 5)));
+        callbacks.forget_cached_numbered(&Forget::Inodes(vec![7]), Some((2, 4)));
+        callbacks.forget_cached_numbered(&Forget::Inodes(vec![2]), Some((2, 5)));
         let settled = callbacks.settled(epoch, point(2, 5).as_ref());
         assert_eq!(settled, callbacks.epoch());
         callbacks.note_attr(&attr(2), settled);
@@ -857,7 +899,7 @@ mod tests {
         // A move that no counted change made (a lapse, this client's own change, a break of a
         // re-registered inode) always keeps the answer out.
         let epoch = callbacks.epoch();
-        callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, 0)));
+        callbacks.forget_cached_numbered(&Forget::Inodes(vec![7]), Some((2, 0)));
         assert_eq!(callbacks.settled(epoch, point(2, 9).as_ref()), epoch);
         let epoch = callbacks.epoch();
         callbacks.forget(&Forget::Inodes(vec![7]));
@@ -868,7 +910,7 @@ mod tests {
         // Too many moves to check: kept out.
         let epoch = callbacks.epoch();
         for change in 1..=NUMBERED_MOVES_MAX as u64 + 1 {
-            callbacks.forget_numbered(&Forget::Inodes(vec![7]), Some((2, change)));
+            callbacks.forget_cached_numbered(&Forget::Inodes(vec![7]), Some((2, change)));
         }
         assert_eq!(callbacks.settled(epoch, point(2, 1000).as_ref()), epoch);
     }

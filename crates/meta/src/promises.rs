@@ -39,6 +39,9 @@ struct Holder {
     expires: Instant,
     /// Breaks sent and not acknowledged yet, with the inodes each names.
     pending: HashMap<u64, Vec<u64>>,
+    /// Those of `pending` whose client already dropped what it cached of their inodes (its
+    /// kernel may not have yet).
+    forgotten: HashSet<u64>,
     /// Inodes named by this session's mutations in flight, with their counts.
     in_flight: HashMap<u64, u32>,
 }
@@ -52,6 +55,7 @@ impl Holder {
             inodes: HashSet::new(),
             expires: now,
             pending: HashMap::new(),
+            forgotten: HashSet::new(),
             in_flight: HashMap::new(),
         }
     }
@@ -94,9 +98,9 @@ impl State {
         }
     }
 
-    /// Whether a change recorded after `since` named one of `inodes` (or may have: the record
-    /// no longer reaches back that far).
-    fn changed_since(&self, since: u64, inodes: &[u64]) -> bool {
+    /// Whether a change recorded after `since`, other than `except`, named one of `inodes` (or
+    /// may have: the record no longer reaches back that far).
+    fn changed_since(&self, since: u64, inodes: &[u64], except: Option<u64>) -> bool {
         if self.changes == since {
             return false;
         }
@@ -104,7 +108,10 @@ impl State {
             Some((first, _)) if *first <= since + 1 => {}
             _ => return true,
         }
-        self.recent.iter().filter(|(no, _)| *no > since).any(|(_, changed)| changed.iter().any(|c| inodes.contains(c)))
+        self.recent
+            .iter()
+            .filter(|(no, _)| *no > since && Some(*no) != except)
+            .any(|(_, changed)| changed.iter().any(|c| inodes.contains(c)))
     }
 }
 
@@ -121,9 +128,9 @@ pub struct Promises {
     events: watch::Sender<u64>,
 }
 
-/// A mutation in flight: while it lasts, the session is not waited for on the inodes it names
-/// (its kernel may hold those directories locked until the reply, and its acknowledgement
-/// would wait for that).
+/// A mutation in flight: while it lasts, the session is waited for on the inodes it names only
+/// until its client forgot them, not its kernel (which may hold those directories locked until
+/// the reply; the kernel's part of the acknowledgement would wait for that).
 pub struct InFlight<'a> {
     promises: &'a Promises,
     session: u64,
@@ -212,6 +219,7 @@ impl Promises {
             Some(holder) if current && holder.stream == stream => {
                 holder.registered = true;
                 holder.pending.clear();
+                holder.forgotten.clear();
                 true
             }
             _ => false,
@@ -235,12 +243,19 @@ impl Promises {
         }
     }
 
-    pub fn ack(&self, session: u64, stream: u64, seq: u64) {
+    /// The holder applied break `seq`: in its own cache only (`cache_only`), or in its
+    /// kernel's caches too.
+    pub fn ack(&self, session: u64, stream: u64, seq: u64, cache_only: bool) {
         let mut state = self.lock();
         if let Some(holder) = state.holders.get_mut(&session)
             && holder.stream == stream
         {
-            holder.pending.remove(&seq);
+            if !cache_only {
+                holder.pending.remove(&seq);
+                holder.forgotten.remove(&seq);
+            } else if holder.pending.contains_key(&seq) {
+                holder.forgotten.insert(seq);
+            }
         }
         drop(state);
         self.bump();
@@ -262,11 +277,25 @@ impl Promises {
     /// gone out before this promise existed), when the session has no stream here, or when it
     /// holds too many.
     pub fn promise(&self, term: u64, session: u64, inodes: &[u64], since: u64) -> bool {
+        self.promise_unless_changed(term, session, inodes, since, None)
+    }
+
+    /// Promises `inodes` to `session` as its own change number `own` left them, the change
+    /// having been proposed after change number `since` was counted. Changes are counted in
+    /// the order their breaks go out, which is not the order they were applied in: one
+    /// counted before `own` may have been applied after it, and its effect is then missing from
+    /// the reply, while its break went out before this promise existed. So every change
+    /// counted since the proposal but `own` keeps the promise off.
+    pub fn promise_own(&self, term: u64, session: u64, inodes: &[u64], since: u64, own: u64) -> bool {
+        self.promise_unless_changed(term, session, inodes, since, Some(own))
+    }
+
+    fn promise_unless_changed(&self, term: u64, session: u64, inodes: &[u64], since: u64, except: Option<u64>) -> bool {
         if session == 0 {
             return false;
         }
         let mut state = self.lock_term(term);
-        if state.term != term || state.changed_since(since, inodes) {
+        if state.term != term || state.changed_since(since, inodes, except) {
             return false;
         }
         let Some(holder) = state.holders.get_mut(&session) else { return false };
@@ -311,7 +340,8 @@ impl Promises {
 
     /// Breaks every other session's promises on `inodes` (which a committed mutation of
     /// `mutator` changed) and waits until each holder acknowledged, its lease ran out, or it
-    /// has a mutation of its own in flight on one of them. While the grace period of a new
+    /// has a mutation of its own in flight on one of them and its client (not yet its kernel)
+    /// forgot them. While the grace period of a new
     /// leader lasts, it also waits for each of `live_sessions` to re-register.
     /// Returns the change's number: a promise to the writer on what it changed is checked
     /// against it.
@@ -458,7 +488,9 @@ fn satisfied(state: &State, wait: &Wait, now: Instant) -> bool {
             Some(holder) => {
                 holder.expires <= now
                     || !holder.pending.contains_key(seq) && holder.tx.is_some()
-                    || holder.busy_with(inodes)
+                    // Its kernel may hold a lock the invalidation waits for until the
+                    // holder's own change returns; its client forgot, so an open there asks.
+                    || holder.busy_with(inodes) && holder.forgotten.contains(seq)
             }
         },
         Wait::Registration { session } => {
@@ -505,7 +537,7 @@ mod tests {
         };
         assert_eq!(message.inodes, vec![10]);
         assert!(!writer.is_finished());
-        p.ack(2, s2, message.seq);
+        p.ack(2, s2, message.seq, false);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // The writer's own promise stays; the broken one is gone, the other one stays.
         assert_eq!(p.counts().1, 2);
@@ -522,24 +554,55 @@ mod tests {
         assert!(p.promise(1, 2, &[10], p.changes(1)));
     }
 
+    /// Waits for the next break sent on `rx`.
+    async fn next_break(rx: &mut mpsc::Receiver<pb::CallbackDown>) -> pb::CallbackBreak {
+        loop {
+            if let Some(b) = broken(rx) {
+                return b;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
     #[tokio::test]
     async fn a_break_not_yet_acknowledged_keeps_the_promise_off_a_reply_to_the_holders_own_change() {
-        let p = Promises::new(Duration::from_secs(30));
+        let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
         let (s2, mut rx2) = stream(&p, 1, 2);
         assert!(p.promise(1, 2, &[10, 11], p.changes(1)));
         // Session 2 has a change naming directory 10 in flight, so session 1's change to 10
-        // does not wait for session 2's acknowledgement.
+        // waits only until session 2's client (not its kernel) forgot.
         let own_change = p.begin_mutation(1, 2, vec![10]);
-        p.break_and_wait(1, 1, &[10], &[]).await;
-        let message = broken(&mut rx2).expect("break sent");
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
+        };
+        let message = next_break(&mut rx2).await;
+        p.ack(2, s2, message.seq, true);
+        tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // Session 2's reply, decided after both changes: the break may reach the client after
         // it, so the directory is not promised with it.
         let since = p.changes(1);
         assert!(!p.promise(1, 2, &[12, 10], since));
         assert!(p.promise(1, 2, &[12], since));
         drop(own_change);
-        p.ack(2, s2, message.seq);
+        p.ack(2, s2, message.seq, false);
         assert!(p.promise(1, 2, &[12, 10], p.changes(1)));
+    }
+
+    #[tokio::test]
+    async fn a_reply_to_a_change_is_not_promised_when_another_change_was_counted_since_it_was_proposed() {
+        let p = Promises::new(Duration::from_secs(30));
+        let _ = stream(&p, 1, 2);
+        // Session 2 proposes a change to 10; session 1's change to 10, applied after it, is
+        // counted first: session 2's reply lacks it, and no break for it reached session 2.
+        let since = p.changes(1);
+        p.break_and_wait(1, 1, &[10], &[]).await;
+        let own = p.break_and_wait(1, 2, &[10], &[]).await;
+        assert!(!p.promise_own(1, 2, &[10], since, own));
+        // With only its own change counted since, the reply is promised.
+        let since = p.changes(1);
+        let own = p.break_and_wait(1, 2, &[10], &[]).await;
+        assert!(p.promise_own(1, 2, &[10], since, own));
     }
 
     #[tokio::test]
@@ -553,14 +616,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_holder_with_its_own_mutation_on_the_inode_is_not_waited_for() {
-        let p = Promises::new(Duration::from_secs(30));
-        let (_, _rx) = stream(&p, 2, 2);
-        assert!(p.promise(2, 2, &[10], p.changes(2)));
-        let _busy = p.begin_mutation(2, 2, vec![10]);
-        tokio::time::timeout(Duration::from_secs(5), p.break_and_wait(2, 1, &[10], &[]))
+    async fn a_holder_with_its_own_mutation_on_the_inode_is_waited_for_until_its_client_forgot() {
+        let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
+        let (s2, mut rx2) = stream(&p, 2, 2);
+        assert!(p.promise(2, 2, &[10, 11], p.changes(2)));
+        let busy = p.begin_mutation(2, 2, vec![10]);
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.break_and_wait(2, 1, &[10, 11], &[]).await })
+        };
+        let message = next_break(&mut rx2).await;
+        assert_eq!(message.inodes, vec![10, 11]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "returned before the holder's client forgot");
+        p.ack(2, s2, message.seq, true);
+        tokio::time::timeout(Duration::from_secs(5), writer)
             .await
-            .expect("no wait for a busy holder");
+            .expect("no wait for a busy kernel")
+            .expect("no panic");
+        // A holder with nothing in flight is waited for until its kernel forgot as well.
+        drop(busy);
+        assert!(p.promise(2, 2, &[12], p.changes(2)));
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.break_and_wait(2, 1, &[12], &[]).await })
+        };
+        let message = next_break(&mut rx2).await;
+        p.ack(2, s2, message.seq, true);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "returned before the holder's kernel forgot");
+        p.ack(2, s2, message.seq, false);
+        tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
     }
 
     #[tokio::test]

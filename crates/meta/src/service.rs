@@ -814,6 +814,8 @@ impl Meta for MetaService {
         let breaks = request.op.as_ref().is_some_and(pb::mutate_request::Op::changes_cached_state);
         let mut in_flight =
             self.node.leader_term().map(|term| self.node.promises.begin_mutation(term, request.session, named.clone()));
+        // Changes counted before the proposal are in the reply; a later one may not be.
+        let since = self.node.leader_term().map(|term| self.node.promises.changes(term));
         let proposed = std::time::Instant::now();
         let mut recalls = 0;
         let reply = loop {
@@ -857,16 +859,16 @@ impl Meta for MetaService {
             drop(in_flight.take());
             // The writer may cache what it just changed, as of its own change; a replayed reply
             // is as of the first time, and whatever changed since is not in it.
-            reply.promised = match (&reply.attr, self.node.leader_term()) {
+            reply.promised = match (&reply.attr, self.node.leader_term(), since) {
                 _ if replayed => false,
-                (Some(attr), Some(term)) => {
+                (Some(attr), Some(term), Some(since)) => {
                     let mut promised = vec![attr.ino];
                     promised.extend(reply.parent.as_ref().map(|p| p.ino));
                     // A batch: the files it made, which the holder caches as it made them.
                     if let Some(pb::mutate_request::Op::Batch(batch)) = &request.op {
                         promised.extend(created_by(batch, &reply.batch_errnos));
                     }
-                    self.node.promises.promise(term, request.session, &promised, change)
+                    self.node.promises.promise_own(term, request.session, &promised, since, change)
                 }
                 _ => false,
             };
@@ -1238,7 +1240,7 @@ impl CallbackStream {
         match msg {
             pb::callback_up::Msg::Register(register) => self.register(register).await,
             pb::callback_up::Msg::Ack(ack) => {
-                promises.ack(self.session, self.stream, ack.seq);
+                promises.ack(self.session, self.stream, ack.seq, ack.cache_only);
                 Ok(())
             }
             pb::callback_up::Msg::Renew(renew) => {

@@ -88,6 +88,8 @@ pub struct CairnFs {
     file_reads: AtomicU64,
     /// How the kernel does I/O through each open file.
     io: Arc<KernelIo>,
+    /// What breaks tell the kernel; also used by an open the kernel is behind on.
+    kernel_forget: Arc<KernelForget>,
 }
 
 fn errno_of(e: &ClientError) -> Errno {
@@ -121,7 +123,7 @@ impl CairnFs {
         let inodes = Arc::new(Mutex::new(inodes));
         let names = Arc::new(Mutex::new(KernelNames::default()));
         let io = Arc::new(KernelIo::default());
-        let forget = KernelForget {
+        let forget = Arc::new(KernelForget {
             io: io.clone(),
             client: client.clone(),
             runtime: runtime.clone(),
@@ -129,7 +131,8 @@ impl CairnFs {
             names: names.clone(),
             notifier: notifier.clone(),
             root_ino: root.ino,
-        };
+        });
+        let kernel_forget = forget.clone();
         let handler: ForgetHandler = Arc::new(move |what: &Forget| forget.forget(what));
         client.meta.callbacks.set_handler(handler);
         CairnFs {
@@ -146,6 +149,17 @@ impl CairnFs {
             dir_reads: AtomicU64::new(0),
             file_reads: AtomicU64::new(0),
             io,
+            kernel_forget,
+        }
+    }
+
+    /// Before an open of `ino`: if a break made this client forget the inode and its kernel
+    /// has not yet (see `Callbacks::kernel_behind`), the kernel forgets the inode's attributes
+    /// and pages now, so the open reads what the break announced. Its names, if a directory,
+    /// follow with the break (that needs the directory's lock, which the kernel may hold).
+    fn catch_up_kernel(&self, ino: u64) {
+        if self.client.meta.callbacks.kernel_behind(ino) {
+            self.kernel_forget.forget_inode(ino, false);
         }
     }
 
@@ -283,6 +297,18 @@ impl CairnFs {
     }
 
     /// Attributes of an inode this request just created or changed (the reply is current).
+    /// Attributes to answer the kernel with after this client changed the inode: the reply's,
+    /// while they are promised and cached, else meta's current ones. The kernel takes the size
+    /// from a `setattr` reply whatever it learned meanwhile, and a reply not promised may lack
+    /// a change another client made after it was applied, whose close returned before this
+    /// reply arrived (an open here would then read the older size).
+    async fn current_after_own_change(&self, attr: pb::Attr, handle: pb::FileHandle) -> Result<pb::Attr, ClientError> {
+        if self.client.meta.callbacks.attr(attr.ino).is_some_and(|cached| cached == attr) {
+            return Ok(attr);
+        }
+        self.client.meta.getattr_fresh(handle).await
+    }
+
     async fn attr_of(&self, attr: &pb::Attr) -> fuser::FileAttr {
         let dirty_end = self.client.files.dirty_end(attr.ino).await;
         self.attr_with(attr, dirty_end)
@@ -582,6 +608,7 @@ impl Filesystem for CairnFs {
                     copies.truncate(meta_ino, attr.size);
                 }
             }
+            let attr = self.current_after_own_change(attr, handle).await?;
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
         match result {
@@ -746,6 +773,7 @@ impl Filesystem for CairnFs {
             write_only: flags.0 & libc::O_ACCMODE == libc::O_WRONLY,
             who: caller(req.uid(), req.gid(), req.pid()),
         };
+        self.catch_up_kernel(handle.ino);
         self.open_for_kernel(request, reply);
     }
 
@@ -894,6 +922,7 @@ impl Filesystem for CairnFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.handle_of(ino) {
             Ok(dir) => {
+                self.catch_up_kernel(dir.ino);
                 let stream = DirStream {
                     dir,
                     parent: self.meta_ino(ino),
@@ -1474,18 +1503,33 @@ impl KernelForget {
         for &ino in &inodes {
             self.runtime.block_on(self.client.files.forget_window(ino));
         }
-        let Some(notifier) = self.notifier.get() else { return };
         for ino in inodes {
-            let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
-            // ENOENT: the kernel had already forgotten it.
-            if known {
-                let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), 0, 0);
-            }
-            if matches!(what, Forget::Inodes(_)) {
-                let names = self.names.lock().expect("name cache poisoned").take_dir(ino);
-                for name in names {
-                    let _ = notifier.inval_entry(INodeNo(swap_root(ino, self.root_ino)), OsStr::from_bytes(&name));
-                }
+            self.forget_in_kernel(ino, matches!(what, Forget::Inodes(_)));
+        }
+    }
+
+    /// What a break of `ino` alone is told: the shared copy and open data map, the kernel's
+    /// attributes and pages, and its names in `ino` if `names`.
+    fn forget_inode(&self, ino: u64, names: bool) {
+        if let Some(copies) = &self.client.copies {
+            self.io.note_breaks(Some(&[ino]));
+            copies.discard(ino);
+        }
+        self.runtime.block_on(self.client.files.forget_window(ino));
+        self.forget_in_kernel(ino, names);
+    }
+
+    fn forget_in_kernel(&self, ino: u64, names: bool) {
+        let Some(notifier) = self.notifier.get() else { return };
+        let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
+        // ENOENT: the kernel had already forgotten it.
+        if known {
+            let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), 0, 0);
+        }
+        if names {
+            let names = self.names.lock().expect("name cache poisoned").take_dir(ino);
+            for name in names {
+                let _ = notifier.inval_entry(INodeNo(swap_root(ino, self.root_ino)), OsStr::from_bytes(&name));
             }
         }
     }
