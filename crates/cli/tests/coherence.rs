@@ -475,9 +475,10 @@ fn a_strict_mount_makes_each_write_visible_before_close() {
     }
 }
 
-/// The leader does not wait for a break to be applied by a client that has its own change to
-/// the inode in flight (that client's kernel may hold a lock the break's invalidation needs).
-/// Such a client must still not answer an open from what the break named.
+/// A client with its own change to the inode in flight is waited for only until its own cache
+/// forgot what a break named, not its kernel (which may hold a lock the invalidation needs),
+/// and its change's reply may be older than the other mount's commit. An open there must
+/// still read what the other mount closed.
 #[test]
 fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_file() {
     use std::sync::atomic::{AtomicBool, Ordering};

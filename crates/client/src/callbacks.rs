@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::num::NonZeroUsize;
 use std::ops::Bound;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,8 +44,13 @@ const SEARCHABLE_BY_ALL: u32 = 0o111;
 const READABLE_BY_ALL: u32 = 0o444;
 /// Inodes one registration message names (the leader takes up to 4,096).
 const REGISTER_BATCH: usize = 4096;
-/// Breaks handled at once (each may wait for the kernel).
+/// Breaks whose kernel part runs at once (each may wait for the kernel).
 const BREAKS_IN_PARALLEL: usize = 16;
+/// Breaks whose kernel part waits or runs, at most: past this the stream is opened again.
+const KERNEL_STEPS_MAX: usize = 4096;
+/// Messages queued to the leader (two acknowledgements per break, renewals): past this the
+/// stream is opened again.
+const UP_QUEUE: usize = 2 * KERNEL_STEPS_MAX;
 /// Moves of the epoch remembered with the change that made them (see `settled`).
 const NUMBERED_MOVES_MAX: usize = 256;
 
@@ -730,8 +735,9 @@ impl Callbacks {
         let slot = up_tx.clone();
         let mut inbound = meta
             .call("callbacks", |mut c| {
-                let (tx, rx) = mpsc::channel(64);
-                let register = pb::CallbackRegister { session, cached: first.clone(), done: first_done };
+                let (tx, rx) = mpsc::channel(UP_QUEUE);
+                let register =
+                    pb::CallbackRegister { session, cached: first.clone(), done: first_done, sends_forgotten: true };
                 let _ = tx.try_send(pb::CallbackUp { msg: Some(callback_up::Msg::Register(register)) });
                 *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
                 async move { c.callbacks(tokio_stream::wrappers::ReceiverStream::new(rx)).await }
@@ -741,7 +747,7 @@ impl Callbacks {
         let up = up_tx.lock().unwrap_or_else(|p| p.into_inner()).take().ok_or("no outbound stream")?;
         let count = batches.len();
         for (i, cached) in batches.into_iter().enumerate() {
-            let register = pb::CallbackRegister { session, cached, done: i + 1 == count };
+            let register = pb::CallbackRegister { session, cached, done: i + 1 == count, sends_forgotten: true };
             up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Register(register)) })
                 .await
                 .map_err(|_| "stream closed")?;
@@ -750,6 +756,7 @@ impl Callbacks {
         let mut nonce = 0u64;
         let mut sent: HashMap<u64, Instant> = HashMap::new();
         let limiter = Arc::new(Semaphore::new(BREAKS_IN_PARALLEL));
+        let kernel_steps = Arc::new(AtomicUsize::new(0));
         let mut renew = tokio::time::interval(Duration::from_millis(250));
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -774,31 +781,36 @@ impl Callbacks {
                         Some(callback_down::Msg::Broken(broken)) => {
                             self.breaks.fetch_add(1, Ordering::Relaxed);
                             // This cache forgets at once, in the order breaks come, and says so:
-                            // a writer does not wait for the kernel of a client whose own
-                            // change to the inode is in flight (see `kernel_behind`).
+                            // a writer waits for no more from a client whose own change to the
+                            // inode is in flight (see `kernel_behind`). The kernel's part runs
+                            // on a task of its own, as it may wait for kernel locks: this loop
+                            // never waits, so the leader always hears.
                             let inodes = broken.inodes;
                             self.kernel_behind_on(&inodes, true);
                             let what = Forget::Inodes(inodes.clone());
                             self.forget_cached_numbered(&what, Some((broken.term, broken.change)));
-                            let ack = pb::CallbackAck { seq: broken.seq, cache_only: true };
-                            up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) })
-                                .await
-                                .map_err(|_| "stream closed")?;
-                            let permit = limiter.clone().acquire_owned().await.map_err(|e| e.to_string())?;
-                            let callbacks = self.clone();
-                            let up = up.clone();
+                            let (callbacks, up_ack, limiter) = (self.clone(), up.clone(), limiter.clone());
+                            let steps = kernel_steps.clone();
+                            steps.fetch_add(1, Ordering::SeqCst);
                             tokio::spawn(async move {
+                                let permit = limiter.acquire_owned().await;
                                 let forgot = {
                                     let callbacks = callbacks.clone();
                                     tokio::task::spawn_blocking(move || callbacks.forget_in_kernel(&what)).await
                                 };
                                 drop(permit);
                                 callbacks.kernel_behind_on(&inodes, false);
+                                steps.fetch_sub(1, Ordering::SeqCst);
                                 if forgot.is_ok() {
-                                    let ack = pb::CallbackAck { seq: broken.seq, cache_only: false };
-                                    let _ = up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) }).await;
+                                    let ack = pb::CallbackAck { seq: broken.seq };
+                                    let _ = up_ack.send(pb::CallbackUp { msg: Some(callback_up::Msg::Ack(ack)) }).await;
                                 }
                             });
+                            let forgotten = pb::CallbackForgotten { seq: broken.seq };
+                            queue_up(&up, callback_up::Msg::Forgotten(forgotten))?;
+                            if kernel_steps.load(Ordering::SeqCst) > KERNEL_STEPS_MAX {
+                                return Err("breaks backed up in the kernel".into());
+                            }
                         }
                         None => {}
                     }
@@ -815,14 +827,21 @@ impl Callbacks {
                     }
                     nonce += 1;
                     sent.insert(nonce, Instant::now());
-                    let renew = pb::CallbackRenew { nonce };
-                    up.send(pb::CallbackUp { msg: Some(callback_up::Msg::Renew(renew)) })
-                        .await
-                        .map_err(|_| "stream closed")?;
+                    queue_up(&up, callback_up::Msg::Renew(pb::CallbackRenew { nonce }))?;
                 }
             }
         }
     }
+}
+
+/// Queues `msg` to the leader without waiting: the stream's loop must go on reading what the
+/// leader sends (a leader waiting to send to a client that waits to send to it would hold
+/// both). A queue that full means the leader stopped reading: the stream is opened again.
+fn queue_up(up: &mpsc::Sender<pb::CallbackUp>, msg: callback_up::Msg) -> Result<(), String> {
+    up.try_send(pb::CallbackUp { msg: Some(msg) }).map_err(|e| match e {
+        mpsc::error::TrySendError::Full(_) => "the leader stopped reading the callback stream".to_string(),
+        mpsc::error::TrySendError::Closed(_) => "stream closed".to_string(),
+    })
 }
 
 /// Aborts a task when dropped.

@@ -9,7 +9,10 @@
 //!
 //! Breaking is synchronous for the writer: `break_and_wait` returns once every holder
 //! acknowledged (its client and kernel forgot the inode) or its lease ran out, so a reply to
-//! the writer happens-after every other client stopped trusting the old state.
+//! the writer happens-after every other client stopped trusting the old state. From a holder
+//! with its own change to the inode in flight it waits only until that client's cache forgot
+//! (its kernel may hold a lock the kernel's part waits for until that change returns); the
+//! client's opens then catch its kernel up themselves.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -34,6 +37,10 @@ struct Holder {
     tx: Option<mpsc::Sender<pb::CallbackDown>>,
     /// The client re-registered what it caches with this leader.
     registered: bool,
+    /// The client says when its own cache forgot a break, before its kernel did.
+    sends_forgotten: bool,
+    /// The first break sequence number the current stream may carry.
+    first_seq: u64,
     inodes: HashSet<u64>,
     /// The holder stops trusting its promises by then (it renews before).
     expires: Instant,
@@ -52,6 +59,8 @@ impl Holder {
             stream: 0,
             tx: None,
             registered: false,
+            sends_forgotten: false,
+            first_seq: 0,
             inodes: HashSet::new(),
             expires: now,
             pending: HashMap::new(),
@@ -184,16 +193,19 @@ impl Promises {
     }
 
     /// Attaches a session's new callback stream; returns the stream's id.
-    pub fn attach(&self, term: u64, session: u64, tx: mpsc::Sender<pb::CallbackDown>) -> u64 {
+    pub fn attach(&self, term: u64, session: u64, tx: mpsc::Sender<pb::CallbackDown>, sends_forgotten: bool) -> u64 {
         let mut state = self.lock_term(term);
         let stream = state.next_stream;
         state.next_stream += 1;
         let now = Instant::now();
         let lease = self.lease;
+        let first_seq = state.next_seq;
         let holder = state.holders.entry(session).or_insert_with(|| Holder::new(now));
         holder.stream = stream;
         holder.tx = Some(tx);
         holder.registered = false;
+        holder.sends_forgotten = sends_forgotten;
+        holder.first_seq = first_seq;
         holder.expires = holder.expires.max(now + lease);
         stream
     }
@@ -210,16 +222,18 @@ impl Promises {
         self.bump();
     }
 
-    /// The client finished re-registering: breaks sent before are covered, since registration
-    /// compared what it caches with the current state.
+    /// The client finished re-registering: breaks sent before its stream are covered, since
+    /// registration compared what it caches with the current state. Those sent on the stream
+    /// (a change made while it registered) are still waited for.
     pub fn registered(&self, term: u64, session: u64, stream: u64) -> bool {
         let mut state = self.lock_term(term);
         let current = state.term == term;
         let ok = match state.holders.get_mut(&session) {
             Some(holder) if current && holder.stream == stream => {
                 holder.registered = true;
-                holder.pending.clear();
-                holder.forgotten.clear();
+                let first_seq = holder.first_seq;
+                holder.pending.retain(|seq, _| *seq >= first_seq);
+                holder.forgotten.retain(|seq| *seq >= first_seq);
                 true
             }
             _ => false,
@@ -243,19 +257,27 @@ impl Promises {
         }
     }
 
-    /// The holder applied break `seq`: in its own cache only (`cache_only`), or in its
-    /// kernel's caches too.
-    pub fn ack(&self, session: u64, stream: u64, seq: u64, cache_only: bool) {
+    /// The holder applied break `seq`, in its cache and its kernel's.
+    pub fn ack(&self, session: u64, stream: u64, seq: u64) {
         let mut state = self.lock();
         if let Some(holder) = state.holders.get_mut(&session)
             && holder.stream == stream
         {
-            if !cache_only {
-                holder.pending.remove(&seq);
-                holder.forgotten.remove(&seq);
-            } else if holder.pending.contains_key(&seq) {
-                holder.forgotten.insert(seq);
-            }
+            holder.pending.remove(&seq);
+            holder.forgotten.remove(&seq);
+        }
+        drop(state);
+        self.bump();
+    }
+
+    /// The holder's own cache forgot what break `seq` named; its kernel may not have yet.
+    pub fn forgotten(&self, session: u64, stream: u64, seq: u64) {
+        let mut state = self.lock();
+        if let Some(holder) = state.holders.get_mut(&session)
+            && holder.stream == stream
+            && holder.pending.contains_key(&seq)
+        {
+            holder.forgotten.insert(seq);
         }
         drop(state);
         self.bump();
@@ -490,7 +512,8 @@ fn satisfied(state: &State, wait: &Wait, now: Instant) -> bool {
                     || !holder.pending.contains_key(seq) && holder.tx.is_some()
                     // Its kernel may hold a lock the invalidation waits for until the
                     // holder's own change returns; its client forgot, so an open there asks.
-                    || holder.busy_with(inodes) && holder.forgotten.contains(seq)
+                    // (A client that does not say so was not waited for at all.)
+                    || holder.busy_with(inodes) && (!holder.sends_forgotten || holder.forgotten.contains(seq))
             }
         },
         Wait::Registration { session } => {
@@ -505,7 +528,7 @@ mod tests {
 
     fn stream(p: &Promises, term: u64, session: u64) -> (u64, mpsc::Receiver<pb::CallbackDown>) {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let id = p.attach(term, session, tx);
+        let id = p.attach(term, session, tx, true);
         assert!(p.registered(term, session, id));
         (id, rx)
     }
@@ -537,7 +560,7 @@ mod tests {
         };
         assert_eq!(message.inodes, vec![10]);
         assert!(!writer.is_finished());
-        p.ack(2, s2, message.seq, false);
+        p.ack(2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // The writer's own promise stays; the broken one is gone, the other one stays.
         assert_eq!(p.counts().1, 2);
@@ -577,7 +600,7 @@ mod tests {
             tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
         };
         let message = next_break(&mut rx2).await;
-        p.ack(2, s2, message.seq, true);
+        p.forgotten(2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // Session 2's reply, decided after both changes: the break may reach the client after
         // it, so the directory is not promised with it.
@@ -585,7 +608,7 @@ mod tests {
         assert!(!p.promise(1, 2, &[12, 10], since));
         assert!(p.promise(1, 2, &[12], since));
         drop(own_change);
-        p.ack(2, s2, message.seq, false);
+        p.ack(2, s2, message.seq);
         assert!(p.promise(1, 2, &[12, 10], p.changes(1)));
     }
 
@@ -603,6 +626,25 @@ mod tests {
         let since = p.changes(1);
         let own = p.break_and_wait(1, 2, &[10], &[]).await;
         assert!(p.promise_own(1, 2, &[10], since, own));
+    }
+
+    #[tokio::test]
+    async fn a_break_sent_on_a_stream_still_registering_is_waited_for() {
+        let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
+        let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
+        let id = p.attach(1, 2, tx, true);
+        // The first batch of the registration is promised; a change breaks it before the last.
+        assert!(p.promise(1, 2, &[10], p.changes(1)));
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
+        };
+        let message = next_break(&mut rx).await;
+        assert!(p.registered(1, 2, id));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "the registration's end was taken for an acknowledgement");
+        p.ack(2, id, message.seq);
+        tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
     }
 
     #[tokio::test]
@@ -629,7 +671,7 @@ mod tests {
         assert_eq!(message.inodes, vec![10, 11]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "returned before the holder's client forgot");
-        p.ack(2, s2, message.seq, true);
+        p.forgotten(2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .expect("no wait for a busy kernel")
@@ -642,10 +684,10 @@ mod tests {
             tokio::spawn(async move { p.break_and_wait(2, 1, &[12], &[]).await })
         };
         let message = next_break(&mut rx2).await;
-        p.ack(2, s2, message.seq, true);
+        p.forgotten(2, s2, message.seq);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "returned before the holder's kernel forgot");
-        p.ack(2, s2, message.seq, false);
+        p.ack(2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
     }
 
@@ -659,7 +701,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished());
         let (tx, _rx) = mpsc::channel(STREAM_QUEUE);
-        let id = p.attach(3, 2, tx);
+        let id = p.attach(3, 2, tx, true);
         assert!(p.registered(3, 2, id));
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // A new term forgets every promise.

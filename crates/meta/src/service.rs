@@ -905,7 +905,7 @@ impl Meta for MetaService {
             return Err(Status::failed_precondition(SESSION_EXPIRED_MESSAGE));
         }
         let (tx, rx) = tokio::sync::mpsc::channel(crate::promises::STREAM_QUEUE);
-        let stream = self.node.promises.attach(term, session, tx.clone());
+        let stream = self.node.promises.attach(term, session, tx.clone(), register.sends_forgotten);
         let callbacks = CallbackStream { node: self.node.clone(), term, session, stream, tx };
         tokio::spawn(async move {
             let mut next = Some(register);
@@ -1240,7 +1240,11 @@ impl CallbackStream {
         match msg {
             pb::callback_up::Msg::Register(register) => self.register(register).await,
             pb::callback_up::Msg::Ack(ack) => {
-                promises.ack(self.session, self.stream, ack.seq, ack.cache_only);
+                promises.ack(self.session, self.stream, ack.seq);
+                Ok(())
+            }
+            pb::callback_up::Msg::Forgotten(forgotten) => {
+                promises.forgotten(self.session, self.stream, forgotten.seq);
                 Ok(())
             }
             pb::callback_up::Msg::Renew(renew) => {

@@ -155,11 +155,12 @@ impl CairnFs {
 
     /// Before an open of `ino`: if a break made this client forget the inode and its kernel
     /// has not yet (see `Callbacks::kernel_behind`), the kernel forgets the inode's attributes
-    /// and pages now, so the open reads what the break announced. Its names, if a directory,
-    /// follow with the break (that needs the directory's lock, which the kernel may hold).
+    /// now, and its pages with the open's reply, so the open reads what the break announced.
+    /// Its names, if a directory, follow with the break (that needs the directory's lock,
+    /// which the kernel may hold).
     fn catch_up_kernel(&self, ino: u64) {
         if self.client.meta.callbacks.kernel_behind(ino) {
-            self.kernel_forget.forget_inode(ino, false);
+            self.kernel_forget.catch_up(ino);
         }
     }
 
@@ -296,19 +297,21 @@ impl CairnFs {
         INodeNo(swap_root(ino, self.root_ino))
     }
 
-    /// Attributes of an inode this request just created or changed (the reply is current).
     /// Attributes to answer the kernel with after this client changed the inode: the reply's,
     /// while they are promised and cached, else meta's current ones. The kernel takes the size
     /// from a `setattr` reply whatever it learned meanwhile, and a reply not promised may lack
     /// a change another client made after it was applied, whose close returned before this
     /// reply arrived (an open here would then read the older size).
-    async fn current_after_own_change(&self, attr: pb::Attr, handle: pb::FileHandle) -> Result<pb::Attr, ClientError> {
+    async fn current_after_own_change(&self, attr: pb::Attr, handle: pb::FileHandle) -> pb::Attr {
         if self.client.meta.callbacks.attr(attr.ino).is_some_and(|cached| cached == attr) {
-            return Ok(attr);
+            return attr;
         }
-        self.client.meta.getattr_fresh(handle).await
+        // The change was made: a failure here (an unlink meanwhile, meta out of reach) does
+        // not fail it; the reply's attributes go with no time to live.
+        self.client.meta.getattr_fresh(handle).await.unwrap_or(attr)
     }
 
+    /// Attributes of an inode this request just created or changed (the reply is current).
     async fn attr_of(&self, attr: &pb::Attr) -> fuser::FileAttr {
         let dirty_end = self.client.files.dirty_end(attr.ino).await;
         self.attr_with(attr, dirty_end)
@@ -608,7 +611,7 @@ impl Filesystem for CairnFs {
                     copies.truncate(meta_ino, attr.size);
                 }
             }
-            let attr = self.current_after_own_change(attr, handle).await?;
+            let attr = self.current_after_own_change(attr, handle).await;
             Ok::<_, ClientError>(self.attr_of(&attr).await)
         });
         match result {
@@ -1073,10 +1076,10 @@ impl Filesystem for CairnFs {
             }
             // Whoever held the lock before may have changed the file and its directory (a
             // journal made or removed): read them afresh. Its commits broke this client's
-            // promises on them, but the leader does not wait for a break to be applied here
-            // while this client has a request naming the inode in flight (a lock request
-            // polling, for one), so the break may still be on its way: what this client cached
-            // of them goes too, not only the kernel's copy.
+            // promises on them, but while this client has a request naming the inode in flight
+            // (a lock request polling, for one) the leader waits only until this client's cache
+            // forgot, not its kernel: the kernel's part may still be under way. What this
+            // client cached of them goes too, as it costs little and leans on nothing.
             let parents = self.names.lock().expect("name cache poisoned").parents_of(ino);
             for cached in parents.into_iter().chain([ino]) {
                 self.client.meta.callbacks.forget_cached(cached);
@@ -1503,34 +1506,47 @@ impl KernelForget {
         for &ino in &inodes {
             self.runtime.block_on(self.client.files.forget_window(ino));
         }
-        for ino in inodes {
-            self.forget_in_kernel(ino, matches!(what, Forget::Inodes(_)));
+        // Every inode first, then names: a name's invalidation waits for its directory's lock,
+        // which the kernel may hold until one of this client's own changes returns.
+        for &ino in &inodes {
+            self.forget_inode_in_kernel(ino, true);
+        }
+        if matches!(what, Forget::Inodes(_)) {
+            for ino in inodes {
+                self.forget_names_in_kernel(ino);
+            }
         }
     }
 
-    /// What a break of `ino` alone is told: the shared copy and open data map, the kernel's
-    /// attributes and pages, and its names in `ino` if `names`.
-    fn forget_inode(&self, ino: u64, names: bool) {
+    /// Before an open of `ino` the kernel is behind on (see `CairnFs::catch_up_kernel`): the
+    /// shared copy and open data map go, and the kernel forgets the inode's attributes. Its
+    /// pages go with the open's reply, which does not keep them (this client's cache forgot the
+    /// inode); dropping them here could wait for reads that need this very thread.
+    fn catch_up(&self, ino: u64) {
         if let Some(copies) = &self.client.copies {
             self.io.note_breaks(Some(&[ino]));
             copies.discard(ino);
         }
         self.runtime.block_on(self.client.files.forget_window(ino));
-        self.forget_in_kernel(ino, names);
+        self.forget_inode_in_kernel(ino, false);
     }
 
-    fn forget_in_kernel(&self, ino: u64, names: bool) {
+    /// The kernel forgets `ino`'s attributes, and its cached pages too if `pages`.
+    fn forget_inode_in_kernel(&self, ino: u64, pages: bool) {
         let Some(notifier) = self.notifier.get() else { return };
         let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
         // ENOENT: the kernel had already forgotten it.
         if known {
-            let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), 0, 0);
+            let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), if pages { 0 } else { -1 }, 0);
         }
-        if names {
-            let names = self.names.lock().expect("name cache poisoned").take_dir(ino);
-            for name in names {
-                let _ = notifier.inval_entry(INodeNo(swap_root(ino, self.root_ino)), OsStr::from_bytes(&name));
-            }
+    }
+
+    /// The kernel forgets the names the mount gave it in directory `dir`.
+    fn forget_names_in_kernel(&self, dir: u64) {
+        let Some(notifier) = self.notifier.get() else { return };
+        let names = self.names.lock().expect("name cache poisoned").take_dir(dir);
+        for name in names {
+            let _ = notifier.inval_entry(INodeNo(swap_root(dir, self.root_ino)), OsStr::from_bytes(&name));
         }
     }
 }
