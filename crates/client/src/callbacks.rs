@@ -196,6 +196,10 @@ pub struct Callbacks {
     /// Inodes a break made this cache forget and the kernel not yet, with the count of such
     /// breaks (see `kernel_behind`).
     kernel_behind: Mutex<HashMap<u64, u32>>,
+    /// Kernel steps of breaks that run at once, and those waiting or running, for the client
+    /// as a whole: a stream opened again does not start afresh while the old steps wait.
+    kernel_step_permits: Arc<Semaphore>,
+    kernel_steps: Arc<AtomicUsize>,
 }
 
 impl Callbacks {
@@ -211,6 +215,8 @@ impl Callbacks {
             data_maps: DataMaps::default(),
             map_serials: AtomicU64::new(0),
             kernel_behind: Mutex::new(HashMap::new()),
+            kernel_step_permits: Arc::new(Semaphore::new(BREAKS_IN_PARALLEL)),
+            kernel_steps: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -755,8 +761,6 @@ impl Callbacks {
         let mut lease = None;
         let mut nonce = 0u64;
         let mut sent: HashMap<u64, Instant> = HashMap::new();
-        let limiter = Arc::new(Semaphore::new(BREAKS_IN_PARALLEL));
-        let kernel_steps = Arc::new(AtomicUsize::new(0));
         let mut renew = tokio::time::interval(Duration::from_millis(250));
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -789,11 +793,11 @@ impl Callbacks {
                             self.kernel_behind_on(&inodes, true);
                             let what = Forget::Inodes(inodes.clone());
                             self.forget_cached_numbered(&what, Some((broken.term, broken.change)));
-                            let (callbacks, up_ack, limiter) = (self.clone(), up.clone(), limiter.clone());
-                            let steps = kernel_steps.clone();
+                            let (callbacks, up_ack) = (self.clone(), up.clone());
+                            let (permits, steps) = (self.kernel_step_permits.clone(), self.kernel_steps.clone());
                             steps.fetch_add(1, Ordering::SeqCst);
                             tokio::spawn(async move {
-                                let permit = limiter.acquire_owned().await;
+                                let permit = permits.acquire_owned().await;
                                 let forgot = {
                                     let callbacks = callbacks.clone();
                                     tokio::task::spawn_blocking(move || callbacks.forget_in_kernel(&what)).await
@@ -808,7 +812,7 @@ impl Callbacks {
                             });
                             let forgotten = pb::CallbackForgotten { seq: broken.seq };
                             queue_up(&up, callback_up::Msg::Forgotten(forgotten))?;
-                            if kernel_steps.load(Ordering::SeqCst) > KERNEL_STEPS_MAX {
+                            if self.kernel_steps.load(Ordering::SeqCst) > KERNEL_STEPS_MAX {
                                 return Err("breaks backed up in the kernel".into());
                             }
                         }

@@ -257,10 +257,12 @@ impl Promises {
         }
     }
 
-    /// The holder applied break `seq`, in its cache and its kernel's.
-    pub fn ack(&self, session: u64, stream: u64, seq: u64) {
+    /// The holder applied break `seq` of `term`, in its cache and its kernel's.
+    pub fn ack(&self, term: u64, session: u64, stream: u64, seq: u64) {
         let mut state = self.lock();
+        let current = state.term == term;
         if let Some(holder) = state.holders.get_mut(&session)
+            && current
             && holder.stream == stream
         {
             holder.pending.remove(&seq);
@@ -270,10 +272,13 @@ impl Promises {
         self.bump();
     }
 
-    /// The holder's own cache forgot what break `seq` named; its kernel may not have yet.
-    pub fn forgotten(&self, session: u64, stream: u64, seq: u64) {
+    /// The holder's own cache forgot what break `seq` of `term` named; its kernel may not have
+    /// yet.
+    pub fn forgotten(&self, term: u64, session: u64, stream: u64, seq: u64) {
         let mut state = self.lock();
+        let current = state.term == term;
         if let Some(holder) = state.holders.get_mut(&session)
+            && current
             && holder.stream == stream
             && holder.pending.contains_key(&seq)
         {
@@ -492,12 +497,13 @@ pub fn same_version(cached: &pb::Attr, current: &pb::Attr) -> bool {
 /// Tells a holder its promises on `inodes` are broken by change `change` of `term` (0: none
 /// counted).
 fn send_break(holder: &mut Holder, seq: u64, inodes: Vec<u64>, term: u64, change: u64) {
+    // Pending even if it cannot be sent: it ends with an acknowledgement, the holder's lease,
+    // or the holder's next registration (see `satisfied`).
+    holder.pending.insert(seq, inodes.clone());
     let Some(tx) = &holder.tx else { return };
-    let broken = pb::CallbackBreak { seq, inodes: inodes.clone(), term, change };
+    let broken = pb::CallbackBreak { seq, inodes, term, change };
     let message = pb::CallbackDown { msg: Some(pb::callback_down::Msg::Broken(broken)) };
-    if tx.try_send(message).is_ok() {
-        holder.pending.insert(seq, inodes);
-    } else {
+    if tx.try_send(message).is_err() {
         // A stream this far behind (or gone) cannot be told: its promises end with its lease.
         holder.tx = None;
     }
@@ -509,7 +515,11 @@ fn satisfied(state: &State, wait: &Wait, now: Instant) -> bool {
             None => true,
             Some(holder) => {
                 holder.expires <= now
-                    || !holder.pending.contains_key(seq) && holder.tx.is_some()
+                    || !holder.pending.contains_key(seq)
+                        && holder.tx.is_some()
+                        // A break of an earlier stream, covered by the holder's registration
+                        // on this one: once the breaks the registration sent are acknowledged.
+                        && !(*seq < holder.first_seq && holder.breaking(inodes))
                     // Its kernel may hold a lock the invalidation waits for until the
                     // holder's own change returns; its client forgot, so an open there asks.
                     // (A client that does not say so was not waited for at all.)
@@ -560,7 +570,7 @@ mod tests {
         };
         assert_eq!(message.inodes, vec![10]);
         assert!(!writer.is_finished());
-        p.ack(2, s2, message.seq);
+        p.ack(1, 2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // The writer's own promise stays; the broken one is gone, the other one stays.
         assert_eq!(p.counts().1, 2);
@@ -600,7 +610,7 @@ mod tests {
             tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
         };
         let message = next_break(&mut rx2).await;
-        p.forgotten(2, s2, message.seq);
+        p.forgotten(1, 2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
         // Session 2's reply, decided after both changes: the break may reach the client after
         // it, so the directory is not promised with it.
@@ -608,7 +618,7 @@ mod tests {
         assert!(!p.promise(1, 2, &[12, 10], since));
         assert!(p.promise(1, 2, &[12], since));
         drop(own_change);
-        p.ack(2, s2, message.seq);
+        p.ack(1, 2, s2, message.seq);
         assert!(p.promise(1, 2, &[12, 10], p.changes(1)));
     }
 
@@ -643,8 +653,44 @@ mod tests {
         assert!(p.registered(1, 2, id));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "the registration's end was taken for an acknowledgement");
-        p.ack(2, id, message.seq);
+        p.ack(1, 2, id, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn a_break_lost_with_its_stream_is_waited_for_until_the_next_registration_is_applied() {
+        let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
+        let (old, mut old_rx) = stream(&p, 1, 2);
+        assert!(p.promise(1, 2, &[10], p.changes(1)));
+        let writer = {
+            let p = p.clone();
+            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
+        };
+        let _lost = next_break(&mut old_rx).await;
+        p.detach(2, old);
+        // The client comes back still caching 10, which its registration finds changed.
+        let (tx, mut rx) = mpsc::channel(STREAM_QUEUE);
+        let id = p.attach(1, 2, tx, true);
+        p.break_one(1, 2, vec![10]);
+        assert!(p.registered(1, 2, id));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!writer.is_finished(), "released before the client applied its registration's break");
+        let message = next_break(&mut rx).await;
+        p.ack(1, 2, id, message.seq);
+        tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
+    }
+
+    #[tokio::test]
+    async fn a_busy_holder_that_does_not_say_when_its_cache_forgot_is_not_waited_for() {
+        let p = Promises::new(Duration::from_secs(30));
+        let (tx, _rx) = mpsc::channel(STREAM_QUEUE);
+        let id = p.attach(1, 2, tx, false);
+        assert!(p.registered(1, 2, id));
+        assert!(p.promise(1, 2, &[10], p.changes(1)));
+        let _busy = p.begin_mutation(1, 2, vec![10]);
+        tokio::time::timeout(Duration::from_secs(5), p.break_and_wait(1, 1, &[10], &[]))
+            .await
+            .expect("no wait for such a busy holder");
     }
 
     #[tokio::test]
@@ -671,7 +717,7 @@ mod tests {
         assert_eq!(message.inodes, vec![10, 11]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "returned before the holder's client forgot");
-        p.forgotten(2, s2, message.seq);
+        p.forgotten(2, 2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer)
             .await
             .expect("no wait for a busy kernel")
@@ -684,10 +730,10 @@ mod tests {
             tokio::spawn(async move { p.break_and_wait(2, 1, &[12], &[]).await })
         };
         let message = next_break(&mut rx2).await;
-        p.forgotten(2, s2, message.seq);
+        p.forgotten(2, 2, s2, message.seq);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished(), "returned before the holder's kernel forgot");
-        p.ack(2, s2, message.seq);
+        p.ack(2, 2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
     }
 

@@ -1240,11 +1240,11 @@ impl CallbackStream {
         match msg {
             pb::callback_up::Msg::Register(register) => self.register(register).await,
             pb::callback_up::Msg::Ack(ack) => {
-                promises.ack(self.session, self.stream, ack.seq);
+                promises.ack(self.term, self.session, self.stream, ack.seq);
                 Ok(())
             }
             pb::callback_up::Msg::Forgotten(forgotten) => {
-                promises.forgotten(self.session, self.stream, forgotten.seq);
+                promises.forgotten(self.term, self.session, self.stream, forgotten.seq);
                 Ok(())
             }
             pb::callback_up::Msg::Renew(renew) => {

@@ -307,8 +307,12 @@ impl CairnFs {
             return attr;
         }
         // The change was made: a failure here (an unlink meanwhile, meta out of reach) does
-        // not fail it; the reply's attributes go with no time to live.
-        self.client.meta.getattr_fresh(handle).await.unwrap_or(attr)
+        // not fail it. Attributes cached meanwhile are newer than the reply; without them, the
+        // reply's go with no time to live (see `attr_ttl`).
+        match self.client.meta.getattr_fresh(handle).await {
+            Ok(current) => current,
+            Err(_) => self.client.meta.callbacks.attr(attr.ino).unwrap_or(attr),
+        }
     }
 
     /// Attributes of an inode this request just created or changed (the reply is current).
