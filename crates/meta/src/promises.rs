@@ -558,10 +558,7 @@ mod tests {
         let since = p.changes(1);
         assert!(p.promise(1, 2, &[10, 11], since));
         assert!(p.promise(1, 1, &[10], since));
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
-        };
+        let writer = spawn_writer(&p, 1, 1, vec![10], vec![]);
         let message = loop {
             if let Some(b) = broken(&mut rx2) {
                 break b;
@@ -587,6 +584,18 @@ mod tests {
         assert!(p.promise(1, 2, &[10], p.changes(1)));
     }
 
+    /// A writer's `break_and_wait` of `inodes` in `term`, on a task of its own.
+    fn spawn_writer(
+        p: &std::sync::Arc<Promises>,
+        term: u64,
+        mutator: u64,
+        inodes: Vec<u64>,
+        live: Vec<u64>,
+    ) -> tokio::task::JoinHandle<u64> {
+        let p = p.clone();
+        tokio::spawn(async move { p.break_and_wait(term, mutator, &inodes, &live).await })
+    }
+
     /// Waits for the next break sent on `rx`.
     async fn next_break(rx: &mut mpsc::Receiver<pb::CallbackDown>) -> pb::CallbackBreak {
         loop {
@@ -605,10 +614,7 @@ mod tests {
         // Session 2 has a change naming directory 10 in flight, so session 1's change to 10
         // waits only until session 2's client (not its kernel) forgot.
         let own_change = p.begin_mutation(1, 2, vec![10]);
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
-        };
+        let writer = spawn_writer(&p, 1, 1, vec![10], vec![]);
         let message = next_break(&mut rx2).await;
         p.forgotten(1, 2, s2, message.seq);
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("writer returns").expect("no panic");
@@ -645,10 +651,7 @@ mod tests {
         let id = p.attach(1, 2, tx, true);
         // The first batch of the registration is promised; a change breaks it before the last.
         assert!(p.promise(1, 2, &[10], p.changes(1)));
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
-        };
+        let writer = spawn_writer(&p, 1, 1, vec![10], vec![]);
         let message = next_break(&mut rx).await;
         assert!(p.registered(1, 2, id));
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -662,10 +665,7 @@ mod tests {
         let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
         let (old, mut old_rx) = stream(&p, 1, 2);
         assert!(p.promise(1, 2, &[10], p.changes(1)));
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(1, 1, &[10], &[]).await })
-        };
+        let writer = spawn_writer(&p, 1, 1, vec![10], vec![]);
         let _lost = next_break(&mut old_rx).await;
         p.detach(2, old);
         // The client comes back still caching 10, which its registration finds changed.
@@ -709,10 +709,7 @@ mod tests {
         let (s2, mut rx2) = stream(&p, 2, 2);
         assert!(p.promise(2, 2, &[10, 11], p.changes(2)));
         let busy = p.begin_mutation(2, 2, vec![10]);
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(2, 1, &[10, 11], &[]).await })
-        };
+        let writer = spawn_writer(&p, 2, 1, vec![10, 11], vec![]);
         let message = next_break(&mut rx2).await;
         assert_eq!(message.inodes, vec![10, 11]);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -725,10 +722,7 @@ mod tests {
         // A holder with nothing in flight is waited for until its kernel forgot as well.
         drop(busy);
         assert!(p.promise(2, 2, &[12], p.changes(2)));
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(2, 1, &[12], &[]).await })
-        };
+        let writer = spawn_writer(&p, 2, 1, vec![12], vec![]);
         let message = next_break(&mut rx2).await;
         p.forgotten(2, 2, s2, message.seq);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -740,10 +734,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_term_waits_for_live_sessions_to_register() {
         let p = std::sync::Arc::new(Promises::new(Duration::from_secs(30)));
-        let writer = {
-            let p = p.clone();
-            tokio::spawn(async move { p.break_and_wait(3, 1, &[10], &[1, 2]).await })
-        };
+        let writer = spawn_writer(&p, 3, 1, vec![10], vec![1, 2]);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!writer.is_finished());
         let (tx, _rx) = mpsc::channel(STREAM_QUEUE);
