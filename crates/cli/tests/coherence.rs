@@ -480,6 +480,54 @@ fn a_strict_mount_makes_each_write_visible_before_close() {
 /// and its change's reply may be older than the other mount's commit. An open there must
 /// still read what the other mount closed.
 #[test]
+fn a_size_and_mode_changed_on_one_mount_are_seen_at_once_by_stat_on_another_that_keeps_changing_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
+        return;
+    };
+    fs::write(a.join("f"), b"start").unwrap();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    // The stating mount changes the file's extended attributes without a pause, so that a
+    // change of its own naming the file is in flight most of the time: its kernel's cached
+    // attributes must still go before the other mount's change returns.
+    let changer = {
+        let (stop, path) = (stop.clone(), b.join("f"));
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                set_xattr(&path, "user.tick", Some(n.to_string().as_bytes()));
+            }
+            n
+        })
+    };
+    let mut failure = None;
+    for round in 0..500usize {
+        let content = "z".repeat(1 + (round * 7919) % 9000);
+        fs::write(a.join("f"), &content).unwrap();
+        let mode = if round % 2 == 0 { 0o600 } else { 0o644 };
+        fs::set_permissions(a.join("f"), fs::Permissions::from_mode(mode)).unwrap();
+        let seen = fs::metadata(b.join("f")).unwrap();
+        if seen.len() != content.len() as u64 || seen.permissions().mode() & 0o777 != mode {
+            failure = Some(format!(
+                "round {round}: stat saw {} bytes, mode {:o}; wrote {} bytes, mode {mode:o}",
+                seen.len(),
+                seen.permissions().mode() & 0o777,
+                content.len()
+            ));
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let ticks = changer.join().unwrap();
+    assert!(ticks > 0);
+    if let Some(failure) = failure {
+        panic!("{failure} ({ticks} changes made meanwhile on the stating mount)");
+    }
+}
+
+#[test]
 fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_file() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {

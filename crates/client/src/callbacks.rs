@@ -71,9 +71,17 @@ pub enum Forget {
     All,
 }
 
-/// How the mount drops what the kernel caches. It runs on a blocking thread and must return
-/// only once the kernel forgot.
-pub type ForgetHandler = Arc<dyn Fn(&Forget) + Send + Sync>;
+/// How the mount makes the kernel forget what a break names, in two steps (see `run_stream`).
+pub trait KernelCaches: Send + Sync {
+    /// The kernel forgets these inodes' attributes. This must never wait for a kernel lock or
+    /// a request: it runs on the callback stream's loop, before this client says its cache
+    /// forgot. A `stat` here then sees a change once the change returns, even on a client the
+    /// leader waits for no further (one with a change of its own to the inode in flight).
+    fn forget_attributes(&self, inodes: &[u64]);
+    /// The kernel forgets all `what` names: attributes, cached pages and names. It runs on a
+    /// blocking thread, may wait for kernel locks, and returns only once the kernel forgot.
+    fn forget(&self, what: &Forget);
+}
 
 /// A name this client itself added to or removed from a directory, as meta answered.
 #[derive(Debug, Clone, Copy)]
@@ -186,7 +194,7 @@ pub struct Callbacks {
     /// epoch moves only under it.
     numbered_moves: Mutex<VecDeque<NumberedMove>>,
     trust: Mutex<Trust>,
-    handler: OnceLock<ForgetHandler>,
+    kernel: OnceLock<Arc<dyn KernelCaches>>,
     pub policy: PartitionPolicy,
     /// Breaks received, for metrics and tests.
     pub breaks: AtomicU64,
@@ -209,7 +217,7 @@ impl Callbacks {
             epoch: AtomicU64::new(0),
             numbered_moves: Mutex::new(VecDeque::new()),
             trust: Mutex::new(Trust { until: None, lapsed: false }),
-            handler: OnceLock::new(),
+            kernel: OnceLock::new(),
             policy,
             breaks: AtomicU64::new(0),
             data_maps: DataMaps::default(),
@@ -221,8 +229,8 @@ impl Callbacks {
     }
 
     /// Sets how the kernel is told to forget (once, by the mount).
-    pub fn set_handler(&self, handler: ForgetHandler) {
-        let _ = self.handler.set(handler);
+    pub fn set_kernel_caches(&self, kernel: Arc<dyn KernelCaches>) {
+        let _ = self.kernel.set(kernel);
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, LruCache<u64, CachedInode>> {
@@ -629,10 +637,17 @@ impl Callbacks {
         }
     }
 
-    /// The kernel's part of forgetting (the mount's handler): it may wait for kernel locks.
+    /// The kernel's part of forgetting (the mount's): it may wait for kernel locks.
     fn forget_in_kernel(&self, what: &Forget) {
-        if let Some(handler) = self.handler.get() {
-            handler(what);
+        if let Some(kernel) = self.kernel.get() {
+            kernel.forget(what);
+        }
+    }
+
+    /// The kernel forgets the attributes of `inodes`, never waiting (see `KernelCaches`).
+    fn forget_attributes_in_kernel(&self, inodes: &[u64]) {
+        if let Some(kernel) = self.kernel.get() {
+            kernel.forget_attributes(inodes);
         }
     }
 
@@ -784,15 +799,17 @@ impl Callbacks {
                         }
                         Some(callback_down::Msg::Broken(broken)) => {
                             self.breaks.fetch_add(1, Ordering::Relaxed);
-                            // This cache forgets at once, in the order breaks come, and says so:
-                            // a writer waits for no more from a client whose own change to the
-                            // inode is in flight (see `kernel_behind`). The kernel's part runs
-                            // on a task of its own, as it may wait for kernel locks: this loop
-                            // never waits, so the leader always hears.
+                            // This cache forgets at once, in the order breaks come, then the
+                            // kernel's cached attributes (that never waits), and says so: a
+                            // writer waits for no more from a client whose own change to the
+                            // inode is in flight (see `kernel_behind`). The rest of the kernel's
+                            // part (pages, names) runs on a task of its own, as it may wait for
+                            // kernel locks: this loop never waits, so the leader always hears.
                             let inodes = broken.inodes;
                             self.kernel_behind_on(&inodes, true);
                             let what = Forget::Inodes(inodes.clone());
                             self.forget_cached_numbered(&what, Some((broken.term, broken.change)));
+                            self.forget_attributes_in_kernel(&inodes);
                             let (callbacks, up_ack) = (self.clone(), up.clone());
                             let (permits, steps) = (self.kernel_step_permits.clone(), self.kernel_steps.clone());
                             steps.fetch_add(1, Ordering::SeqCst);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use cairn_client::callbacks::{Forget, ForgetHandler};
+use cairn_client::callbacks::{Forget, KernelCaches};
 use cairn_client::copy_sync::Base;
 use cairn_client::{Client, ClientError, OpenFile, whole_copies};
 use cairn_proto::{self as pb, errno, mutate_request::Op};
@@ -132,9 +132,8 @@ impl CairnFs {
             notifier: notifier.clone(),
             root_ino: root.ino,
         });
-        let kernel_forget = forget.clone();
-        let handler: ForgetHandler = Arc::new(move |what: &Forget| forget.forget(what));
-        client.meta.callbacks.set_handler(handler);
+        client.meta.callbacks.set_kernel_caches(forget.clone());
+        let kernel_forget = forget;
         CairnFs {
             client,
             runtime,
@@ -1488,7 +1487,13 @@ struct KernelForget {
     root_ino: u64,
 }
 
-impl KernelForget {
+impl KernelCaches for KernelForget {
+    fn forget_attributes(&self, inodes: &[u64]) {
+        for &ino in inodes {
+            self.forget_inode_in_kernel(ino, false);
+        }
+    }
+
     fn forget(&self, what: &Forget) {
         let inodes: Vec<u64> = match what {
             Forget::Inodes(inodes) => inodes.clone(),
@@ -1521,7 +1526,9 @@ impl KernelForget {
             }
         }
     }
+}
 
+impl KernelForget {
     /// Before an open of `ino` the kernel is behind on (see `CairnFs::catch_up_kernel`): the
     /// shared copy and open data map go, and the kernel forgets the inode's attributes. Its
     /// pages go with the open's reply, which does not keep them (this client's cache forgot the
@@ -1538,7 +1545,8 @@ impl KernelForget {
     /// The kernel forgets `ino`'s attributes, and its cached pages too if `pages`.
     fn forget_inode_in_kernel(&self, ino: u64, pages: bool) {
         let Some(notifier) = self.notifier.get() else { return };
-        let known = self.inodes.lock().expect("inode table poisoned").contains_key(&ino);
+        // Never a panic here: this runs on the callback stream's loop too.
+        let known = self.inodes.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&ino);
         // ENOENT: the kernel had already forgotten it.
         if known {
             let _ = notifier.inval_inode(INodeNo(swap_root(ino, self.root_ino)), if pages { 0 } else { -1 }, 0);
