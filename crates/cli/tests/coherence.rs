@@ -488,16 +488,24 @@ fn a_size_and_mode_changed_on_one_mount_are_seen_at_once_by_stat_on_another_that
     };
     fs::write(a.join("f"), b"start").unwrap();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
-    // The stating mount changes the file's extended attributes without a pause, so that a
-    // change of its own naming the file is in flight most of the time: its kernel's cached
-    // attributes must still go before the other mount's change returns.
+    // The stating mount changes the file's extended attributes and links without a pause, so
+    // that a change of its own naming the file is in flight most of the time: its kernel's
+    // cached attributes must still go before the other mount's change returns.
     let changer = {
-        let (stop, path) = (stop.clone(), b.join("f"));
+        let (stop, path, link) = (stop.clone(), b.join("f"), b.join("f-link"));
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                set_xattr(&path, "user.tick", Some(n.to_string().as_bytes()));
+                match n % 3 {
+                    0 => set_xattr(&path, "user.tick", Some(n.to_string().as_bytes())),
+                    // Either may fail: the kernel counts this file's links itself, and
+                    // a stat answered after meta applied an unlink but before the unlink's
+                    // reply leaves it one short (so a link of a file it counts 0 links for
+                    // is refused). Only the changes in flight matter here.
+                    1 => _ = fs::hard_link(&path, &link),
+                    _ => _ = fs::remove_file(&link),
+                }
             }
             n
         })
@@ -535,20 +543,24 @@ fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_f
     };
     fs::write(a.join("f"), b"start").unwrap();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
-    // The reading mount changes the file's extended attributes and mode without a pause, so
-    // that a change of its own naming the file is in flight most of the time.
+    // The reading mount changes the file's extended attributes, mode and links without a
+    // pause, so that a change of its own naming the file is in flight most of the time.
     let changer = {
         use std::os::unix::fs::PermissionsExt;
-        let (stop, path) = (stop.clone(), b.join("f"));
+        let (stop, path, link) = (stop.clone(), b.join("f"), b.join("f-link"));
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                if n.is_multiple_of(2) {
-                    set_xattr(&path, "user.tick", Some(n.to_string().as_bytes()));
-                } else {
-                    let mode = if n % 4 == 1 { 0o640 } else { 0o644 };
-                    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                match n % 4 {
+                    0 => set_xattr(&path, "user.tick", Some(n.to_string().as_bytes())),
+                    1 => {
+                        let mode = if n % 8 == 1 { 0o640 } else { 0o644 };
+                        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                    }
+                    // Either may fail (see the test above).
+                    2 => _ = fs::hard_link(&path, &link),
+                    _ => _ = fs::remove_file(&link),
                 }
             }
             n

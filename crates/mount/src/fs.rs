@@ -170,6 +170,17 @@ impl CairnFs {
         if callbacks.attr(ino).is_some() { callbacks.ttl() } else { Duration::ZERO }
     }
 
+    /// How long the kernel may keep `attr`, given with a name: while it is what this client
+    /// holds a promise on, the rest of the lease; otherwise not at all. A name's reply may
+    /// make the kernel a new inode, whose attributes it takes with no version check; a break
+    /// that came after the reply was read found no inode to invalidate, and a request beside
+    /// this one may have cached newer attributes since. Called once the inode is remembered,
+    /// so that a later break finds it.
+    fn attr_ttl_for(&self, attr: &pb::Attr) -> Duration {
+        let callbacks = &self.client.meta.callbacks;
+        if callbacks.attr(attr.ino).is_some_and(|cached| cached == *attr) { callbacks.ttl() } else { Duration::ZERO }
+    }
+
     /// How long the kernel may keep a name: while it is promised and tracked for breaks.
     fn entry_ttl(&self, parent: u64, name: &[u8], ino: u64, tracked: bool) -> Duration {
         let callbacks = &self.client.meta.callbacks;
@@ -225,6 +236,20 @@ impl CairnFs {
     }
 
     /// Records that the kernel now holds one more reference to `attr`'s inode.
+    /// The kernel dropped `nlookup` of its references to `ino` (or never took them).
+    fn forget_lookups(&self, ino: u64, nlookup: u64) {
+        if ino == self.client.meta.root().ino {
+            return;
+        }
+        let mut inodes = self.inodes.lock().expect("inode table poisoned");
+        if let Some(known) = inodes.get_mut(&ino) {
+            known.lookups = known.lookups.saturating_sub(nlookup);
+            if known.lookups == 0 {
+                inodes.remove(&ino);
+            }
+        }
+    }
+
     fn remember(&self, attr: &pb::Attr) {
         let mut inodes = self.inodes.lock().expect("inode table poisoned");
         let known =
@@ -298,9 +323,12 @@ impl CairnFs {
 
     /// Attributes to answer the kernel with after this client changed the inode: the reply's,
     /// while they are promised and cached, else meta's current ones. The kernel takes the size
-    /// from a `setattr` reply whatever it learned meanwhile, and a reply not promised may lack
-    /// a change another client made after it was applied, whose close returned before this
-    /// reply arrived (an open here would then read the older size).
+    /// from a `setattr` or `link` reply whatever it learned meanwhile (no attribute version is
+    /// checked there). So such a reply goes with no time to live: a break may come between
+    /// this check and the kernel taking the reply, after the break made it forget the
+    /// attributes; the kernel then asks again before it trusts the size. A reply not promised
+    /// may lack a change another client made after it was applied, whose close returned before
+    /// this reply arrived (an open here would then read the older size).
     async fn current_after_own_change(&self, attr: pb::Attr, handle: pb::FileHandle) -> pb::Attr {
         if self.client.meta.callbacks.attr(attr.ino).is_some_and(|cached| cached == attr) {
             return attr;
@@ -321,10 +349,25 @@ impl CairnFs {
     }
 
     fn reply_entry(&self, parent: u64, name: &[u8], attr: &pb::Attr, fattr: &fuser::FileAttr, reply: ReplyEntry) {
+        self.reply_entry_for(parent, name, attr, fattr, true, reply);
+    }
+
+    /// Answers an entry; the kernel may keep its attributes only if `keep_attr` (and
+    /// `attr_ttl_for` allows).
+    fn reply_entry_for(
+        &self,
+        parent: u64,
+        name: &[u8],
+        attr: &pb::Attr,
+        fattr: &fuser::FileAttr,
+        keep_attr: bool,
+        reply: ReplyEntry,
+    ) {
         self.remember(attr);
         let tracked = self.remember_name(parent, name, attr.ino);
         let entry_ttl = self.entry_ttl(parent, name, attr.ino, tracked);
-        reply.entry_with_ttls(&self.attr_ttl(attr.ino), &entry_ttl, fattr, Generation(attr.generation));
+        let attr_ttl = if keep_attr { self.attr_ttl_for(attr) } else { Duration::ZERO };
+        reply.entry_with_ttls(&attr_ttl, &entry_ttl, fattr, Generation(attr.generation));
     }
 
     async fn create_node(
@@ -538,16 +581,7 @@ impl Filesystem for CairnFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let mut inodes = self.inodes.lock().expect("inode table poisoned");
-        if self.meta_ino(ino) == self.client.meta.root().ino {
-            return;
-        }
-        if let Some(known) = inodes.get_mut(&self.meta_ino(ino)) {
-            known.lookups = known.lookups.saturating_sub(nlookup);
-            if known.lookups == 0 {
-                inodes.remove(&self.meta_ino(ino));
-            }
-        }
+        self.forget_lookups(self.meta_ino(ino), nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -619,7 +653,7 @@ impl Filesystem for CairnFs {
         });
         match result {
             Ok(fattr) => {
-                reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr);
+                reply.attr(&Duration::ZERO, &fattr);
                 if mode.is_some() && fattr.kind == fuser::FileType::Directory {
                     self.forget_kernel_names_in(self.meta_ino(ino));
                 }
@@ -752,18 +786,24 @@ impl Filesystem for CairnFs {
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let who = caller(req.uid(), req.gid(), req.pid());
         let result = self.runtime.block_on(async {
+            let target = self.handle_of(ino)?;
             let op = pb::LinkOp {
-                target: Some(self.handle_of(ino)?),
+                target: Some(target),
                 new_parent: Some(self.handle_of(newparent)?),
                 new_name: newname.as_bytes().to_vec(),
             };
             let reply = self.client.meta.mutate(&who, Op::Link(op)).await?;
             let attr = reply.attr.ok_or(ClientError::Errno(errno::EIO))?;
+            // The kernel takes the size of a link's reply as it takes a setattr's.
+            let attr = self.current_after_own_change(attr, target).await;
             let fattr = self.attr_of(&attr).await;
             Ok::<_, ClientError>((attr, fattr))
         });
         match result {
-            Ok((attr, fattr)) => self.reply_entry(self.meta_ino(newparent), newname.as_bytes(), &attr, &fattr, reply),
+            // No attribute time to live: see `current_after_own_change`.
+            Ok((attr, fattr)) => {
+                self.reply_entry_for(self.meta_ino(newparent), newname.as_bytes(), &attr, &fattr, false, reply)
+            }
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -973,22 +1013,25 @@ impl Filesystem for CairnFs {
                 return;
             }
         };
-        let mut added: Vec<pb::Attr> = Vec::new();
         let dirty_ends = self.runtime.block_on(self.client.files.dirty_ends());
         let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
             Some(attr) => {
                 let fattr = self.attr_with(attr, dirty_ends.get(&attr.ino).copied());
+                // Remembered before the check of `attr_ttl_for`; undone if not sent.
+                self.remember(attr);
                 let tracked = self.remember_name(self.meta_ino(ino), name, attr.ino);
+                // One time to live for the name and the attributes.
+                let ttl = self.entry_ttl(self.meta_ino(ino), name, attr.ino, tracked).min(self.attr_ttl_for(attr));
                 let full = reply.add(
                     self.kernel_ino(entry_ino),
                     next,
                     OsStr::from_bytes(name),
-                    &self.entry_ttl(self.meta_ino(ino), name, attr.ino, tracked),
+                    &ttl,
                     &fattr,
                     Generation(attr.generation),
                 );
-                if !full {
-                    added.push(*attr);
+                if full {
+                    self.forget_lookups(attr.ino, 1);
                 }
                 full
             }
@@ -1005,9 +1048,6 @@ impl Filesystem for CairnFs {
                 )
             }
         }));
-        for attr in &added {
-            self.remember(attr);
-        }
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno_of(&e)),
