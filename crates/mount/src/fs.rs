@@ -163,19 +163,11 @@ impl CairnFs {
         }
     }
 
-    /// How long the kernel may keep `ino`'s attributes: while this client holds a promise on
-    /// them, the rest of the promise lease; otherwise not at all.
-    fn attr_ttl(&self, ino: u64) -> Duration {
-        let callbacks = &self.client.meta.callbacks;
-        if callbacks.attr(ino).is_some() { callbacks.ttl() } else { Duration::ZERO }
-    }
-
-    /// How long the kernel may keep `attr`, given with a name: while it is what this client
-    /// holds a promise on, the rest of the lease; otherwise not at all. A name's reply may
-    /// make the kernel a new inode, whose attributes it takes with no version check; a break
-    /// that came after the reply was read found no inode to invalidate, and a request beside
-    /// this one may have cached newer attributes since. Called once the inode is remembered,
-    /// so that a later break finds it.
+    /// How long the kernel may keep `attr`: while it is what this client holds a promise on,
+    /// the rest of the lease; otherwise not at all. A name's reply may make the kernel a new
+    /// inode, whose attributes it takes with no version check: a break that came after the
+    /// reply was read found no inode to invalidate, and a request beside this one may have
+    /// cached newer attributes since.
     fn attr_ttl_for(&self, attr: &pb::Attr) -> Duration {
         let callbacks = &self.client.meta.callbacks;
         if callbacks.attr(attr.ino).is_some_and(|cached| cached == *attr) { callbacks.ttl() } else { Duration::ZERO }
@@ -236,20 +228,6 @@ impl CairnFs {
     }
 
     /// Records that the kernel now holds one more reference to `attr`'s inode.
-    /// The kernel dropped `nlookup` of its references to `ino` (or never took them).
-    fn forget_lookups(&self, ino: u64, nlookup: u64) {
-        if ino == self.client.meta.root().ino {
-            return;
-        }
-        let mut inodes = self.inodes.lock().expect("inode table poisoned");
-        if let Some(known) = inodes.get_mut(&ino) {
-            known.lookups = known.lookups.saturating_sub(nlookup);
-            if known.lookups == 0 {
-                inodes.remove(&ino);
-            }
-        }
-    }
-
     fn remember(&self, attr: &pb::Attr) {
         let mut inodes = self.inodes.lock().expect("inode table poisoned");
         let known =
@@ -581,7 +559,16 @@ impl Filesystem for CairnFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.forget_lookups(self.meta_ino(ino), nlookup);
+        let mut inodes = self.inodes.lock().expect("inode table poisoned");
+        if self.meta_ino(ino) == self.client.meta.root().ino {
+            return;
+        }
+        if let Some(known) = inodes.get_mut(&self.meta_ino(ino)) {
+            known.lookups = known.lookups.saturating_sub(nlookup);
+            if known.lookups == 0 {
+                inodes.remove(&self.meta_ino(ino));
+            }
+        }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -589,10 +576,10 @@ impl Filesystem for CairnFs {
             let handle = self.handle_of(ino)?;
             let dirty_end = self.client.files.dirty_end(self.meta_ino(ino)).await;
             let attr = self.client.meta.getattr(handle).await?;
-            Ok::<_, ClientError>(self.attr_with(&attr, dirty_end))
+            Ok::<_, ClientError>((attr, self.attr_with(&attr, dirty_end)))
         });
         match result {
-            Ok(fattr) => reply.attr(&self.attr_ttl(self.meta_ino(ino)), &fattr),
+            Ok((attr, fattr)) => reply.attr(&self.attr_ttl_for(&attr), &fattr),
             Err(e) => reply.error(errno_of(&e)),
         }
     }
@@ -1014,11 +1001,10 @@ impl Filesystem for CairnFs {
             }
         };
         let dirty_ends = self.runtime.block_on(self.client.files.dirty_ends());
+        let mut added: Vec<(pb::Attr, bool)> = Vec::new();
         let result = self.runtime.block_on(self.list(fh, offset, |entry_ino, next, name, attr| match attr {
             Some(attr) => {
                 let fattr = self.attr_with(attr, dirty_ends.get(&attr.ino).copied());
-                // Remembered before the check of `attr_ttl_for`; undone if not sent.
-                self.remember(attr);
                 let tracked = self.remember_name(self.meta_ino(ino), name, attr.ino);
                 // One time to live for the name and the attributes.
                 let ttl = self.entry_ttl(self.meta_ino(ino), name, attr.ino, tracked).min(self.attr_ttl_for(attr));
@@ -1030,8 +1016,8 @@ impl Filesystem for CairnFs {
                     &fattr,
                     Generation(attr.generation),
                 );
-                if full {
-                    self.forget_lookups(attr.ino, 1);
+                if !full {
+                    added.push((*attr, !ttl.is_zero()));
                 }
                 full
             }
@@ -1048,9 +1034,23 @@ impl Filesystem for CairnFs {
                 )
             }
         }));
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno_of(&e)),
+        if let Err(e) = result {
+            return reply.error(errno_of(&e));
+        }
+        for (attr, _) in &added {
+            self.remember(attr);
+        }
+        // Entries read before a later page was fetched may have been broken meanwhile; the
+        // kernel makes a new inode with no version check, so it forgets those attributes
+        // again once it has the reply.
+        let broken: Vec<u64> = added
+            .iter()
+            .filter(|(attr, kept)| *kept && self.attr_ttl_for(attr).is_zero())
+            .map(|(a, _)| a.ino)
+            .collect();
+        reply.ok();
+        for ino in broken {
+            self.kernel_forget.forget_inode_in_kernel(ino, false);
         }
     }
 
@@ -1300,9 +1300,12 @@ impl Filesystem for CairnFs {
                     return reply.error(Errno::EBUSY);
                 };
                 let fh = self.new_handle(Handle::File { ino: attr.ino, file, mode });
-                let entry_ttl = self.entry_ttl(self.meta_ino(parent), name.as_bytes(), attr.ino, tracked);
+                // One time to live for the name and the attributes.
+                let ttl = self
+                    .entry_ttl(self.meta_ino(parent), name.as_bytes(), attr.ino, tracked)
+                    .min(self.attr_ttl_for(&attr));
                 reply.created(
-                    &entry_ttl,
+                    &ttl,
                     &fattr,
                     Generation(attr.generation),
                     FileHandle(fh),
