@@ -475,39 +475,64 @@ fn a_strict_mount_makes_each_write_visible_before_close() {
     }
 }
 
+/// A thread that changes file `f` on one mount without a pause (its extended attributes and
+/// links, and its mode if `chmod`), so that a change of that mount's own naming the file is in
+/// flight most of the time.
+struct OwnChanges {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, u64)>,
+}
+
+impl OwnChanges {
+    fn start(mount: &std::path::Path, chmod: bool) -> OwnChanges {
+        use std::os::unix::fs::PermissionsExt;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (stopped, path, link) = (stop.clone(), mount.join("f"), mount.join("f-link"));
+        let thread = std::thread::spawn(move || {
+            let (mut n, mut links) = (0u64, 0u64);
+            let steps = if chmod { 4 } else { 3 };
+            while !stopped.load(Ordering::Relaxed) {
+                n += 1;
+                match (n % steps, chmod) {
+                    (0, _) => set_xattr(&path, "user.tick", Some(n.to_string().as_bytes())),
+                    (1, true) => {
+                        let mode = if n % 8 == 1 { 0o640 } else { 0o644 };
+                        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                    }
+                    // Either may fail: the kernel counts the file's links itself, and a
+                    // stat answered after meta applied an unlink but before the unlink's
+                    // reply leaves it one short (a link of a file it counts 0 links for is
+                    // refused). Only the changes in flight matter here.
+                    (m, _) if m == steps - 2 => links += u64::from(fs::hard_link(&path, &link).is_ok()),
+                    _ => _ = fs::remove_file(&link),
+                }
+            }
+            (n, links)
+        });
+        OwnChanges { stop, thread }
+    }
+
+    /// Stops the thread; returns how many changes it made. It must have linked the file.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (changes, links) = self.thread.join().unwrap();
+        assert!(links > 0, "no link made in {changes} changes");
+        changes
+    }
+}
+
 /// A client with its own change to the inode in flight must still have its kernel forget the
 /// inode's attributes before another mount's change to it returns: a `stat` there sees it.
 #[test]
 fn a_size_and_mode_changed_on_one_mount_are_seen_at_once_by_stat_on_another_that_keeps_changing_the_file() {
     use std::os::unix::fs::PermissionsExt;
-    use std::sync::atomic::{AtomicBool, Ordering};
     let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
     };
     fs::write(a.join("f"), b"start").unwrap();
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    // The stating mount changes the file's extended attributes and links without a pause, so
-    // that a change of its own naming the file is in flight most of the time: its kernel's
-    // cached attributes must still go before the other mount's change returns.
-    let changer = {
-        let (stop, path, link) = (stop.clone(), b.join("f"), b.join("f-link"));
-        std::thread::spawn(move || {
-            let (mut n, mut links) = (0u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                match n % 3 {
-                    0 => set_xattr(&path, "user.tick", Some(n.to_string().as_bytes())),
-                    // Either may fail: the kernel counts this file's links itself, and
-                    // a stat answered after meta applied an unlink but before the unlink's
-                    // reply leaves it one short (so a link of a file it counts 0 links for
-                    // is refused). Only the changes in flight matter here.
-                    1 => links += u64::from(fs::hard_link(&path, &link).is_ok()),
-                    _ => _ = fs::remove_file(&link),
-                }
-            }
-            (n, links)
-        })
-    };
+    // Not its mode: that is what the other mount changes.
+    let changes = OwnChanges::start(&b, false);
     let mut failure = None;
     for round in 0..500usize {
         let content = "z".repeat(1 + (round * 7919) % 9000);
@@ -525,9 +550,7 @@ fn a_size_and_mode_changed_on_one_mount_are_seen_at_once_by_stat_on_another_that
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let (ticks, links) = changer.join().unwrap();
-    assert!(links > 0, "no link made in {ticks} changes");
+    let ticks = changes.stop();
     if let Some(failure) = failure {
         panic!("{failure} ({ticks} changes made meanwhile on the stating mount)");
     }
@@ -539,35 +562,11 @@ fn a_size_and_mode_changed_on_one_mount_are_seen_at_once_by_stat_on_another_that
 /// still read what the other mount closed.
 #[test]
 fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_file() {
-    use std::sync::atomic::{AtomicBool, Ordering};
     let Some((_cluster, a, b)) = common::two_mounts(ClusterSpec::default()) else {
         return;
     };
     fs::write(a.join("f"), b"start").unwrap();
-    let stop = std::sync::Arc::new(AtomicBool::new(false));
-    // The reading mount changes the file's extended attributes, mode and links without a
-    // pause, so that a change of its own naming the file is in flight most of the time.
-    let changer = {
-        use std::os::unix::fs::PermissionsExt;
-        let (stop, path, link) = (stop.clone(), b.join("f"), b.join("f-link"));
-        std::thread::spawn(move || {
-            let (mut n, mut links) = (0u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                match n % 4 {
-                    0 => set_xattr(&path, "user.tick", Some(n.to_string().as_bytes())),
-                    1 => {
-                        let mode = if n % 8 == 1 { 0o640 } else { 0o644 };
-                        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
-                    }
-                    // Either may fail (see the test above).
-                    2 => links += u64::from(fs::hard_link(&path, &link).is_ok()),
-                    _ => _ = fs::remove_file(&link),
-                }
-            }
-            (n, links)
-        })
-    };
+    let changes = OwnChanges::start(&b, true);
     let mut failure = None;
     for round in 0..500usize {
         let content = format!("round {round} {}", "y".repeat((round * 7919) % 9000));
@@ -578,9 +577,7 @@ fn data_closed_on_one_mount_is_read_at_once_on_another_that_keeps_changing_the_f
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let (ticks, links) = changer.join().unwrap();
-    assert!(links > 0, "no link made in {ticks} changes");
+    let ticks = changes.stop();
     if let Some(failure) = failure {
         panic!("{failure} ({ticks} changes made meanwhile on the reading mount)");
     }
